@@ -1,0 +1,164 @@
+"""Build-time validation of a `ModelConfig`.
+
+`validate_model_config` raises `ValueError` naming the dotted key and its value; it never mutates the
+config and never runs inside `forward`. Keys are spelt as in the Hydra config: `model.<field>` for
+`ModelConfig` and `moe.<field>` for its nested `MoEConfig`.
+"""
+
+from __future__ import annotations
+
+from moe.config import (
+    ACTIVATIONS,
+    BACKENDS,
+    GROUPED_ALIGN,
+    INIT_SCHEMES,
+    ROUTER_KINDS,
+    ROUTER_ORDERS,
+    SCORE_FNS,
+    ModelConfig,
+    MoEConfig,
+)
+
+
+def _is_int(v: object) -> bool:
+    # bool is an int subclass; a YAML `true` must not pass as a size.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_int(key: str, v: object) -> None:
+    if not _is_int(v) or v <= 0:
+        raise ValueError(f"{key}={v!r} must be a positive integer")
+
+
+def _non_negative_int(key: str, v: object) -> None:
+    if not _is_int(v) or v < 0:
+        raise ValueError(f"{key}={v!r} must be a non-negative integer")
+
+
+def _positive_real(key: str, v: object) -> None:
+    if not _is_real(v) or not v > 0:  # `not v > 0` also rejects NaN
+        raise ValueError(f"{key}={v!r} must be a positive number")
+
+
+def _non_negative_real(key: str, v: object) -> None:
+    if not _is_real(v) or not v >= 0:
+        raise ValueError(f"{key}={v!r} must be a non-negative number")
+
+
+def _one_of(key: str, v: object, allowed: tuple[str, ...]) -> None:
+    if v not in allowed:
+        raise ValueError(f"{key}={v!r} is not one of {', '.join(allowed)}")
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise ValueError on the first inconsistent or out-of-range setting of `cfg`."""
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"model must be a ModelConfig, got {type(cfg).__name__}")
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "seq_len"):
+        _positive_int(f"model.{name}", getattr(cfg, name))
+    if cfg.n_kv_heads is not None:
+        _positive_int("model.n_kv_heads", cfg.n_kv_heads)
+    for name in ("rope_theta", "norm_eps", "init_std"):
+        _positive_real(f"model.{name}", getattr(cfg, name))
+    _one_of("model.activation", cfg.activation, ACTIVATIONS)
+    _one_of("model.init", cfg.init, INIT_SCHEMES)
+    if not isinstance(cfg.tie_embeddings, bool):
+        raise ValueError(f"model.tie_embeddings={cfg.tie_embeddings!r} must be a bool")
+
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"model.n_heads={cfg.n_heads} does not divide model.d_model={cfg.d_model}")
+    if cfg.head_dim % 2:
+        raise ValueError(
+            f"head dim model.d_model/model.n_heads={cfg.d_model}/{cfg.n_heads}={cfg.head_dim} "
+            "must be even for RoPE"
+        )
+    if cfg.n_heads % cfg.kv_heads:
+        raise ValueError(f"model.n_kv_heads={cfg.kv_heads} does not divide model.n_heads={cfg.n_heads}")
+
+    _non_negative_int("model.first_dense_layers", cfg.first_dense_layers)
+    if cfg.first_dense_layers > cfg.n_layers:
+        raise ValueError(
+            f"model.first_dense_layers={cfg.first_dense_layers} exceeds model.n_layers={cfg.n_layers}"
+        )
+    if cfg.moe is not None:
+        if not isinstance(cfg.moe, MoEConfig):
+            raise ValueError(f"model.moe must be a MoEConfig or None, got {type(cfg.moe).__name__}")
+        _validate_moe(cfg.moe, cfg)
+
+
+def _validate_moe(m: MoEConfig, cfg: ModelConfig) -> None:
+    _positive_int("moe.num_experts", m.num_experts)
+    _positive_int("moe.granularity", m.granularity)
+    _positive_int("moe.top_k", m.top_k)
+    if m.top_k > m.num_experts:
+        raise ValueError(
+            f"moe.top_k={m.top_k} exceeds moe.num_experts={m.num_experts} "
+            f"(k*G={m.k_routed} routed of E*G={m.n_routed} experts)"
+        )
+    if m.d_expert is not None:
+        _positive_int("moe.d_expert", m.d_expert)
+    d_expert, d_key = (m.d_expert, "moe.d_expert") if m.d_expert is not None else (cfg.d_ff, "model.d_ff")
+    if d_expert % m.granularity:
+        raise ValueError(f"moe.granularity={m.granularity} does not divide moe.d_expert={d_expert} ({d_key})")
+    d_fine = d_expert // m.granularity
+
+    _one_of("moe.router", m.router, ROUTER_KINDS)
+    _one_of("moe.score", m.score, SCORE_FNS)
+    _one_of("moe.order", m.order, ROUTER_ORDERS)
+    _one_of("moe.backend", m.backend, BACKENDS)
+    if m.backend == "grouped" and d_fine % GROUPED_ALIGN:
+        raise ValueError(
+            f"moe.backend='grouped' needs the fine expert size moe.d_expert/moe.granularity="
+            f"{d_expert}/{m.granularity}={d_fine} to be a multiple of {GROUPED_ALIGN}; "
+            "use backend 'auto' or 'reference', or change the sizes"
+        )
+
+    for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
+        _non_negative_real(f"moe.{name}", getattr(m, name))
+    if m.jitter >= 1:
+        raise ValueError(f"moe.jitter={m.jitter} must be < 1 (router input is scaled by 1 +- jitter)")
+    if m.capacity_factor is not None:
+        _positive_real("moe.capacity_factor", m.capacity_factor)
+    for name in ("allow_no_router_grad", "shared_gate", "output_norm"):
+        if not isinstance(getattr(m, name), bool):
+            raise ValueError(f"moe.{name}={getattr(m, name)!r} must be a bool")
+
+    _non_negative_int("moe.num_shared", m.num_shared)
+    if m.d_shared is not None:
+        _positive_int("moe.d_shared", m.d_shared)
+        if m.num_shared == 0:
+            raise ValueError(f"moe.d_shared={m.d_shared} is set but moe.num_shared=0")
+    if m.shared_gate and m.num_shared == 0:
+        raise ValueError("moe.shared_gate=True needs shared experts, but moe.num_shared=0")
+
+    if m.router == "token_choice":
+        if m.order == "after_topk" and m.k_routed == 1 and not m.allow_no_router_grad:
+            raise ValueError(
+                f"moe.order='after_topk' with moe.top_k*moe.granularity={m.top_k}*{m.granularity}=1: "
+                "the normalisation runs over a single logit, so every gate is 1 and the router would "
+                "receive no gradient from the LM loss; use order 'before_topk', k*G > 1, or set "
+                "moe.allow_no_router_grad=True"
+            )
+    else:  # expert_choice: experts pick tokens, so token-side top-k options have no meaning
+        if m.order != "before_topk":
+            raise ValueError(
+                f"moe.order={m.order!r} applies to token_choice only; moe.router='expert_choice' scores "
+                "all experts before experts pick their tokens: use moe.order='before_topk'"
+            )
+        if m.bias_update_rate > 0:
+            raise ValueError(
+                f"moe.bias_update_rate={m.bias_update_rate} with moe.router='expert_choice': expert choice "
+                "is balanced by construction (fixed capacity per expert); set it to 0"
+            )
+        if m.allow_no_router_grad:
+            raise ValueError("moe.allow_no_router_grad=True has no meaning with moe.router='expert_choice'")
+
+    if cfg.first_dense_layers == cfg.n_layers:
+        raise ValueError(
+            f"model.first_dense_layers={cfg.first_dense_layers} == model.n_layers={cfg.n_layers} leaves "
+            "no MoE layer although model.moe is set; set model.moe=None for a dense model"
+        )
