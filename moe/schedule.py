@@ -1,0 +1,48 @@
+"""Learning-rate schedules: linear warmup, then cosine decay or warmup-stable-decay (WSD) to a floor.
+
+`lr_at(step, ...)` is a pure function of the 0-based step so a resumed run gets the same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+ScheduleKind = Literal["cosine", "wsd", "constant"]
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def lr_at(
+    step: int,
+    *,
+    total_steps: int,
+    peak_lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    kind: ScheduleKind = "cosine",
+    decay_steps: int = 0,
+) -> float:
+    """Learning rate for 0-based `step` of `total_steps`.
+
+    warmup: linear from peak_lr/warmup_steps up to peak_lr over the first warmup_steps steps
+    (starting above zero so step 0 already trains).
+    cosine: half-cosine from peak_lr at the end of warmup to min_lr at the last step.
+    wsd: peak_lr until the last decay_steps steps, then linear down to min_lr (Hu et al. 2024, MiniCPM).
+    constant: peak_lr after warmup.
+    """
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    if kind == "constant":
+        return peak_lr
+    last = max(total_steps - 1, 1)
+    if kind == "cosine":
+        span = max(last - warmup_steps, 1)
+        progress = min((step - warmup_steps) / span, 1.0)
+        return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+    if kind == "wsd":
+        decay_start = total_steps - decay_steps
+        if step < decay_start:
+            return peak_lr
+        progress = min((step - decay_start + 1) / max(decay_steps, 1), 1.0)
+        return peak_lr + (min_lr - peak_lr) * progress
+    raise ValueError(f"optim.schedule={kind!r} is not one of {SCHEDULES}")

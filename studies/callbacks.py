@@ -1,0 +1,120 @@
+"""Hydra callback around a multirun: one MLflow parent run per sweep, a table of the points at the end,
+then the analysis report.
+
+Jobs learn the parent run id from MOE_PARENT_RUN_ID (inherited by submitit's local subprocesses and by
+SLURM jobs) and record their outcome in <job dir>/point.json, which the end-of-sweep table reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from studies import tracking
+
+PARENT_ENV = "MOE_PARENT_RUN_ID"
+RECORD = "point.json"
+
+
+def study_dir_of(config: DictConfig, cwd: Path | None = None) -> Path:
+    return Path(cwd or os.getcwd()) / config.paths.root / config.study.name
+
+
+def tracking_uri_of(config: DictConfig, cwd: Path | None = None) -> str:
+    return config.tracking.uri or tracking.default_tracking_uri(study_dir_of(config, cwd))
+
+
+def write_job_record(job_dir: Path, record: dict[str, Any]) -> None:
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    (Path(job_dir) / RECORD).write_text(json.dumps(record, indent=2, default=str))
+
+
+def read_job_records(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One record per Hydra job dir of the sweep; a job that died before writing one counts as FAILED."""
+    records = []
+    job_dirs = sorted((p for p in Path(sweep_dir).iterdir() if (p / ".hydra").is_dir()),
+                      key=lambda p: int(p.name) if p.name.isdigit() else 1 << 30)  # fmt: skip
+    for job_dir in job_dirs:
+        path = job_dir / RECORD
+        if path.exists():
+            records.append(json.loads(path.read_text()))
+        else:
+            records.append({"job": job_dir.name, "status": "FAILED", "error": "job ended without a record"})
+    return records
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    header = ("variant", "model", "seed", "params", "active", "tokens", "val loss", "status")
+    rows = [header]
+    for r in records:
+        tags = r.get("tags") or {}
+        val = r.get("val_loss")
+        rows.append((
+            str(r.get("variant", "?")), tags.get("model", "?"), tags.get("seed", "?"),
+            f"{r['params_total']:,}" if r.get("params_total") else "-",
+            f"{r['params_active']:,}" if r.get("params_active") else "-",
+            f"{r['tokens']:,}" if r.get("tokens") else "-",
+            f"{val:.4f}" if isinstance(val, float) else "-",
+            r.get("status", "?"),
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class StudyCallback(Callback):
+    """Parent MLflow run on multirun start; table, UI hint and analysis report on multirun end."""
+
+    def __init__(self, report: bool = True):
+        self.report = report
+        self.parent_run_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        study_dir = study_dir_of(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self.parent_run_id = tracking.start_run(
+            tracking_uri_of(config), config.study.name, study_dir / "mlartifacts",
+            run_name=f"sweep-{sweep_dir.name}",
+            tags={"kind": "sweep", "study": config.study.name, "git_sha": tracking.git_sha(),
+                  "sweep_dir": str(sweep_dir.resolve())},
+        )  # fmt: skip
+        os.environ[PARENT_ENV] = self.parent_run_id
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(PARENT_ENV, None)
+        uri = tracking_uri_of(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        records = read_job_records(sweep_dir)
+        failed = [r for r in records if r.get("status") != "DONE"]
+        table = format_table(records)
+        print(f"\nStudy {config.study.name!r}: {len(records) - len(failed)}/{len(records)} points done\n{table}")
+        (sweep_dir / "summary.txt").write_text(table + "\n")
+        if self.parent_run_id:
+            tracking.MlflowLogger(uri, self.parent_run_id).log_artifacts([sweep_dir / "summary.txt"])
+            tracking.end_run(uri, self.parent_run_id, ok=not failed)
+        print(f"\nMLflow UI:  {tracking.ui_command(uri)}   (then open http://127.0.0.1:5000)")
+        if self.report:
+            self._report(config, uri)
+        if failed:
+            reasons = "; ".join(f"{r.get('variant', r.get('job'))}: {r.get('error')}" for r in failed)
+            raise RuntimeError(f"{len(failed)} of {len(records)} sweep points failed: {reasons}")
+
+    def _report(self, config: DictConfig, uri: str) -> None:
+        """The analysis is a guest here: its failure is printed, never fails the sweep."""
+        try:
+            from analysis.report import write_report
+
+            path = write_report(
+                study_dir_of(config), tracking_uri=uri, study=config.study.name,
+                baseline=config.study.baseline, parent_run_id=self.parent_run_id,
+            )  # fmt: skip
+            print(f"Report: {path}")
+        except Exception:  # noqa: BLE001 - any analysis error must not fail a finished sweep
+            print("analysis report failed (the sweep itself is recorded):\n" + traceback.format_exc())

@@ -1,0 +1,194 @@
+"""Structured config of one sweep point, registered in Hydra's ConfigStore.
+
+The library's dataclasses (moe.config, moe.data, moe.train) stay the single source of truth. OmegaConf
+cannot check `Literal[...]` fields, so `schema_of(cls)` builds an OmegaConf twin of each one, with every
+Literal turned into an Enum of the same strings: a misspelt key, a wrong type or a value outside a
+Literal fails at compose time. `to_library(cls, node)` turns a composed node back into the library type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from moe.config import ModelConfig
+from moe.data import DataConfig
+from moe.train import OptimConfig, TrainConfig
+
+Variant = Literal["moe", "dense"]
+DenseMatch = Literal["active", "total"]
+BudgetFrom = Literal["tokens", "dense_flops"]
+
+
+def _omegaconf_type(tp: Any, where: str) -> Any:
+    """The OmegaConf-checkable equivalent of an annotation (Literal -> Enum, dataclass -> twin)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        values = typing.get_args(tp)
+        return enum.Enum(where.replace(".", "_"), {str(v): str(v) for v in values})
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) != 1 or len(typing.get_args(tp)) != 2:
+            raise TypeError(f"{where}: only Optional[X] unions are supported, got {tp}")
+        return Optional[_omegaconf_type(args[0], where)]  # noqa: UP045 - OmegaConf wants typing.Optional
+    if dataclasses.is_dataclass(tp):
+        return schema_of(tp)
+    return tp
+
+
+@functools.cache
+def schema_of(cls: type, extra: tuple[tuple[str, type, Any], ...] = ()) -> type:
+    """OmegaConf twin of dataclass `cls` (same fields and defaults), plus `extra` (name, type, default)."""
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        tp = _omegaconf_type(hints[f.name], f"{cls.__name__}.{f.name}")
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                twin = schema_of(type(default))
+                fields.append((f.name, tp, field(default_factory=twin)))
+                continue
+            fields.append((f.name, tp, field(default_factory=f.default_factory)))
+        else:
+            enum_type = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
+            default = f.default
+            if isinstance(enum_type, type) and issubclass(enum_type, enum.Enum) and default is not None:
+                default = enum_type[str(default)]
+            fields.append((f.name, tp, field(default=default)))
+    fields.extend((name, tp, field(default=default)) for name, tp, default in extra)
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)
+
+
+def to_library(cls: type, node: Any, *, ignore: tuple[str, ...] = ()) -> Any:
+    """Build library dataclass `cls` from a composed (Dict)Config or dict; enums become their strings."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in node:
+            continue
+        value = node[f.name]
+        target = hints[f.name]
+        inner = [a for a in typing.get_args(target) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(target):
+            inner = [target]
+        if inner and isinstance(value, dict):
+            value = to_library(inner[0], value)
+        kwargs[f.name] = value
+    unknown = set(node) - set(kwargs) - set(ignore)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    return cls(**kwargs)
+
+
+# Orchestration-only concerns --------------------------------------------------------------------
+
+
+@dataclass
+class StudyConfig:
+    name: str = "default"
+    """Study name: MLflow experiment name and the folder under paths.root."""
+    description: str = ""
+    """What the study asks, shown in reports."""
+    baseline: str | None = None
+    """Variant label the analysis measures savings against (e.g. moe-E8-k2-G1); None: no savings."""
+
+
+@dataclass
+class InfraConfig:
+    name: str = "local"
+    """Profile name (local, basic, ...)."""
+    threads: int = 1
+    """torch intra-op threads per job (conf/infra/local.yaml derives it from the machine)."""
+
+
+@dataclass
+class PathsConfig:
+    root: str = "outputs"
+    """Parent of every study directory; a relative path is taken from the directory the command ran in."""
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    """MLflow tracking URI; None means sqlite:///<study dir>/mlflow.db."""
+    flush_every_s: float = 15.0
+    """Buffered metrics go to MLflow in one log_batch at most this often (and at the end)."""
+
+
+@dataclass
+class ModelPreset(ModelConfig):
+    name: str = "custom"
+    """Name of the size preset (conf/model/<name>.yaml); logged as the `model` tag."""
+
+    def library(self) -> ModelConfig:
+        """The plain moe.config.ModelConfig (without the preset name)."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+@dataclass
+class RunConfig:
+    """One sweep point: the library configs plus the short sweep axes."""
+
+    model: ModelPreset = field(default_factory=ModelPreset)
+    """Size preset (conf/model/); the top-level axes below derive the point's model from it."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """moe.data.DataConfig; model.vocab_size follows data.vocab_size."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """moe.train.OptimConfig."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """moe.train.TrainConfig; train.tokens and train.seed follow the top-level axes."""
+    study: StudyConfig = field(default_factory=StudyConfig)
+    """Study identity (conf/study/)."""
+    infra: InfraConfig = field(default_factory=InfraConfig)
+    """Launcher profile (conf/infra/)."""
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    """Where outputs go."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow settings."""
+
+    # Sweep axes ----------------------------------------------------------------------------------
+    variant: Variant = "moe"
+    """moe, or dense: a dense model matched to the MoE (see dense_match)."""
+    dense_match: DenseMatch = "active"
+    """variant=dense matches the MoE's active params (same compute) or total params (moe.matched)."""
+    granularity: int | None = None
+    """G: derives the matched fine-grained config (moe.matched.derive); None keeps the preset's."""
+    top_k: int | None = None
+    """Base k: derives the matched config (same active and total expert width); None keeps the preset's."""
+    experts: int | None = None
+    """E (expansion rate) at the preset's expert size: total params grow with E, active ones do not."""
+    tokens: int = 2_000_000
+    """Training budget in tokens (train.tokens follows it)."""
+    budget_from: BudgetFrom = "tokens"
+    """tokens: every point trains on `tokens`; dense_flops: `tokens` is the budget of the dense model
+    with the same total params, and a MoE gets the tokens that cost the same training FLOPs."""
+    seed: int = 0
+    """Seed for initialisation and data order (train.seed follows it)."""
+
+
+RunSchema = schema_of(RunConfig)
+
+
+def load_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
+    """Typed RunConfig from a composed config (the `hydra` node, if present, is ignored)."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    keys = [k for k in cfg.keys() if k != "hydra"]
+    container = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, enum_to_str=True)
+    return to_library(RunConfig, container)
+
+
+def register_configs() -> None:
+    """Register the run schema; conf/config.yaml extends it via `defaults: [run_schema, ...]`."""
+    ConfigStore.instance().store(name="run_schema", node=RunSchema)

@@ -1,0 +1,270 @@
+"""One sweep point: `build_point` (pure: derive + validate) and `run_point` (prepare data, train, record).
+
+Everything a point needs is checked in `build_point` and `prepare_data` before a model is built or an
+MLflow run is opened, so bad input fails fast with a ValueError naming the key. Outputs follow
+docs/outputs.md: <study dir>/runs/<run key>/{config.yaml, metrics.jsonl, summary.json, status.json}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from moe.accounting import count_params, flops_per_token
+from moe.config import MoEConfig, ModelConfig, replace
+from moe.data import prepare_data, unigram_entropy
+from moe.matched import derive
+from moe.train import TrainConfig, TrainPlan, plan_training, train
+from moe.validate import validate_model_config
+from studies import tracking
+from studies.config import RunConfig, load_run_config
+
+# Keys that change how a run is observed, not what it computes: left out of the run key.
+CADENCE_KEYS = ("log_every", "progress_every")
+
+
+def derive_model(run: RunConfig, vocab_size: int | None = None) -> ModelConfig:
+    """The point's model: preset, then the axes top_k, experts, granularity, variant (in that order)."""
+    model = run.model.library()
+    model = replace(model, vocab_size=vocab_size if vocab_size is not None else run.data.vocab_size)
+    axes = {k: getattr(run, k) for k in ("top_k", "experts", "granularity") if getattr(run, k) is not None}
+    if model.moe is None:
+        if axes or run.variant == "moe":
+            raise ValueError(
+                f"model={run.model.name} is dense (model.moe is null): it takes no MoE axes "
+                f"({sorted(axes) or 'variant=moe'}); use variant=dense or a MoE preset"
+            )
+        validate_model_config(model)
+        return model
+    validate_model_config(model)
+    if run.top_k is not None:
+        model = derive(model, top_k=run.top_k)
+    if run.experts is not None:
+        model = replace(model, **{"moe.num_experts": run.experts})
+        validate_model_config(model)
+    if run.granularity is not None:
+        model = derive(model, granularity=run.granularity)
+    if run.variant == "dense":
+        model = derive(model, dense=run.dense_match)
+    return model
+
+
+def variant_label(model: ModelConfig) -> str:
+    """dense, or moe-E<E>-k<k>-G<G> plus what differs from the default router (docs/outputs.md)."""
+    m = model.moe
+    if m is None:
+        return "dense"
+    parts = [f"moe-E{m.num_experts}-k{m.top_k}-G{m.granularity}"]
+    default = MoEConfig()
+    parts += [getattr(m, key) for key in ("router", "score", "order") if getattr(m, key) != getattr(default, key)]
+    if m.num_shared:
+        parts.append(f"shared{m.num_shared}")
+    if model.first_dense_layers:
+        parts.append(f"{model.first_dense_layers}dense")
+    return "-".join(parts)
+
+
+def training_tokens(run: RunConfig, model: ModelConfig) -> int:
+    """The point's budget; with budget_from=dense_flops, the tokens costing what the dense model of
+    the same total params spends on `tokens` (paper 3's equal compute, by our FLOP accounting)."""
+    if run.budget_from == "tokens" or model.moe is None:
+        return run.tokens
+    dense = derive(model, dense="total")
+    ratio = flops_per_token(dense).train / flops_per_token(model).train
+    batches = max(1, round(run.tokens * ratio / run.train.batch_tokens))
+    return batches * run.train.batch_tokens
+
+
+@dataclass(frozen=True)
+class Point:
+    run: RunConfig
+    """The composed config."""
+    model: ModelConfig
+    """Derived model."""
+    train: TrainConfig
+    """Training config with the point's budget and seed."""
+    plan: TrainPlan
+    """Steps and batch shapes."""
+    variant: str
+    """Readable label (tag `variant`)."""
+    run_key: str
+    """Short hash of what the point computes."""
+    study_dir: Path
+    """<paths.root>/<study.name>."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.study_dir / "runs" / self.run_key
+
+    def resolved(self) -> dict[str, Any]:
+        """The point's config with the derived model and budget in place (written as config.yaml)."""
+        tree = dataclasses.asdict(self.run)
+        tree["model"] = {"name": self.run.model.name, **dataclasses.asdict(self.model)}
+        tree["train"] = dataclasses.asdict(self.train)
+        return tree
+
+    def tags(self) -> dict[str, str]:
+        m = self.model.moe
+        return {
+            "kind": "point",
+            "study": self.run.study.name,
+            "variant": self.variant,
+            "model": self.run.model.name,
+            "granularity": str(m.granularity) if m else "none",
+            "top_k": str(m.top_k) if m else "none",
+            "experts": str(m.num_experts) if m else "none",
+            "tokens": str(self.train.tokens),
+            "budget_tokens": str(self.run.tokens),
+            "seed": str(self.run.seed),
+            "run_key": self.run_key,
+            "git_sha": tracking.git_sha(),
+        }
+
+    def accounting(self) -> dict[str, float]:
+        params = count_params(self.model)
+        return {
+            "acct.params_total": params.total,
+            "acct.params_active": params.active,
+            "acct.params_non_embedding": params.non_embedding,
+            "acct.params_active_non_embedding": params.active_non_embedding,
+            "acct.flops_per_token_train": flops_per_token(self.model).train,
+            "acct.steps": self.plan.steps,
+            "acct.batch_tokens": self.plan.batch_tokens,
+        }
+
+    def params(self) -> dict[str, Any]:
+        """Flattened resolved config (model.moe.* as moe.*) plus accounting: the MLflow params."""
+        tree = self.resolved()
+        moe = tree["model"].pop("moe")
+        flat = tracking.flatten(tree)
+        flat.update(tracking.flatten({"moe": moe}) if moe else {"moe": None})
+        return {**flat, **self.accounting()}
+
+
+def build_point(run: RunConfig, *, cwd: Path | None = None, vocab_size: int | None = None) -> Point:
+    """Derive and validate everything about a point that needs no data files; ValueError if inconsistent."""
+    for axis in ("tokens", "seed"):
+        if getattr(run.train, axis) != getattr(run, axis):
+            raise ValueError(
+                f"train.{axis}={getattr(run.train, axis)} differs from the axis {axis}={getattr(run, axis)}: "
+                f"set {axis}=... (train.{axis} follows it)"
+            )
+    if run.infra.threads < 1:
+        raise ValueError(f"infra.threads={run.infra.threads} must be >= 1")
+    model = derive_model(run, vocab_size)
+    train_cfg = dataclasses.replace(run.train, tokens=training_tokens(run, model))
+    plan = plan_training(model, run.optim, train_cfg)
+    identity = {
+        "model": dataclasses.asdict(model),
+        "data": dataclasses.asdict(run.data),
+        "optim": dataclasses.asdict(run.optim),
+        "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k not in CADENCE_KEYS},
+    }
+    run_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+    study_dir = Path(cwd or os.getcwd()) / run.paths.root / run.study.name
+    return Point(run, model, train_cfg, plan, variant_label(model), run_key, study_dir)
+
+
+@dataclass(frozen=True)
+class PointResult:
+    run_key: str
+    variant: str
+    status: str
+    """DONE or FAILED."""
+    tags: dict[str, str]
+    params_total: int
+    params_active: int
+    tokens: int
+    val_loss: float | None
+    train_loss: float | None
+    mlflow_run_id: str | None
+    run_dir: str
+    error: str | None = None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run_point(
+    cfg: DictConfig | RunConfig, *, parent_run_id: str | None = None, cwd: Path | None = None
+) -> PointResult:
+    """Train one sweep point and record it (files + MLflow child run). Raises after recording a failure."""
+    run = load_run_config(cfg)
+    point = build_point(run, cwd=cwd)
+    torch.set_num_threads(run.infra.threads)
+    prepared = prepare_data(run.data)
+    if prepared.vocab_size != point.model.vocab_size:  # data.source=tokens brings its own vocabulary
+        point = build_point(run, cwd=cwd, vocab_size=prepared.vocab_size)
+
+    run_dir = point.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(point.resolved()), run_dir / "config.yaml")
+    _write_json(run_dir / "status.json", {"status": "RUNNING", "step": 0, "reason": None})
+    uri = run.tracking.uri or tracking.default_tracking_uri(point.study_dir)
+    tags = point.tags()
+    run_id = tracking.start_run(
+        uri, run.study.name, point.study_dir / "mlartifacts",
+        run_name=f"{point.variant}-s{run.seed}-{point.run_key}", tags=tags, parent_run_id=parent_run_id,
+    )  # fmt: skip
+    mlf = tracking.MlflowLogger(uri, run_id, run.tracking.flush_every_s)
+    jsonl = tracking.JsonlLogger(run_dir / "metrics.jsonl")
+    acct = point.accounting()
+    entropy = unigram_entropy(prepared.val_path, prepared.dtype)
+    mlf.log_params({**point.params(), "data.fingerprint": prepared.fingerprint, "data.unigram_entropy": entropy})
+    summary: dict[str, Any] = {
+        "run_key": point.run_key, "variant": point.variant, "tags": tags, "params": acct,
+        "mlflow_run_id": run_id, "parent_run_id": parent_run_id,
+        "data": {"fingerprint": prepared.fingerprint, "unigram_entropy": entropy,
+                 "n_train_tokens": prepared.n_train_tokens, "n_val_tokens": prepared.n_val_tokens},
+    }  # fmt: skip
+    print(f"[{point.variant}] run {point.run_key}: {acct['acct.params_total']:,} params "
+          f"({acct['acct.params_active']:,} active), {point.plan.steps} steps of {point.plan.batch_tokens} "
+          f"tokens -> {run_dir}", flush=True)  # fmt: skip
+
+    t0 = time.perf_counter()
+    try:
+        result = train(
+            point.model, prepared, run.optim, point.train, tracking.FanOut(jsonl, mlf),
+            progress=lambda line: print(f"[{point.variant}] {line}", flush=True),
+        )  # fmt: skip
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        jsonl.close()
+        _write_json(run_dir / "status.json", {"status": "FAILED", "step": jsonl.last_step, "reason": reason})
+        summary.update(status="FAILED", error=reason, traceback=traceback.format_exc(), final={})
+        _write_json(run_dir / "summary.json", summary)
+        _finish(mlf, uri, run_id, run_dir, ok=False)
+        raise
+
+    jsonl.close()
+    final = {"val/loss": result.final_val_loss, "train/loss": result.final_train_loss}
+    summary.update(status="DONE", final=final, steps=result.steps, tokens=result.tokens, flops=result.flops,
+                   wall_s=time.perf_counter() - t0, tokens_per_s=result.tokens_per_s)  # fmt: skip
+    _write_json(run_dir / "summary.json", summary)
+    _write_json(run_dir / "status.json", {"status": "DONE", "step": result.steps, "reason": None})
+    _finish(mlf, uri, run_id, run_dir, ok=True)
+    return PointResult(
+        run_key=point.run_key, variant=point.variant, status="DONE", tags=tags,
+        params_total=int(acct["acct.params_total"]), params_active=int(acct["acct.params_active"]),
+        tokens=result.tokens, val_loss=result.final_val_loss, train_loss=result.final_train_loss,
+        mlflow_run_id=run_id, run_dir=str(run_dir),
+    )  # fmt: skip
+
+
+def _finish(mlf: tracking.MlflowLogger, uri: str, run_id: str, run_dir: Path, ok: bool) -> None:
+    mlf.flush()
+    mlf.log_artifacts(run_dir / name for name in ("config.yaml", "metrics.jsonl", "summary.json"))
+    tracking.end_run(uri, run_id, ok)

@@ -1,0 +1,58 @@
+"""Concurrency derived from the machine, so a sweep never oversubscribes it.
+
+Small models on CPU scale better across processes than across threads (each torch thread adds sync
+overhead on tiny matmuls), so the default gives every job one thread and runs one job per core, up to
+`MAX_JOBS`; above that, the extra cores become threads. Jobs are also capped by memory.
+Registered as OmegaConf resolvers (`${moe.jobs:}`, `${moe.threads:}`) used by conf/infra/.
+Environment overrides: MOE_JOBS, MOE_THREADS.
+"""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import OmegaConf
+
+MAX_JOBS = 8
+MEM_PER_JOB_GIB = 2.0
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity where the OS reports it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def available_memory_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def concurrent_jobs(cpus: int | None = None, memory_gib: float | None = None) -> int:
+    """How many sweep points run at once."""
+    if os.environ.get("MOE_JOBS"):
+        return max(1, int(os.environ["MOE_JOBS"]))
+    cpus = cpus if cpus is not None else available_cpus()
+    jobs = min(cpus, MAX_JOBS)
+    memory_gib = memory_gib if memory_gib is not None else available_memory_gib()
+    if memory_gib is not None:
+        jobs = min(jobs, max(1, int(memory_gib // MEM_PER_JOB_GIB)))
+    return max(1, jobs)
+
+
+def threads_per_job(cpus: int | None = None, jobs: int | None = None) -> int:
+    """torch intra-op threads for each concurrent job: the cores split evenly between the jobs."""
+    if os.environ.get("MOE_THREADS"):
+        return max(1, int(os.environ["MOE_THREADS"]))
+    cpus = cpus if cpus is not None else available_cpus()
+    jobs = jobs if jobs is not None else concurrent_jobs(cpus)
+    return max(1, cpus // jobs)
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("moe.jobs", lambda: concurrent_jobs(), replace=True)
+    OmegaConf.register_new_resolver("moe.threads", lambda: threads_per_job(), replace=True)
