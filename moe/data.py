@@ -1,0 +1,404 @@
+"""Data pipeline: corpus -> byte-level BPE -> cached, memory-mapped token shards -> batches.
+
+`prepare_data` turns a `DataConfig` into two flat token files (train.bin, val.bin) plus meta.json and
+tokenizer.json, cached under `cache_dir/<fingerprint>/`. The fingerprint hashes the corpus content, the
+tokenizer settings and FORMAT_VERSION, so a different Python version (different stdlib) or a changed
+folder gets a new entry, and an unchanged one is reused by every sweep point. See docs/data.md.
+
+Shard format: raw little-endian uint16 (vocab <= 65536) or uint32 token ids, documents each followed by
+the end-of-document token; meta.json beside them describes dtype, vocab_size and token counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch import Tensor
+
+from moe.corpus import (
+    BPE_MIN_FREQUENCY,
+    DTYPES,
+    EOD_TOKEN,
+    FORMAT_VERSION,
+    SPECIAL_TOKENS,
+    Document,
+    cap_chars,
+    dtype_for_vocab,
+    hash_documents,
+    open_shard,
+    read_meta,
+    read_token_folder,
+    split_documents,
+    stdlib_documents,
+    stdlib_root,
+    text_files,
+    text_folder_documents,
+    train_tokenizer,
+    unigram_entropy,
+    write_shard,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the specials
+MAX_VOCAB = 2**18
+SOURCES = ("stdlib", "text", "tokens")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["stdlib", "text", "tokens"] = "stdlib"
+    """stdlib: embedded corpus from this Python installation; text: folder of .txt/.md/.jsonl; tokens: pre-tokenized shards."""
+    path: str | None = None
+    """Folder for the text and tokens sources; must be None for stdlib."""
+    vocab_size: int = 8192
+    """BPE vocabulary (ids are < vocab_size) for stdlib/text; ignored for tokens (read from meta.json)."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation, chosen by a hash of each document's name."""
+    max_chars: int | None = None
+    """Cap on corpus size in characters (deterministic subset); None uses everything."""
+    cache_dir: str | None = None
+    """Where prepared shards live; None means $MOE_CACHE_DIR or ~/.cache/moe-scaling."""
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train_path: Path
+    """Training token shard."""
+    val_path: Path
+    """Validation token shard."""
+    tokenizer_path: Path | None
+    """tokenizer.json, or None for a tokens source that ships none."""
+    vocab_size: int
+    """Every token id is < vocab_size; use it as the model's vocab_size."""
+    n_train_tokens: int
+    """Tokens in train_path."""
+    n_val_tokens: int
+    """Tokens in val_path."""
+    fingerprint: str
+    """Identity of the data: equal fingerprints mean identical shards."""
+    dtype: str
+    """Shard dtype name: uint16 or uint32."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MOE_CACHE_DIR") or Path.home() / ".cache" / "moe-scaling")
+
+
+# Validation ---------------------------------------------------------------------------------------
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Raise ValueError naming the `data.<key>` at fault. Reads a text corpus once; never writes."""
+    _check_fields(cfg)
+    if cfg.source == "tokens":
+        read_token_folder(_existing_folder(cfg))
+    else:
+        _load_split(cfg)
+
+
+def _check_fields(cfg: DataConfig) -> None:
+    """Checks that need no file access."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source={cfg.source!r} must be one of {SOURCES}")
+    if not 0.0 < cfg.val_fraction <= 0.5:
+        raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in (0, 0.5]")
+    if cfg.max_chars is not None and cfg.max_chars <= 0:
+        raise ValueError(f"data.max_chars={cfg.max_chars} must be positive or None")
+    if cfg.source != "tokens" and not MIN_VOCAB <= cfg.vocab_size <= MAX_VOCAB:
+        raise ValueError(
+            f"data.vocab_size={cfg.vocab_size} must be in [{MIN_VOCAB}, {MAX_VOCAB}] "
+            f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens at least)"
+        )
+    if cfg.source == "stdlib" and cfg.path is not None:
+        raise ValueError(f"data.path={cfg.path!r} is set but data.source=stdlib does not read it")
+
+
+def _existing_folder(cfg: DataConfig) -> Path:
+    if cfg.path is None:
+        raise ValueError(f"data.path is required for data.source={cfg.source}")
+    folder = Path(cfg.path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"data.path={cfg.path!r} is not an existing folder (data.source={cfg.source})")
+    if not any(folder.iterdir()):
+        raise ValueError(f"data.path={cfg.path!r} is an empty folder")
+    return folder
+
+
+def _load_documents(cfg: DataConfig) -> list[Document]:
+    if cfg.source == "stdlib":
+        root = stdlib_root()
+        if not root.is_dir():
+            raise ValueError(f"data.source=stdlib: the standard library folder {root} does not exist")
+        docs = stdlib_documents(root)
+        where = f"data.source=stdlib ({root})"
+    else:
+        folder = _existing_folder(cfg)
+        if not text_files(folder):
+            raise ValueError(f"data.path={cfg.path!r} holds no .txt, .md or .jsonl files (data.source=text)")
+        docs = text_folder_documents(folder)
+        where = f"data.path={cfg.path!r}"
+    if not docs:
+        raise ValueError(f"{where}: the corpus is empty (every document is blank)")
+    return docs
+
+
+def _load_split(cfg: DataConfig) -> tuple[list[Document], list[Document]]:
+    """Documents after max_chars, split; raises before any tokenizer work if either side is empty."""
+    docs = cap_chars(_load_documents(cfg), cfg.max_chars)
+    train, val = split_documents(docs, cfg.val_fraction)
+    if not val:
+        raise ValueError(
+            f"data.val_fraction={cfg.val_fraction} puts none of the {len(docs)} documents in validation "
+            f"(data.max_chars={cfg.max_chars}); use more documents or a larger fraction"
+        )
+    if not train:
+        raise ValueError(f"data.val_fraction={cfg.val_fraction} leaves no training documents of {len(docs)}")
+    return train, val
+
+
+# Token shards --------------------------------------------------------------------------------------
+
+
+def _prepared_from_folder(folder: Path, fingerprint: str | None) -> PreparedData:
+    """Checked PreparedData for a shard folder; fingerprint None means a user folder (hash it)."""
+    meta, n_train, n_val = read_token_folder(folder)
+    fingerprint = fingerprint if fingerprint is not None else _tokens_fingerprint(folder)
+    tok = folder / "tokenizer.json"
+    return PreparedData(
+        train_path=folder / "train.bin",
+        val_path=folder / "val.bin",
+        tokenizer_path=tok if tok.is_file() else None,
+        vocab_size=meta["vocab_size"],
+        n_train_tokens=n_train,
+        n_val_tokens=n_val,
+        fingerprint=fingerprint,
+        dtype=meta["dtype"],
+    )
+
+
+def _tokens_fingerprint(folder: Path) -> str:
+    """Identity of a user shard folder without reading it all: meta, sizes and the first/last MiB."""
+    h = hashlib.sha256(f"tokens-v{FORMAT_VERSION}".encode())
+    h.update((folder / "meta.json").read_bytes())
+    for name in ("train.bin", "val.bin"):
+        path = folder / name
+        size = path.stat().st_size
+        h.update(size.to_bytes(8, "little"))
+        with open(path, "rb") as f:
+            h.update(f.read(2**20))
+            f.seek(max(size - 2**20, 0))
+            h.update(f.read(2**20))
+    return f"tokens-{h.hexdigest()[:16]}"
+
+
+# Building ----------------------------------------------------------------------------------------
+
+
+def _fingerprint(cfg: DataConfig, train: list[Document], val: list[Document]) -> str:
+    h = hashlib.sha256()
+    settings = {
+        "format": FORMAT_VERSION,
+        "vocab_size": cfg.vocab_size,
+        "specials": SPECIAL_TOKENS,
+        "min_frequency": BPE_MIN_FREQUENCY,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for part, docs in (("train", train), ("val", val)):
+        h.update(part.encode())
+        hash_documents(h, docs)
+    return f"{cfg.source}-v{cfg.vocab_size}-{h.hexdigest()[:16]}"
+
+
+def _build(cfg: DataConfig, train: list[Document], val: list[Document], out: Path) -> None:
+    """Write tokenizer.json, train.bin, val.bin into `out`, then meta.json last (it marks completion)."""
+    dtype = dtype_for_vocab(cfg.vocab_size)
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer([text for _, text in train], cfg.vocab_size)
+    t1 = time.perf_counter()
+    tokenizer.save(str(out / "tokenizer.json"))
+    n_train = write_shard(tokenizer, train, out / "train.bin", dtype)
+    n_val = write_shard(tokenizer, val, out / "val.bin", dtype)
+    t2 = time.perf_counter()
+    meta = {
+        "version": FORMAT_VERSION,
+        "dtype": dtype,
+        "vocab_size": cfg.vocab_size,
+        "tokenizer_vocab_size": tokenizer.get_vocab_size(),
+        "eod_id": tokenizer.token_to_id(EOD_TOKEN),
+        "n_train_tokens": n_train,
+        "n_val_tokens": n_val,
+        "source": cfg.source,
+        "n_train_docs": len(train),
+        "n_val_docs": len(val),
+        "n_train_chars": sum(len(t) for _, t in train),
+        "n_val_chars": sum(len(t) for _, t in val),
+        "val_unigram_entropy_nats": unigram_entropy(out / "val.bin", dtype),
+        "tokenizer_train_s": round(t1 - t0, 3),
+        "encode_s": round(t2 - t1, 3),
+        "build_id": uuid.uuid4().hex,
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_json(out / "meta.json", meta)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _cache_entry_ok(entry: Path) -> bool:
+    """A complete entry has meta.json (written last), tokenizer.json and shards of the stated sizes."""
+    try:
+        meta = read_meta(entry)
+        itemsize = DTYPES[meta["dtype"]].itemsize
+        return (
+            (entry / "tokenizer.json").is_file()
+            and (entry / "train.bin").stat().st_size == meta["n_train_tokens"] * itemsize
+            and (entry / "val.bin").stat().st_size == meta["n_val_tokens"] * itemsize
+        )
+    except (ValueError, KeyError, OSError):
+        return False
+
+
+def prepare_data(cfg: DataConfig) -> PreparedData:
+    """Build the shards for `cfg`, or reuse the cached ones. Safe to call from many processes at once:
+    one builds (under a file lock, into a temp dir renamed into place) and the others wait and reuse."""
+    _check_fields(cfg)
+    if cfg.source == "tokens":
+        return _prepared_from_folder(_existing_folder(cfg), None)
+    train, val = _load_split(cfg)
+    fingerprint = _fingerprint(cfg, train, val)
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    entry = cache / fingerprint
+    if not _cache_entry_ok(entry):
+        cache.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache / f"{fingerprint}.lock")):
+            if not _cache_entry_ok(entry):  # another process may have built it while we waited
+                _build_entry(cfg, train, val, entry)
+    return _prepared_from_folder(entry, fingerprint)
+
+
+def _build_entry(cfg: DataConfig, train: list[Document], val: list[Document], entry: Path) -> None:
+    """Build in a private temp dir and rename it into place, so readers never see a partial entry."""
+    tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        t0 = time.perf_counter()
+        _build(cfg, train, val, tmp)
+        if entry.exists():  # corrupt or partial: move it aside first, rename cannot replace a full dir
+            trash = entry.with_name(f".trash-{entry.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(entry, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, entry)
+        log.info("built data cache %s in %.1f s", entry, time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(prepared: PreparedData):
+    """The tokenizers.Tokenizer of the shards, for decoding samples."""
+    if prepared.tokenizer_path is None:
+        raise ValueError(
+            f"data {prepared.fingerprint} has no tokenizer.json (data.source=tokens without one)"
+        )
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(prepared.tokenizer_path))
+
+
+# Batches ----------------------------------------------------------------------------------------
+# B = batch size, S = sequence length
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[Tensor, Tensor]:
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    w = torch.from_numpy(tokens[idx].astype(np.int64))
+    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+
+class TokenLoader:
+    """Random windows of seq_len+1 tokens from a memory-mapped shard.
+
+    Batch `step` of rank `rank` depends only on (seed, rank, step), never on earlier batches, so the
+    state is one counter and resume is exact; ranks draw independent streams."""
+
+    def __init__(
+        self, path: Path, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.path = Path(path)
+        meta = read_meta(self.path.parent)
+        self.tokens = open_shard(self.path, meta["dtype"])
+        if len(self.tokens) < seq_len + 1:
+            raise ValueError(
+                f"{self.path} holds {len(self.tokens)} tokens, fewer than seq_len+1={seq_len + 1}"
+            )
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.step = 0
+
+    def _generator(self) -> torch.Generator:
+        # sha256 mixes (seed, rank, step) so nearby seeds or ranks give unrelated streams
+        key = hashlib.sha256(f"{self.seed}/{self.rank}/{self.step}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """(x_BS, y_BS) int64 with y_BS[:, i] = x_BS[:, i + 1] in the stream."""
+        high = len(self.tokens) - self.seq_len  # exclusive bound for a window start
+        starts_B = torch.randint(0, high, (self.batch_size,), generator=self._generator()).numpy()
+        self.step += 1
+        return _windows(self.tokens, starts_B, self.seq_len)
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "n_tokens": len(self.tokens),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "rank", "world_size", "seq_len", "batch_size", "n_tokens"):
+            mine = self.state_dict()[key]
+            if state.get(key) != mine:
+                raise ValueError(f"loader state has {key}={state.get(key)} but this loader has {key}={mine}")
+        self.step = int(state["step"])
+
+
+def validation_batches(
+    prepared: PreparedData, seq_len: int, batch_size: int, max_tokens: int | None
+) -> list[tuple[Tensor, Tensor]]:
+    """The first non-overlapping windows of the val shard, in order: identical for every sweep point
+    with the same data config. max_tokens caps the predicted tokens (windows * seq_len); the last batch
+    may be smaller than batch_size, so average the loss over tokens, not over batches."""
+    tokens = open_shard(prepared.val_path, prepared.dtype)
+    n_windows = (len(tokens) - 1) // seq_len
+    if max_tokens is not None:
+        n_windows = min(n_windows, max_tokens // seq_len)
+    if n_windows < 1:
+        raise ValueError(
+            f"validation needs seq_len+1={seq_len + 1} tokens; the val shard has {len(tokens)} and "
+            f"max_tokens={max_tokens} (raise data.val_fraction or the eval token budget)"
+        )
+    starts = np.arange(n_windows, dtype=np.int64) * seq_len
+    return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, n_windows, batch_size)]

@@ -1,0 +1,401 @@
+"""Data pipeline: corpus split, cached shards, concurrency, user sources, loader, validation set."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from moe.corpus import cap_chars, split_documents, stdlib_documents
+from moe.data import (
+    MAX_VOCAB,
+    MIN_VOCAB,
+    DataConfig,
+    TokenLoader,
+    load_tokenizer,
+    prepare_data,
+    unigram_entropy,
+    validate_data_config,
+    validation_batches,
+)
+
+# Small but real: a 300k-character hash-spread subset of the stdlib corpus with a 512-token BPE.
+SMALL = dict(vocab_size=512, val_fraction=0.3, max_chars=300_000)
+
+
+def small_cfg(cache: Path, **changes) -> DataConfig:
+    return DataConfig(cache_dir=str(cache), **{**SMALL, **changes})
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return prepare_data(small_cfg(cache)), cache
+
+
+def read_meta(prepared) -> dict:
+    return json.loads((prepared.train_path.parent / "meta.json").read_text())
+
+
+def shard(prepared, which: str = "val") -> np.ndarray:
+    path = prepared.val_path if which == "val" else prepared.train_path
+    return np.fromfile(path, dtype=np.dtype(prepared.dtype).newbyteorder("<"))
+
+
+def write_text_folder(folder: Path) -> dict[str, str]:
+    """Ten .txt/.md documents (one nested) and six jsonl documents; returns name -> text."""
+    docs = {}
+    (folder / "sub").mkdir(parents=True)
+    for i in range(10):
+        name = f"sub/doc{i}.md" if i == 3 else f"doc{i}.txt"
+        text = f"Document {i}: the quick brown fox jumps over the lazy dog {i} times.\n" * (5 + i)
+        (folder / name).write_text(text)
+        docs[name] = text
+    lines = []
+    for j in range(6):
+        text = f"Record {j} says: café naïve — ünïcode ok. " * (3 + j)
+        lines.append(json.dumps({"text": text, "id": j}))
+        docs[f"data.jsonl:{j + 1}"] = text
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "ignored.csv").write_text("a,b\n1,2\n")
+    return docs
+
+
+def write_token_folder(folder: Path, train: np.ndarray, val: np.ndarray, vocab_size: int) -> None:
+    """The docs/data.md recipe for bringing your own tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = "uint16" if vocab_size <= 65536 else "uint32"
+    train.astype(f"<{dtype[0]}{np.dtype(dtype).itemsize}").tofile(folder / "train.bin")
+    val.astype(f"<{dtype[0]}{np.dtype(dtype).itemsize}").tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"version": 1, "dtype": dtype, "vocab_size": vocab_size}))
+
+
+# Corpus and split --------------------------------------------------------------------------------
+
+
+def test_split_depends_only_on_document_names():
+    docs = [(f"doc{i}", "x" * i) for i in range(200)]
+    train, val = split_documents(docs, 0.2)
+    train_rev, val_rev = split_documents(docs[::-1], 0.2)
+    assert (train, val) == (train_rev, val_rev)
+    # dropping documents never moves the others between splits
+    _, val_half = split_documents(docs[:100], 0.2)
+    assert val_half == [d for d in val if d in docs[:100]]
+    assert 20 <= len(val) <= 60
+
+
+def test_max_chars_subset_is_exact_and_spread_over_the_corpus():
+    docs = stdlib_documents()
+    capped = cap_chars(docs, 300_000)
+    assert sum(len(t) for _, t in capped) == 300_000
+    assert capped == cap_chars(list(reversed(docs)), 300_000)
+    top_dirs = {name.split("/")[1] for name, _ in capped}
+    assert len(top_dirs) > 5
+
+
+def test_stdlib_corpus_excludes_tests_site_packages_and_generated_tables():
+    names = [name for name, _ in stdlib_documents()]
+    assert names == sorted(names)
+    assert any(n.startswith("pydoc_topics/") for n in names)
+    assert "stdlib/argparse.py" in names
+    for bad in ("/test/", "/tests/", "idle_test", "site-packages", "__pycache__", "_sysconfigdata"):
+        assert not any(bad in f"/{n}" for n in names), bad
+    assert "stdlib/encodings/cp1252.py" not in names
+    assert "stdlib/encodings/utf_8.py" in names
+
+
+# Building and caching ----------------------------------------------------------------------------
+
+
+def test_building_twice_gives_identical_bytes(small, tmp_path):
+    first, _ = small
+    second = prepare_data(small_cfg(tmp_path))
+    assert second.fingerprint == first.fingerprint
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (first.train_path.parent / name).read_bytes() == (second.train_path.parent / name).read_bytes()
+    assert read_meta(first)["build_id"] != read_meta(second)["build_id"]
+
+
+def test_shards_decode_back_to_the_documents_separated_by_eod(small):
+    prepared, _ = small
+    meta = read_meta(prepared)
+    tok = load_tokenizer(prepared)
+    eod = meta["eod_id"]
+    val = shard(prepared)
+    assert val[-1] == eod and val.max() < prepared.vocab_size
+    assert len(val) == prepared.n_val_tokens == meta["n_val_tokens"]
+    pieces = np.split(val, np.flatnonzero(val == eod) + 1)[:-1]
+    assert len(pieces) == meta["n_val_docs"]
+    decoded = "".join(tok.decode(p[:-1].tolist()) for p in pieces)
+    assert len(decoded) == meta["n_val_chars"]
+
+
+def test_second_prepare_reuses_the_cache_without_rebuilding(small):
+    prepared, cache = small
+    before = read_meta(prepared)["build_id"], prepared.train_path.stat().st_mtime_ns
+    again = prepare_data(small_cfg(cache))
+    assert again == prepared
+    assert (read_meta(again)["build_id"], again.train_path.stat().st_mtime_ns) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate_train", "drop_meta", "garble_meta"])
+def test_corrupt_cache_entry_is_detected_and_rebuilt(small, tmp_path, damage):
+    reference, _ = small
+    prepared = prepare_data(small_cfg(tmp_path))
+    entry = prepared.train_path.parent
+    old_id = read_meta(prepared)["build_id"]
+    if damage == "truncate_train":
+        with open(prepared.train_path, "r+b") as f:
+            f.truncate(prepared.train_path.stat().st_size // 2)
+    elif damage == "drop_meta":
+        (entry / "meta.json").unlink()
+    else:
+        (entry / "meta.json").write_text("{not json")
+    rebuilt = prepare_data(small_cfg(tmp_path))
+    assert read_meta(rebuilt)["build_id"] != old_id
+    assert rebuilt.train_path.read_bytes() == reference.train_path.read_bytes()
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [prepared.fingerprint]
+
+
+def _prepare_in_child(cache: str, barrier, results) -> None:
+    barrier.wait()  # all three enter prepare_data together
+    prepared = prepare_data(small_cfg(Path(cache)))
+    results.put((prepared.fingerprint, read_meta(prepared)["build_id"]))
+
+
+@pytest.mark.skipif(
+    "fork" not in mp.get_all_start_methods(), reason="needs fork (spawn re-imports torch: slow)"
+)
+def test_concurrent_prepare_from_three_processes_builds_once(tmp_path):
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_prepare_in_child, args=(str(tmp_path), barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(set(got)) == 1  # same fingerprint and the same single build
+    entries = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    assert entries == [got[0][0]]  # no temp or duplicate directories left behind
+
+
+# User data --------------------------------------------------------------------------------------
+
+
+def test_text_folder_with_txt_md_and_jsonl_documents(tmp_path):
+    docs = write_text_folder(tmp_path / "corpus")
+    cfg = DataConfig(source="text", path=str(tmp_path / "corpus"), vocab_size=300, val_fraction=0.5)
+    cfg = replace(cfg, cache_dir=str(tmp_path / "cache"))
+    validate_data_config(cfg)
+    prepared = prepare_data(cfg)
+    meta = read_meta(prepared)
+    assert meta["n_train_docs"] + meta["n_val_docs"] == len(docs) == 16
+    assert meta["n_val_docs"] > 0 and meta["n_train_docs"] > 0
+    tok = load_tokenizer(prepared)
+    train_ids = shard(prepared, "train")
+    texts = [
+        tok.decode(p[:-1].tolist()) for p in np.split(train_ids, np.flatnonzero(train_ids == 0) + 1)[:-1]
+    ]
+    train_names = sorted(split_documents(sorted(docs.items()), 0.5)[0])
+    assert texts == [docs[name] for name, _ in train_names]
+    # the same documents elsewhere hash to the same cache entry
+    moved = tmp_path / "moved"
+    (tmp_path / "corpus").rename(moved)
+    assert prepare_data(replace(cfg, path=str(moved))).fingerprint == prepared.fingerprint
+
+
+def test_tokens_source_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 1000, 5000)
+    val = rng.integers(0, 1000, 700)
+    write_token_folder(tmp_path / "toks", train, val, vocab_size=1000)
+    cfg = DataConfig(source="tokens", path=str(tmp_path / "toks"), vocab_size=8192)
+    validate_data_config(cfg)
+    prepared = prepare_data(cfg)
+    assert (prepared.vocab_size, prepared.dtype, prepared.tokenizer_path) == (1000, "uint16", None)
+    assert (prepared.n_train_tokens, prepared.n_val_tokens) == (5000, 700)
+    assert prepare_data(cfg).fingerprint == prepared.fingerprint
+    x_BS, y_BS = validation_batches(prepared, seq_len=16, batch_size=4, max_tokens=64)[0]
+    assert_close(x_BS, torch.from_numpy(val[:64].reshape(4, 16)))
+    assert_close(y_BS, torch.from_numpy(val[1:65].reshape(4, 16)))
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        load_tokenizer(prepared)
+
+
+def test_tokens_source_uses_uint32_above_65536(tmp_path):
+    ids = np.arange(100_000, 100_100)
+    write_token_folder(tmp_path / "toks", ids, ids, vocab_size=200_000)
+    prepared = prepare_data(DataConfig(source="tokens", path=str(tmp_path / "toks")))
+    assert prepared.dtype == "uint32"
+    x_BS, _ = validation_batches(prepared, seq_len=10, batch_size=1, max_tokens=10)[0]
+    assert_close(x_BS[0], torch.arange(100_000, 100_010))
+
+
+# Loader and validation batches ----------------------------------------------------------------------
+
+
+def test_loader_batches_are_shifted_windows_of_the_shard(small):
+    prepared, _ = small
+    tokens = torch.from_numpy(shard(prepared, "train").astype(np.int64))
+    x_BS, y_BS = TokenLoader(prepared.train_path, seq_len=32, batch_size=8, seed=0).next_batch()
+    assert x_BS.shape == y_BS.shape == (8, 32) and x_BS.dtype == torch.int64
+    assert_close(x_BS[:, 1:], y_BS[:, :-1])
+    windows = tokens.unfold(0, 33, 1)
+    for row in torch.cat([x_BS, y_BS[:, -1:]], dim=1):
+        assert (windows == row).all(dim=1).any()
+
+
+def test_loader_is_deterministic_per_seed_and_rank(small):
+    prepared, _ = small
+
+    def batches(**kw):
+        loader = TokenLoader(prepared.train_path, seq_len=16, batch_size=4, **kw)
+        return torch.stack([loader.next_batch()[0] for _ in range(3)])
+
+    assert_close(batches(seed=1), batches(seed=1))
+    assert not torch.equal(batches(seed=1), batches(seed=2))
+    assert not torch.equal(batches(seed=1, rank=0, world_size=2), batches(seed=1, rank=1, world_size=2))
+
+
+def test_loader_resumes_exactly_from_state_dict(small):
+    prepared, _ = small
+    loader = TokenLoader(prepared.train_path, seq_len=16, batch_size=4, seed=3)
+    for _ in range(5):
+        loader.next_batch()
+    state = json.loads(json.dumps(loader.state_dict()))  # survives a JSON checkpoint
+    expected = [loader.next_batch() for _ in range(4)]
+    resumed = TokenLoader(prepared.train_path, seq_len=16, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    for (x, y), (rx, ry) in zip(expected, [resumed.next_batch() for _ in range(4)], strict=True):
+        assert_close(rx, x)
+        assert_close(ry, y)
+    with pytest.raises(ValueError, match="seed"):
+        TokenLoader(prepared.train_path, seq_len=16, batch_size=4, seed=4).load_state_dict(state)
+
+
+def test_validation_batches_are_the_first_windows_and_identical_across_calls(small):
+    prepared, _ = small
+    a = validation_batches(prepared, seq_len=32, batch_size=3, max_tokens=32 * 7)
+    b = validation_batches(prepared, seq_len=32, batch_size=3, max_tokens=32 * 7)
+    assert [x.shape[0] for x, _ in a] == [3, 3, 1]
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert_close(xa, xb)
+        assert_close(ya, yb)
+    val = torch.from_numpy(shard(prepared).astype(np.int64))
+    assert_close(torch.cat([x for x, _ in a]).flatten(), val[: 32 * 7])
+    assert_close(torch.cat([y for _, y in a]).flatten(), val[1 : 32 * 7 + 1])
+    everything = validation_batches(prepared, seq_len=32, batch_size=64, max_tokens=None)
+    assert sum(x.numel() for x, _ in everything) == (len(val) - 1) // 32 * 32
+
+
+def test_unigram_entropy_matches_the_closed_form(tmp_path):
+    ids = np.array([0, 1, 2, 3] * 50 + [4] * 200)  # p = 1/8 x4, 1/2
+    write_token_folder(tmp_path / "toks", ids, ids, vocab_size=5)
+    expected = -(4 * (1 / 8) * math.log(1 / 8) + 0.5 * math.log(0.5))
+    assert unigram_entropy(tmp_path / "toks" / "val.bin") == pytest.approx(expected)
+
+
+# Bad inputs ---------------------------------------------------------------------------------------
+
+
+def _text(folder: Path, files: dict[str, str]) -> DataConfig:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return DataConfig(source="text", path=str(folder))
+
+
+def _tokens(folder: Path, damage: str) -> DataConfig:
+    write_token_folder(folder, np.arange(100) % 50, np.arange(40) % 50, vocab_size=50)
+    if damage == "odd_size":
+        with open(folder / "train.bin", "ab") as f:
+            f.write(b"\x01")
+    elif damage == "id_too_big":
+        np.array([7, 60, 3], "<u2").tofile(folder / "val.bin")
+    elif damage == "no_meta":
+        (folder / "meta.json").unlink()
+    elif damage == "meta_lacks_dtype":
+        (folder / "meta.json").write_text(json.dumps({"version": 1, "vocab_size": 50}))
+    elif damage == "empty_val":
+        (folder / "val.bin").write_bytes(b"")
+    elif damage == "no_val":
+        (folder / "val.bin").unlink()
+    return DataConfig(source="tokens", path=str(folder))
+
+
+BAD = {
+    "missing_folder": (lambda p: DataConfig(source="text", path=str(p / "nope")), "data.path"),
+    "no_path": (lambda p: DataConfig(source="tokens"), "data.path"),
+    "empty_folder": (lambda p: _text(p / "empty", {}), "data.path"),
+    "no_text_files": (lambda p: _text(p / "csv", {"a.csv": "x,y\n"}), r"data.path.*\.txt"),
+    "blank_documents": (lambda p: _text(p / "blank", {"a.txt": "  \n", "b.md": ""}), "data.path.*empty"),
+    "jsonl_without_text": (
+        lambda p: _text(p / "j", {"a.jsonl": '{"text": "fine"}\n{"body": "oops"}\n'}),
+        'data.path.*a.jsonl line 2 has no "text"',
+    ),
+    "jsonl_not_json": (lambda p: _text(p / "j2", {"a.jsonl": "{oops\n"}), "data.path.*not valid JSON"),
+    "too_few_documents_for_val": (
+        lambda p: _text(p / "few", {"only.txt": "one lonely document"}),
+        "data.val_fraction",
+    ),
+    "shard_size_not_multiple": (lambda p: _tokens(p / "t", "odd_size"), r"data.path.*train.bin.*multiple"),
+    "token_id_over_vocab": (
+        lambda p: _tokens(p / "t", "id_too_big"),
+        r"data.path.*val.bin.*60 >= .*vocab_size=50",
+    ),
+    "meta_missing": (lambda p: _tokens(p / "t", "no_meta"), "data.path.*meta.json"),
+    "meta_lacks_dtype": (lambda p: _tokens(p / "t", "meta_lacks_dtype"), "data.path.*dtype"),
+    "val_shard_empty": (lambda p: _tokens(p / "t", "empty_val"), r"data.path.*val.bin holds 0 tokens"),
+    "val_shard_missing": (lambda p: _tokens(p / "t", "no_val"), r"data.path.*val.bin is missing"),
+    "vocab_too_small": (lambda p: DataConfig(vocab_size=MIN_VOCAB - 1), "data.vocab_size=256"),
+    "vocab_too_large": (lambda p: DataConfig(vocab_size=MAX_VOCAB + 1), "data.vocab_size"),
+    "val_fraction_zero": (lambda p: DataConfig(val_fraction=0.0), r"data.val_fraction=0.0 .*\(0, 0.5\]"),
+    "val_fraction_above_half": (lambda p: DataConfig(val_fraction=0.6), "data.val_fraction=0.6"),
+    "max_chars_zero": (lambda p: DataConfig(max_chars=0), "data.max_chars=0"),
+    "unknown_source": (lambda p: DataConfig(source="web"), "data.source='web'"),
+    "path_with_stdlib": (lambda p: DataConfig(path=str(p)), "data.path=.*data.source=stdlib"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_raises_value_error_naming_the_key(tmp_path, case):
+    make, pattern = BAD[case]
+    cfg = replace(make(tmp_path), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=pattern):
+        validate_data_config(cfg)
+    with pytest.raises(ValueError, match=pattern):
+        prepare_data(cfg)
+    assert not (tmp_path / "cache").exists()  # rejected before any work
+
+
+def test_loader_rejects_a_shard_shorter_than_one_window(tmp_path):
+    write_token_folder(tmp_path / "t", np.arange(10), np.arange(10), vocab_size=10)
+    with pytest.raises(ValueError, match="seq_len"):
+        TokenLoader(tmp_path / "t" / "train.bin", seq_len=10, batch_size=1, seed=0)
+
+
+# Full default corpus -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_full_stdlib_corpus_prepares_in_under_a_minute(tmp_path):
+    t0 = time.perf_counter()
+    prepared = prepare_data(DataConfig(cache_dir=str(tmp_path)))
+    elapsed = time.perf_counter() - t0
+    meta = read_meta(prepared)
+    print(f"\nfull stdlib corpus: {elapsed:.1f} s, meta={json.dumps(meta)}")
+    assert elapsed < 60
+    assert prepared.vocab_size == meta["tokenizer_vocab_size"] == 8192
+    assert meta["n_train_chars"] > 5_000_000 and prepared.n_val_tokens > 50_000
+    # a context-free model's loss is the unigram entropy; it must be well above 0 and below log(V)
+    assert 4.0 < unigram_entropy(prepared.val_path) < math.log(8192)
