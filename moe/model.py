@@ -1,0 +1,176 @@
+"""Decoder-only transformer LM whose FFN layers are dense or (fine-grained) MoE.
+
+block i:  x = x + attn(rmsnorm(x))          causal self-attention, RoPE, optional grouped-query
+          x = x + ffn(rmsnorm(x))           FeedForward, or MoELayer when cfg.is_moe_layer(i)
+then a final RMSNorm and the LM head (tied to the embedding or not). Parameter names and shapes are
+listed in moe/config.py; moe/accounting.py counts them. The model only computes: the training loop
+calls `update_balancing` and logs the per-layer router diagnostics returned in `ModelOutput.router`.
+
+Shapes: B = batch, S = sequence, D = d_model, V = vocab, H = query heads, J = key/value heads,
+K = head dim, R = K/2 (rotary frequencies).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe.config import InitScheme, ModelConfig
+from moe.ffn import FeedForward
+from moe.layer import MoEAux, MoELayer
+from moe.validate import validate_model_config
+
+
+def init_linear_(weight: Tensor, init: InitScheme, std: float) -> None:
+    """normal: N(0, std). fan_in: truncated normal (at 2 sigma), std 1/sqrt(fan_in) (arXiv 2402.07871)."""
+    if init == "normal":
+        nn.init.normal_(weight, mean=0.0, std=std)
+    else:
+        s = 1.0 / math.sqrt(weight.shape[-1])  # nn.Linear stores (out, in)
+        nn.init.trunc_normal_(weight, mean=0.0, std=s, a=-2 * s, b=2 * s)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin, each (S, R), in fp32; recomputed per forward so meta/to_empty builds need no buffers."""
+    inv_freq_R = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angle_SR = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq_R)
+    return angle_SR.cos(), angle_SR.sin()
+
+
+def apply_rope(x_BHSK: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
+    """Rotate the two halves of each head (GPT-NeoX / Llama layout), in fp32 for accuracy."""
+    x1, x2 = x_BHSK.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos_SR - x2 * sin_SR, x2 * cos_SR + x1 * sin_SR), dim=-1)
+    return out.type_as(x_BHSK)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE; n_kv_heads < n_heads gives grouped-query attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
+        B, S, _ = x_BSD.shape
+        q_BHSK = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k_BJSK = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v_BJSK = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHSK, k_BJSK = apply_rope(q_BHSK, cos_SR, sin_SR), apply_rope(k_BJSK, cos_SR, sin_SR)
+        if self.n_kv_heads != self.n_heads:
+            # Explicit repeat rather than enable_gqa: it runs on every backend and under torch.compile.
+            rep = self.n_heads // self.n_kv_heads
+            k_BJSK, v_BJSK = k_BJSK.repeat_interleave(rep, dim=1), v_BJSK.repeat_interleave(rep, dim=1)
+        y_BHSK = F.scaled_dot_product_attention(q_BHSK, k_BJSK, v_BJSK, is_causal=True)
+        return self.wo(y_BHSK.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def reset_parameters(self, init: InitScheme, std: float, out_std: float) -> None:
+        for w in (self.wq.weight, self.wk.weight, self.wv.weight):
+            init_linear_(w, init, std)
+        init_linear_(self.wo.weight, init, out_std)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `ffn` is a FeedForward or a MoELayer."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.is_moe = moe
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = MoELayer(cfg) if moe else FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
+
+    def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> tuple[Tensor, MoEAux | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR)
+        h_BSD = self.ffn_norm(x_BSD)
+        if self.is_moe:
+            y_BSD, aux = self.ffn(h_BSD)
+        else:
+            y_BSD, aux = self.ffn(h_BSD), None
+        return x_BSD + y_BSD, aux
+
+
+@dataclass
+class ModelOutput:
+    """What one forward pass returns."""
+
+    logits: Tensor
+    """(B, S, V) next-token logits, in the compute dtype."""
+    loss: Tensor | None
+    """Mean LM cross-entropy (fp32) over targets != -100, when targets are given; no auxiliary terms."""
+    aux_loss: Tensor
+    """Sum over MoE layers of MoEAux.loss (coefficient-weighted balancing + z loss); 0-dim, 0 for dense."""
+    router: list[MoEAux]
+    """One MoEAux per MoE block, in block order (see Transformer.moe_layer_indices)."""
+
+
+class Transformer(nn.Module):
+    """The language model. Build on `torch.device("meta")` to plan without allocating weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.moe_layer_indices: list[int] = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initialise every weight per cfg.init; call after `to_empty` when built on meta."""
+        cfg = self.cfg
+        # GPT-2 style: residual-stream output projections (wo, w2) shrink with depth for "normal".
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            block.attn_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+            block.attn.reset_parameters(cfg.init, std, out_std)
+            block.ffn.reset_parameters(cfg.init, std, out_std)
+        self.norm.reset_parameters()
+        if self.lm_head is not None:
+            init_linear_(self.lm_head.weight, cfg.init, std)
+
+    def forward(self, idx_BS: Tensor, targets_BS: Tensor | None = None) -> ModelOutput:
+        B, S = idx_BS.shape
+        if S > self.cfg.seq_len:
+            raise ValueError(f"input length {S} exceeds model.seq_len={self.cfg.seq_len}")
+        cos_SR, sin_SR = rope_tables(S, self.cfg.head_dim, self.cfg.rope_theta, idx_BS.device)
+        x_BSD = self.embed(idx_BS)
+        router: list[MoEAux] = []
+        for block in self.blocks:
+            x_BSD, aux = block(x_BSD, cos_SR, sin_SR)
+            if aux is not None:
+                router.append(aux)
+        x_BSD = self.norm(x_BSD)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits_BSV = F.linear(x_BSD, head)
+
+        loss = None
+        if targets_BS is not None:
+            loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=-100)
+        if router:
+            aux_loss = torch.stack([a.loss.float() for a in router]).sum()
+        else:
+            aux_loss = torch.zeros((), device=idx_BS.device)
+        return ModelOutput(logits=logits_BSV, loss=loss, aux_loss=aux_loss, router=router)
+
+    @torch.no_grad()
+    def update_balancing(self, router: list[MoEAux]) -> None:
+        """Aux-loss-free balancing step: pass each MoE layer its tokens_per_expert from the last forward."""
+        if len(router) != len(self.moe_layer_indices):
+            raise ValueError(f"got {len(router)} router outputs for {len(self.moe_layer_indices)} MoE layers")
+        for i, aux in zip(self.moe_layer_indices, router, strict=True):
+            self.blocks[i].ffn.update_bias(aux.tokens_per_expert)
