@@ -141,7 +141,9 @@ def plan_training(model_cfg: ModelConfig, optim: OptimConfig, train: TrainConfig
     if optim.schedule not in SCHEDULES:
         raise ValueError(f"optim.schedule={optim.schedule!r} is not one of {SCHEDULES}")
     if optim.lr <= 0 or not 0 <= optim.min_lr_ratio <= 1:
-        raise ValueError(f"optim.lr={optim.lr} must be > 0 and optim.min_lr_ratio={optim.min_lr_ratio} in [0, 1]")
+        raise ValueError(
+            f"optim.lr={optim.lr} must be > 0 and optim.min_lr_ratio={optim.min_lr_ratio} in [0, 1]"
+        )
     if not 0 <= optim.warmup_frac < 1 or not 0 <= optim.decay_frac <= 1:
         raise ValueError(
             f"optim.warmup_frac={optim.warmup_frac} must be in [0, 1) and optim.decay_frac={optim.decay_frac} in [0, 1]"

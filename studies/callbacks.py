@@ -13,10 +13,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from moe.data import validate_data_config
 from studies import tracking
+from studies.config import load_run_config
+from studies.point import build_point
 
 PARENT_ENV = "MOE_PARENT_RUN_ID"
 RECORD = "point.json"
@@ -28,6 +34,35 @@ def study_dir_of(config: DictConfig, cwd: Path | None = None) -> Path:
 
 def tracking_uri_of(config: DictConfig, cwd: Path | None = None) -> str:
     return config.tracking.uri or tracking.default_tracking_uri(study_dir_of(config, cwd))
+
+
+def sweep_points(config: DictConfig) -> list[list[str]]:
+    """The override lists of every job a multirun of `config` launches (study params + command line),
+    expanded as Hydra's basic sweeper does."""
+    params = OmegaConf.to_container(config.hydra.sweeper.params or {}, resolve=False)
+    task = list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def validate_sweep(config: DictConfig, config_name: str | None) -> int:
+    """Compose and validate every point (and each distinct data config) before any job starts;
+    one ValueError lists every bad point. Returns the number of points."""
+    points = sweep_points(config)
+    errors, data_seen = [], set()
+    for overrides in points:
+        try:
+            run = load_run_config(compose(config_name=config_name, overrides=overrides))
+            build_point(run)
+            key = repr(run.data)
+            if key not in data_seen:
+                data_seen.add(key)
+                validate_data_config(run.data)
+        except Exception as exc:  # noqa: BLE001 - collected and re-raised below with the point named
+            errors.append(f"  {' '.join(overrides)}: {type(exc).__name__}: {exc}")
+    if errors:
+        raise ValueError(f"{len(errors)} of {len(points)} sweep points are invalid:\n" + "\n".join(errors))
+    return len(points)
 
 
 def write_job_record(job_dir: Path, record: dict[str, Any]) -> None:
@@ -72,11 +107,15 @@ def format_table(records: list[dict[str, Any]]) -> str:
 class StudyCallback(Callback):
     """Parent MLflow run on multirun start; table, UI hint and analysis report on multirun end."""
 
-    def __init__(self, report: bool = True):
+    def __init__(self, report: bool = True, validate: bool = True):
         self.report = report
+        self.validate = validate
         self.parent_run_id: str | None = None
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+    def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        if self.validate:
+            n = validate_sweep(config, config_name)
+            print(f"Sweep of {n} points validated; launching.", flush=True)
         study_dir = study_dir_of(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         self.parent_run_id = tracking.start_run(
@@ -94,7 +133,9 @@ class StudyCallback(Callback):
         records = read_job_records(sweep_dir)
         failed = [r for r in records if r.get("status") != "DONE"]
         table = format_table(records)
-        print(f"\nStudy {config.study.name!r}: {len(records) - len(failed)}/{len(records)} points done\n{table}")
+        print(
+            f"\nStudy {config.study.name!r}: {len(records) - len(failed)}/{len(records)} points done\n{table}"
+        )
         (sweep_dir / "summary.txt").write_text(table + "\n")
         if self.parent_run_id:
             tracking.MlflowLogger(uri, self.parent_run_id).log_artifacts([sweep_dir / "summary.txt"])

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe.accounting import count_params, flops_per_token
-from moe.config import MoEConfig, ModelConfig, replace
+from moe.config import ModelConfig, MoEConfig, replace
 from moe.data import prepare_data, unigram_entropy
 from moe.matched import derive
 from moe.train import TrainConfig, TrainPlan, plan_training, train
@@ -66,7 +66,9 @@ def variant_label(model: ModelConfig) -> str:
         return "dense"
     parts = [f"moe-E{m.num_experts}-k{m.top_k}-G{m.granularity}"]
     default = MoEConfig()
-    parts += [getattr(m, key) for key in ("router", "score", "order") if getattr(m, key) != getattr(default, key)]
+    parts += [
+        getattr(m, key) for key in ("router", "score", "order") if getattr(m, key) != getattr(default, key)
+    ]
     if m.num_shared:
         parts.append(f"shared{m.num_shared}")
     if model.first_dense_layers:
@@ -223,7 +225,9 @@ def run_point(
     jsonl = tracking.JsonlLogger(run_dir / "metrics.jsonl")
     acct = point.accounting()
     entropy = unigram_entropy(prepared.val_path, prepared.dtype)
-    mlf.log_params({**point.params(), "data.fingerprint": prepared.fingerprint, "data.unigram_entropy": entropy})
+    mlf.log_params(
+        {**point.params(), "data.fingerprint": prepared.fingerprint, "data.unigram_entropy": entropy}
+    )
     summary: dict[str, Any] = {
         "run_key": point.run_key, "variant": point.variant, "tags": tags, "params": acct,
         "mlflow_run_id": run_id, "parent_run_id": parent_run_id,

@@ -1,0 +1,68 @@
+"""End to end: `python -m studies.run -m ...` through the real submitit_local launcher into a temp store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def study_run(args: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MOE_JOBS": "2", "MOE_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "studies.run", "-m", *args], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_multirun_through_submitit_records_parent_and_child_runs(shrunk, tmp_path):
+    db = tmp_path / "store.db"
+    proc = study_run([*shrunk, "granularity=1,4", f"tracking.uri=sqlite:///{db}"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2/2 points done" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("default")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("kind") == "point"]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.data.tags["variant"] for c in children} == {"moe-E8-k2-G1", "moe-E8-k2-G4"}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert len(client.get_metric_history(child.info.run_id, "train/loss")) == 10
+        assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 2
+        assert {"config.yaml", "metrics.jsonl", "summary.json"} <= {
+            a.path for a in client.list_artifacts(child.info.run_id)
+        }
+
+    study_dir = tmp_path / "outputs" / "default"
+    (sweep_dir,) = (study_dir / "multirun").iterdir()
+    assert list(sweep_dir.glob(".submitit/*/*_log.out")), "jobs did not go through submitit"
+    logs = "".join(p.read_text() for p in sweep_dir.glob(".submitit/*/*_log.out"))
+    assert "step 10/20 | tokens 5,120 | loss" in logs and "tok/s | ETA" in logs
+    records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/point.json")]
+    assert sorted(r["status"] for r in records) == ["DONE", "DONE"]
+    for r in records:
+        summary = json.loads((study_dir / "runs" / r["run_key"] / "summary.json").read_text())
+        assert summary["parent_run_id"] == parent.info.run_id
+
+
+@pytest.mark.slow
+def test_invalid_point_stops_the_sweep_before_any_job_starts(shrunk, tmp_path):
+    proc = study_run([*shrunk, "granularity=1,3", "infra=basic"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert "1 of 2 sweep points are invalid" in proc.stderr + proc.stdout
+    assert "moe.granularity=3 does not divide" in proc.stderr + proc.stdout
+    assert not (tmp_path / "outputs" / "default" / "runs").exists()

@@ -1,0 +1,64 @@
+"""run_point records a sweep point: run dir files per docs/outputs.md and an MLflow run."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from studies.point import run_point
+
+
+@pytest.fixture
+def finished(compose, shrunk, tmp_path):
+    cfg = compose([*shrunk, "granularity=2", "seed=3"])
+    return run_point(cfg), tmp_path / "outputs" / "default"
+
+
+def test_run_dir_holds_config_metrics_summary_and_status(finished):
+    result, study_dir = finished
+    run_dir = study_dir / "runs" / result.run_key
+    assert result.status == "DONE" and result.variant == "moe-E8-k2-G2"
+    config = OmegaConf.load(run_dir / "config.yaml")
+    assert config.model.moe.granularity == 2 and config.model.name == "tiny" and config.train.tokens == 10240
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in line for line in lines)
+    assert [x["step"] for x in lines if "val/loss" in x] == [10, 20]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "DONE" and summary["run_key"] == result.run_key
+    assert summary["final"]["val/loss"] == pytest.approx(result.val_loss)
+    assert summary["final"]["val/loss"] < summary["data"]["unigram_entropy"] + 1.0
+    assert summary["params"]["acct.params_total"] == result.params_total
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": "DONE", "step": 20, "reason": None}
+
+
+def test_mlflow_run_has_tags_params_metric_history_and_artifacts(finished):
+    result, study_dir = finished
+    client = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.experiment_id == client.get_experiment_by_name("default").experiment_id
+    tags = run.data.tags
+    for key, value in dict(kind="point", study="default", variant="moe-E8-k2-G2", model="tiny", granularity="2",
+                           top_k="2", experts="8", tokens="10240", seed="3", run_key=result.run_key).items():  # fmt: skip
+        assert tags[key] == value, key
+    assert tags["git_sha"]
+    params = run.data.params
+    assert (
+        params["model.d_model"] == "32" and params["moe.granularity"] == "2" and params["optim.lr"] == "0.003"
+    )
+    assert int(params["acct.steps"]) == 20 and int(params["acct.batch_tokens"]) == 512
+    for key in ("acct.params_total", "acct.params_active", "acct.params_non_embedding",
+                "acct.params_active_non_embedding", "acct.flops_per_token_train"):  # fmt: skip
+        assert key in params
+    history = client.get_metric_history(result.mlflow_run_id, "train/loss")
+    assert [m.step for m in history] == list(range(2, 21, 2))
+    assert len(client.get_metric_history(result.mlflow_run_id, "router/layer1/top1_mass")) == 10
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"config.yaml", "metrics.jsonl", "summary.json"} <= artifacts
+    local = mlflow.artifacts.download_artifacts(run_id=result.mlflow_run_id, artifact_path="summary.json",
+                                                tracking_uri=f"sqlite:///{study_dir / 'mlflow.db'}")  # fmt: skip
+    assert json.loads(open(local).read())["mlflow_run_id"] == result.mlflow_run_id
