@@ -7,6 +7,7 @@ hashing it, so they do not depend on file-system order, on other documents, or o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,7 +51,11 @@ def _is_generated(rel: str, text: str) -> bool:
 
 def stdlib_documents(root: Path | None = None) -> list[Document]:
     """The interpreter's standard library .py sources (no tests) plus one document per pydoc topic."""
-    root = stdlib_root() if root is None else root
+    return list(_stdlib_documents(stdlib_root() if root is None else root))
+
+
+@functools.lru_cache(maxsize=2)  # the installation does not change while we run; sweeps validate often
+def _stdlib_documents(root: Path) -> tuple[Document, ...]:
     docs: list[Document] = []
     for dirpath, dirnames, filenames in os.walk(root):
         # config-3.x-<platform> holds the build's Makefile and static library
@@ -66,7 +71,7 @@ def stdlib_documents(root: Path | None = None) -> list[Document]:
             if text.strip() and not _is_generated(rel, text):
                 docs.append((f"stdlib/{rel}", text))
     docs.extend(pydoc_topic_documents())
-    return sorted(docs)
+    return tuple(sorted(docs))
 
 
 def pydoc_topic_documents() -> list[Document]:

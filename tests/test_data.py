@@ -69,13 +69,15 @@ def write_text_folder(folder: Path) -> dict[str, str]:
     return docs
 
 
-def write_token_folder(folder: Path, train: np.ndarray, val: np.ndarray, vocab_size: int) -> None:
-    """The docs/data.md recipe for bringing your own tokens."""
+def write_token_folder(folder: Path, train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int) -> None:
+    """The docs/data.md recipe for bringing your own tokens, line for line."""
     folder.mkdir(parents=True, exist_ok=True)
     dtype = "uint16" if vocab_size <= 65536 else "uint32"
-    train.astype(f"<{dtype[0]}{np.dtype(dtype).itemsize}").tofile(folder / "train.bin")
-    val.astype(f"<{dtype[0]}{np.dtype(dtype).itemsize}").tofile(folder / "val.bin")
-    (folder / "meta.json").write_text(json.dumps({"version": 1, "dtype": dtype, "vocab_size": vocab_size}))
+    np.asarray(train_ids, dtype=np.dtype(dtype).newbyteorder("<")).tofile(folder / "train.bin")
+    np.asarray(val_ids, dtype=np.dtype(dtype).newbyteorder("<")).tofile(folder / "val.bin")
+    Path(folder / "meta.json").write_text(
+        json.dumps({"version": 1, "dtype": dtype, "vocab_size": vocab_size})
+    )
 
 
 # Corpus and split --------------------------------------------------------------------------------
