@@ -1,0 +1,86 @@
+"""Derived quantities: smoothed curves, tokens and FLOPs per step, final losses per run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+SmoothMethod = Literal["ema", "median", "none"]
+BATCH_TOKENS = "acct.batch_tokens"
+FLOPS_PER_TOKEN = "acct.flops_per_token_train"
+
+
+@dataclass(frozen=True)
+class Smoothing:
+    """How noisy curves are smoothed before they are compared."""
+
+    method: SmoothMethod = "ema"
+    """ema (debiased exponential average), median (trailing rolling median) or none."""
+    ema: float = 0.6
+    """EMA weight kept from the previous smoothed value, in [0, 1)."""
+    window: int = 5
+    """Trailing window of the rolling median, in logged points."""
+
+    def __post_init__(self):
+        if self.method not in ("ema", "median", "none"):
+            raise ValueError(f"smoothing.method={self.method!r} must be one of ema, median, none")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"smoothing.ema={self.ema} must be in [0, 1)")
+        if self.window < 1:
+            raise ValueError(f"smoothing.window={self.window} must be >= 1")
+
+
+def smooth(values, smoothing: Smoothing = Smoothing()) -> np.ndarray:
+    """Smooth a curve using only past points (trailing), so the last value is not pulled by the future."""
+    v = np.asarray(values, dtype=np.float64)
+    if smoothing.method == "none" or v.size == 0:
+        return v.copy()
+    if smoothing.method == "median":
+        return pd.Series(v).rolling(smoothing.window, min_periods=1).median().to_numpy()
+    # Debiased EMA (as TensorBoard): divide by 1 - ema^n so early points are not pulled toward 0.
+    out = np.empty_like(v)
+    acc, norm = 0.0, 0.0
+    for i, x in enumerate(v):
+        acc = smoothing.ema * acc + (1 - smoothing.ema) * x
+        norm = smoothing.ema * norm + (1 - smoothing.ema)
+        out[i] = acc / norm
+    return out
+
+
+def per_step_rates(runs: pd.DataFrame) -> pd.DataFrame:
+    """Tokens and FLOPs per optimiser step for each run, from the accounting params."""
+    for col in (BATCH_TOKENS, FLOPS_PER_TOKEN):
+        if col not in runs:
+            raise ValueError(f"runs lack param {col!r}, needed for tokens and FLOPs per step")
+    out = pd.DataFrame({"run_key": runs["run_key"],
+                        "tokens_per_step": pd.to_numeric(runs[BATCH_TOKENS]).astype(float)})
+    out["flops_per_step"] = out["tokens_per_step"] * pd.to_numeric(runs[FLOPS_PER_TOKEN]).astype(float)
+    return out
+
+
+def curves(metrics: pd.DataFrame, runs: pd.DataFrame, metric: str = "val/loss",
+           smoothing: Smoothing = Smoothing()) -> pd.DataFrame:
+    """One row per run x step of `metric`: raw value, smoothed value, tokens and FLOPs at that step."""
+    m = metrics[metrics["metric"] == metric]
+    if m.empty:
+        raise ValueError(f"no {metric!r} values in the loaded metrics")
+    parts = []
+    for key, g in m.sort_values("step").groupby("run_key", sort=False):
+        g = g.drop_duplicates("step", keep="last")
+        parts.append(pd.DataFrame({"run_key": key, "step": g["step"].to_numpy(),
+                                   "value": g["value"].to_numpy(),
+                                   "smooth": smooth(g["value"].to_numpy(), smoothing)}))
+    out = pd.concat(parts, ignore_index=True).merge(per_step_rates(runs), on="run_key", how="inner")
+    out["tokens"] = out["step"] * out.pop("tokens_per_step")
+    out["flops"] = out["step"] * out.pop("flops_per_step")
+    return out
+
+
+def final_losses(curve: pd.DataFrame) -> pd.DataFrame:
+    """Last raw and smoothed value (and its step) per run."""
+    last = curve.sort_values("step").groupby("run_key", sort=False).tail(1)
+    return last[["run_key", "step", "value", "smooth", "tokens", "flops"]].rename(
+        columns={"value": "final", "smooth": "final_smooth"}).reset_index(drop=True)
