@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ def tracking_uri_of(config: DictConfig, cwd: Path | None = None) -> str:
 def sweep_points(config: DictConfig) -> list[list[str]]:
     """The override lists of every job a multirun of `config` launches (study params + command line),
     expanded as Hydra's basic sweeper does."""
-    params = OmegaConf.to_container(config.hydra.sweeper.params or {}, resolve=False)
+    node = config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
     task = list(config.hydra.overrides.task)
     overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
@@ -49,6 +51,7 @@ def validate_sweep(config: DictConfig, config_name: str | None) -> int:
     """Compose and validate every point (and each distinct data config) before any job starts;
     one ValueError lists every bad point. Returns the number of points."""
     points = sweep_points(config)
+    common = set.intersection(*(set(p) for p in points)) if points else set()
     errors, data_seen = [], set()
     for overrides in points:
         try:
@@ -59,7 +62,8 @@ def validate_sweep(config: DictConfig, config_name: str | None) -> int:
                 data_seen.add(key)
                 validate_data_config(run.data)
         except Exception as exc:  # noqa: BLE001 - collected and re-raised below with the point named
-            errors.append(f"  {' '.join(overrides)}: {type(exc).__name__}: {exc}")
+            varying = " ".join(o for o in overrides if o not in common) or " ".join(overrides)
+            errors.append(f"  {varying}: {type(exc).__name__}: {exc}")
     if errors:
         raise ValueError(f"{len(errors)} of {len(points)} sweep points are invalid:\n" + "\n".join(errors))
     return len(points)
@@ -104,6 +108,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _exit(message: str) -> None:
+    """Hydra turns exceptions raised in callbacks into warnings and exits 0; a failed or invalid sweep
+    must exit non-zero, so print the reason and raise SystemExit, which Hydra does not catch."""
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
 class StudyCallback(Callback):
     """Parent MLflow run on multirun start; table, UI hint and analysis report on multirun end."""
 
@@ -114,7 +125,10 @@ class StudyCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
         if self.validate:
-            n = validate_sweep(config, config_name)
+            try:
+                n = validate_sweep(config, config_name)
+            except ValueError as exc:
+                _exit(f"Sweep not started: {exc}")
             print(f"Sweep of {n} points validated; launching.", flush=True)
         study_dir = study_dir_of(config)
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -144,8 +158,10 @@ class StudyCallback(Callback):
         if self.report:
             self._report(config, uri)
         if failed:
-            reasons = "; ".join(f"{r.get('variant', r.get('job'))}: {r.get('error')}" for r in failed)
-            raise RuntimeError(f"{len(failed)} of {len(records)} sweep points failed: {reasons}")
+            reasons = "\n".join(
+                f"  {r.get('variant', 'job ' + str(r.get('job')))}: {r.get('error')}" for r in failed
+            )
+            _exit(f"{len(failed)} of {len(records)} sweep points failed:\n{reasons}")
 
     def _report(self, config: DictConfig, uri: str) -> None:
         """The analysis is a guest here: its failure is printed, never fails the sweep."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
 from moe.data import DataConfig, prepare_data
@@ -51,7 +52,7 @@ def compose_config(overrides: list[str] | None = None, *, hydra: bool = False) -
     """Compose conf/config.yaml with overrides, as `python -m studies.run` would."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides or [], return_hydra_config=hydra)
+        return hydra_compose("config", overrides=overrides or [], return_hydra_config=hydra)
 
 
 @pytest.fixture

@@ -4,19 +4,21 @@ with a clear error before anything trains."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
+from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict, read_write
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from moe.accounting import count_params, flops_per_token
 from moe.config import ModelConfig
 from moe.matched import derive
 from studies.callbacks import sweep_points, validate_sweep
-from studies.config import RunConfig, load_run_config, schema_of, to_library
+from studies.config import RunConfig, load_run_config, register_configs, schema_of, to_library
 from studies.point import build_point, run_point
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -48,7 +50,7 @@ def test_library_dataclasses_round_trip_through_their_schemas():
 @pytest.mark.parametrize(
     ("override", "error"),
     [
-        ("model.d_modl=64", ConfigKeyError),  # misspelt key
+        ("model.d_modl=64", ConfigAttributeError),  # misspelt key
         ("tokens=lots", ValidationError),  # wrong type
         ("model.moe.router=expert_chioce", ValidationError),  # value outside a Literal
         ("variant=sparse", ValidationError),
@@ -58,6 +60,16 @@ def test_bad_key_type_or_choice_fails_at_compose_time(override, error, compose):
     with pytest.raises(ConfigCompositionException) as info:
         compose([override])
     assert isinstance(info.value.__cause__, error)
+
+
+def test_misspelt_key_in_a_yaml_file_fails_at_compose_time(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "model" / "typo.yaml").write_text("name: typo\nd_modle: 64\n")
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match=r"(?s)ConfigKeyError.*Key 'd_modle' not in"):
+            hydra_compose("config", overrides=["model=typo"])
 
 
 def test_unknown_axis_fails_at_compose_time(compose):

@@ -54,7 +54,7 @@ def test_cosine_warms_up_linearly_peaks_then_decays_to_the_floor():
     mid = 10 + (99 - 10) / 2
     assert schedule("cosine", int(mid)) == pytest.approx(0.55, abs=0.02)
     lrs = [schedule("cosine", s) for s in range(10, 100)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
 
 
 def test_wsd_holds_the_peak_then_decays_linearly_over_the_last_steps():
@@ -88,8 +88,8 @@ def test_training_lowers_the_loss_and_logs_every_contract_metric(data):
     log = ListLogger()
     result = train(TINY, data, OptimConfig(lr=1e-2), FAST, log, progress=None)
     losses = [v for _, v in log.history("train/loss")]
-    assert losses[0] > losses[-1] + 0.5
-    assert result.final_val_loss < math.log(TINY.vocab_size) - 0.5
+    assert losses[0] > losses[-1] + 0.25
+    assert result.final_val_loss < math.log(TINY.vocab_size) - 0.7
     assert [s for s, _ in log.history("val/loss")] == [10, 20, 30]
     assert [s for s, _ in log.history("train/loss")] == [5, 10, 15, 20, 25, 30]
     last = dict(log.events[-2][1])  # train event of the last step; the last event is the final eval
