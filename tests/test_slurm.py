@@ -1,0 +1,221 @@
+"""A real single-node SLURM cluster (scripts/slurm/up.sh): submitit jobs, accounting, requeue, a study sweep.
+
+Needs root and Debian's packages (up.sh installs them with apt-get); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import submitit
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts" / "slurm"
+PIDFILES = ("munge/munged.pid", "run/mariadb.pid", "run/slurmdbd.pid", "run/slurmctld.pid", "run/slurmd.pid")
+
+# Jobs unpickle the functions below in a fresh interpreter that cannot import this test module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def cluster_unavailable() -> str | None:
+    if os.name != "posix" or os.geteuid() != 0:
+        return "the test cluster needs root (daemons and jobs run as root)"
+    if not (shutil.which("slurmctld") or (shutil.which("apt-get") and shutil.which("dpkg-query"))):
+        return "neither SLURM nor apt-get to install it is available"
+    return None
+
+
+def free_port_base(count: int = 4) -> int:
+    """First of `count` consecutive free TCP ports on 127.0.0.1 (slurmctld, slurmd, slurmdbd, mariadb)."""
+    for base in range(20000 + os.getpid() % 1000 * 20, 60000, 20):
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free ports")
+
+
+def script(name: str, state: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MOE_SLURM_PORT": str(free_port_base())}
+    return subprocess.run([SCRIPTS / name, str(state)], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def running_daemons(state: Path) -> list[str]:
+    alive = []
+    for rel in PIDFILES:
+        path = state / rel
+        if path.exists() and path.read_text().strip():
+            pid = int(path.read_text())
+            try:
+                os.kill(pid, 0)
+                alive.append(f"{rel}:{pid}")
+            except ProcessLookupError:
+                pass
+    return alive
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A running cluster for the module; SLURM_CONF points sbatch/sacct (and submitit) at it."""
+    reason = cluster_unavailable()
+    if reason:
+        pytest.skip(reason)
+    state = tmp_path_factory.mktemp("slurm")
+    up = script("up.sh", state)
+    if up.returncode != 0:
+        script("down.sh", state)
+        pytest.fail(f"up.sh failed:\n{up.stdout}\n{up.stderr}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(state / "etc" / "slurm.conf"))
+        yield state
+    script("down.sh", state)
+
+
+def sacct_states(job_id: str, attempts: bool = False) -> list[str]:
+    """Accounting states of a job's allocation (every attempt with `attempts`), oldest first."""
+    args = ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id] + (["--duplicates"] if attempts else [])
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def wait_for_sacct(job_id: str, expected: list[str], attempts: bool = False, timeout: float = 30) -> list[str]:
+    """sacct records a job's end a moment after submitit sees its result: poll until it shows `expected`."""
+    deadline = time.monotonic() + timeout
+    while (states := sacct_states(job_id, attempts)) != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return states
+
+
+def make_executor(folder: Path, **params) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=folder)
+    executor.update_parameters(timeout_min=60, cpus_per_task=1, mem_gb=1, **params)
+    return executor
+
+
+# Job bodies ----------------------------------------------------------------------------------------
+
+
+def double_in_slurm(x: int) -> tuple[int, str]:
+    return 2 * x, os.environ["SLURM_JOB_ID"]
+
+
+def fail_in_slurm() -> None:
+    raise ValueError("deliberate failure inside the job")
+
+
+class SquareSum(submitit.helpers.Checkpointable):
+    """Sums i*i for i < n, one step at a time; on preemption, resubmits itself from the step it reached."""
+
+    def __call__(self, log: str, n: int, step: int = 0, total: int = 0) -> int:
+        self.progress = (step, total)
+        attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        for i in range(step, n):
+            # Hold the checkpoint signal while a step is half done (state updated, log line not written).
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+            self.progress = (i + 1, self.progress[1] + i * i)
+            with open(log, "a") as f:
+                f.write(f"{attempt} {i}\n")
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+            time.sleep(0.25)
+        return self.progress[1]
+
+    def checkpoint(self, log: str, n: int, step: int = 0, total: int = 0) -> submitit.helpers.DelayedSubmission:
+        step, total = self.progress
+        return submitit.helpers.DelayedSubmission(self, log, n, step=step, total=total)
+
+
+# Tests ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_up_and_down_are_idempotent_and_leave_no_daemon_running(tmp_path):
+    reason = cluster_unavailable()
+    if reason:
+        pytest.skip(reason)
+    try:
+        first = script("up.sh", tmp_path)
+        assert first.returncode == 0, first.stdout + first.stderr
+        pids = running_daemons(tmp_path)
+        assert len(pids) == len(PIDFILES), pids
+        again = script("up.sh", tmp_path)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert running_daemons(tmp_path) == pids, "a second up.sh must keep the running daemons"
+    finally:
+        down = script("down.sh", tmp_path)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert running_daemons(tmp_path) == []
+    assert script("down.sh", tmp_path).returncode == 0
+
+
+@pytest.mark.slow
+def test_submitit_job_runs_through_sbatch_and_sacct_reports_completed(cluster, tmp_path):
+    executor = make_executor(tmp_path)
+    assert executor.cluster == "slurm"
+    job = executor.submit(double_in_slurm, 21)
+    assert job.result() == (42, job.job_id)
+    assert wait_for_sacct(job.job_id, ["COMPLETED"]) == ["COMPLETED"]
+
+
+@pytest.mark.slow
+def test_failing_job_raises_in_submitit_and_sacct_reports_failed(cluster, tmp_path):
+    job = make_executor(tmp_path).submit(fail_in_slurm)
+    with pytest.raises(submitit.core.utils.FailedJobError, match="deliberate failure inside the job"):
+        job.result()
+    assert wait_for_sacct(job.job_id, ["FAILED"]) == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_preempted_checkpointable_job_is_requeued_and_resumes_from_its_checkpoint(cluster, tmp_path):
+    log, n = tmp_path / "steps.txt", 24
+    job = make_executor(tmp_path).submit(SquareSum(), str(log), n)
+    deadline = time.monotonic() + 60
+    while not (log.exists() and len(log.read_text().splitlines()) >= 4):
+        assert time.monotonic() < deadline, f"job never got going: {job.state}"
+        time.sleep(0.2)
+    # What SLURM sends before preemption or the time limit (--signal=USR2@signal_delay_s): submitit
+    # pickles checkpoint()'s submission and runs `scontrol requeue` on its own job.
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
+
+    assert job.result() == sum(i * i for i in range(n))
+    steps = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
+    first = [i for attempt, i in steps if attempt == 0]
+    resumed = [i for attempt, i in steps if attempt == 1]
+    assert first == list(range(len(first))) and 4 <= len(first) < n, steps
+    assert resumed == list(range(len(first), n)), "the second attempt must go on where the first stopped"
+    expected = ["REQUEUED", "COMPLETED"]
+    assert wait_for_sacct(job.job_id, expected, attempts=True) == expected
+
+
+@pytest.mark.slow
+def test_granularity_sweep_runs_through_sbatch_into_mlflow(cluster, shrunk, tmp_path):
+    db = tmp_path / "store.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [*shrunk, "granularity=1,8", "infra=slurm", "hydra.launcher.mem_gb=2", f"tracking.uri=sqlite:///{db}"]
+    proc = subprocess.run([sys.executable, "-m", "studies.run", "-m", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    (sweep_dir,) = (tmp_path / "outputs" / "default" / "multirun").iterdir()
+    job_ids = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir()}
+    assert len(job_ids) == 1, "the sweep is one sbatch job array"
+    (array_id,) = job_ids
+    assert wait_for_sacct(array_id, ["COMPLETED", "COMPLETED"]) == ["COMPLETED", "COMPLETED"]
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    children = [r for r in runs if r.data.tags.get("kind") == "point"]
+    assert sorted(c.data.tags["variant"] for c in children) == ["moe-E8-k2-G1", "moe-E8-k2-G8"]
+    assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
