@@ -20,18 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe.config import InitScheme, ModelConfig
-from moe.ffn import FeedForward
+from moe.ffn import FeedForward, init_weight_
 from moe.layer import MoEAux, MoELayer
 from moe.validate import validate_model_config
-
-
-def init_linear_(weight: Tensor, init: InitScheme, std: float) -> None:
-    """normal: N(0, std). fan_in: truncated normal (at 2 sigma), std 1/sqrt(fan_in) (arXiv 2402.07871)."""
-    if init == "normal":
-        nn.init.normal_(weight, mean=0.0, std=std)
-    else:
-        s = 1.0 / math.sqrt(weight.shape[-1])  # nn.Linear stores (out, in)
-        nn.init.trunc_normal_(weight, mean=0.0, std=s, a=-2 * s, b=2 * s)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -73,9 +64,8 @@ class Attention(nn.Module):
         return self.wo(y_BHSK.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
     def reset_parameters(self, init: InitScheme, std: float, out_std: float) -> None:
-        for w in (self.wq.weight, self.wk.weight, self.wv.weight):
-            init_linear_(w, init, std)
-        init_linear_(self.wo.weight, init, out_std)
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            init_weight_(lin.weight, init, out_std if lin is self.wo else std, lin.in_features)
 
 
 class Block(nn.Module):
@@ -141,7 +131,7 @@ class Transformer(nn.Module):
             block.ffn.reset_parameters(cfg.init, std, out_std)
         self.norm.reset_parameters()
         if self.lm_head is not None:
-            init_linear_(self.lm_head.weight, cfg.init, std)
+            init_weight_(self.lm_head.weight, cfg.init, std, cfg.d_model)
 
     def forward(self, idx_BS: Tensor, targets_BS: Tensor | None = None) -> ModelOutput:
         B, S = idx_BS.shape

@@ -216,3 +216,17 @@ def test_bad_config_fails_at_build_and_long_input_in_forward():
         Transformer(replace(TINY, **{"moe.granularity": 3}))
     with pytest.raises(ValueError, match="model.seq_len=16"):
         _model(DENSE)(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_torch_compile_matches_eager_forward_and_gradients(name):
+    cfg = CONFIGS[name]
+    model = _model(cfg)
+    xy = _batch(cfg)
+    eager = model(xy[:, :-1], xy[:, 1:])
+    eager_grads = torch.autograd.grad(eager.loss + eager.aux_loss, list(model.parameters()))
+    compiled = torch.compile(model)(xy[:, :-1], xy[:, 1:])
+    compiled_grads = torch.autograd.grad(compiled.loss + compiled.aux_loss, list(model.parameters()))
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled_grads, eager_grads, rtol=1e-4, atol=1e-4)
