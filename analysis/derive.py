@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-SmoothMethod = Literal["ema", "median", "none"]
+SmoothMethod = Literal["loglinear", "ema", "median", "none"]
 BATCH_TOKENS = "acct.batch_tokens"
 FLOPS_PER_TOKEN = "acct.flops_per_token_train"
 
@@ -17,27 +17,36 @@ FLOPS_PER_TOKEN = "acct.flops_per_token_train"
 class Smoothing:
     """How noisy curves are smoothed before they are compared."""
 
-    method: SmoothMethod = "ema"
-    """ema (debiased exponential average), median (trailing rolling median) or none."""
+    method: SmoothMethod = "loglinear"
+    """loglinear (trailing least-squares line in log-step, read at the newest point), ema (debiased
+    exponential average), median (trailing rolling median) or none. EMA and median lag a falling curve
+    by a fixed number of points, which biases step savings (a later point is compared with an earlier
+    one); the trailing line has no lag on locally log-linear curves and still uses no future points."""
     ema: float = 0.6
     """EMA weight kept from the previous smoothed value, in [0, 1)."""
     window: int = 5
     """Trailing window of the rolling median, in logged points."""
 
     def __post_init__(self):
-        if self.method not in ("ema", "median", "none"):
-            raise ValueError(f"smoothing.method={self.method!r} must be one of ema, median, none")
+        if self.method not in ("loglinear", "ema", "median", "none"):
+            raise ValueError(f"smoothing.method={self.method!r} must be one of loglinear, ema, median, none")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"smoothing.ema={self.ema} must be in [0, 1)")
         if self.window < 1:
             raise ValueError(f"smoothing.window={self.window} must be >= 1")
 
 
-def smooth(values, smoothing: Smoothing = Smoothing()) -> np.ndarray:
-    """Smooth a curve using only past points (trailing), so the last value is not pulled by the future."""
+def smooth(values, smoothing: Smoothing = Smoothing(), steps=None) -> np.ndarray:
+    """Smooth a curve using only past points (trailing), so the last value is not pulled by the future.
+
+    `steps` (the x of each value) is needed by loglinear; default 1, 2, ...
+    """
     v = np.asarray(values, dtype=np.float64)
     if smoothing.method == "none" or v.size == 0:
         return v.copy()
+    if smoothing.method == "loglinear":
+        x = np.log(np.arange(1, v.size + 1) if steps is None else np.asarray(steps, dtype=np.float64))
+        return _trailing_line(x, v, smoothing.window)
     if smoothing.method == "median":
         return pd.Series(v).rolling(smoothing.window, min_periods=1).median().to_numpy()
     # Debiased EMA (as TensorBoard): divide by 1 - ema^n so early points are not pulled toward 0.
@@ -47,6 +56,19 @@ def smooth(values, smoothing: Smoothing = Smoothing()) -> np.ndarray:
         acc = smoothing.ema * acc + (1 - smoothing.ema) * x
         norm = smoothing.ema * norm + (1 - smoothing.ema)
         out[i] = acc / norm
+    return out
+
+
+def _trailing_line(x, v, window):
+    out = np.empty_like(v)
+    for i in range(v.size):
+        lo = max(0, i - window + 1)
+        xs, ys = x[lo:i + 1], v[lo:i + 1]
+        if xs.size < 2 or np.ptp(xs) == 0:  # no line through one point: its value
+            out[i] = ys.mean()
+            continue
+        slope = np.polyfit(xs, ys, 1)[0]
+        out[i] = ys.mean() + slope * (x[i] - xs.mean())
     return out
 
 
@@ -72,7 +94,7 @@ def curves(metrics: pd.DataFrame, runs: pd.DataFrame, metric: str = "val/loss",
         g = g.drop_duplicates("step", keep="last")
         parts.append(pd.DataFrame({"run_key": key, "step": g["step"].to_numpy(),
                                    "value": g["value"].to_numpy(),
-                                   "smooth": smooth(g["value"].to_numpy(), smoothing)}))
+                                   "smooth": smooth(g["value"].to_numpy(), smoothing, g["step"].to_numpy())}))
     out = pd.concat(parts, ignore_index=True).merge(per_step_rates(runs), on="run_key", how="inner")
     out["tokens"] = out["step"] * out.pop("tokens_per_step")
     out["flops"] = out["step"] * out.pop("flops_per_step")

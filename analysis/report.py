@@ -1,0 +1,212 @@
+"""Study report: load -> derive -> fit -> figures + report.md in <study dir>/report/.
+
+    python -m analysis.report --study-dir DIR [--tracking-uri URI --study NAME] [--baseline VARIANT]
+
+`studies.run` calls `write_report` at the end of a sweep (see studies/callbacks.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from analysis import plots
+from analysis.curves import fit_loss_curve
+from analysis.derive import Smoothing, curves, final_losses
+from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
+from analysis.load import Study, load_study
+from analysis.savings import step_savings
+
+log = logging.getLogger(__name__)
+
+
+def md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A GitHub markdown table (pandas' to_markdown needs the optional tabulate package)."""
+    def cell(v):
+        if isinstance(v, (float, np.floating)):
+            return "" if math.isnan(v) else format(v, floatfmt)
+        return str(v)
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    return "\n".join([head, sep] + ["| " + " | ".join(cell(v) for v in row) + " |"
+                                    for row in df.itertuples(index=False)])
+
+
+def final_table(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Final smoothed validation loss per (model, tokens, variant): mean, std and count over seeds."""
+    f = final_losses(curve).merge(runs[["run_key", "model", "tokens", "variant", "seed"]].rename(
+        columns={"tokens": "budget"}), on="run_key")
+    g = f.groupby(["model", "budget", "variant"], dropna=False)["final_smooth"]
+    out = g.agg(["mean", "std", "count"]).reset_index()
+    return out.rename(columns={"budget": "tokens", "mean": "val_loss", "std": "val_loss_std",
+                               "count": "seeds"})
+
+
+def law_data(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """One scaling-law point per run: non-embedding params, tokens trained, final smoothed loss, G."""
+    f = final_losses(curve).merge(runs, on="run_key", suffixes=("", "_tag"))
+    return pd.DataFrame({"params": pd.to_numeric(f["acct.params_non_embedding"]).astype(float),
+                         "tokens": f["tokens"].astype(float), "loss": f["final_smooth"].astype(float),
+                         "granularity": pd.to_numeric(f["granularity"], errors="coerce").astype(float)})
+
+
+def _try_law(fitter, data, needs: dict[str, int]):
+    for col, k in needs.items():
+        if data[col].nunique() < k:
+            return None, f"needs >= {k} distinct {col} values, have {data[col].nunique()}"
+    try:
+        return fitter(data), ""
+    except (ValueError, FitError) as e:
+        return None, str(e)
+
+
+def write_report(study_dir: Path, *, tracking_uri: str | None = None, study: str | None = None,
+                 baseline: str | None = None, parent_run_id: str | None = None,
+                 smoothing: Smoothing = Smoothing(), n_boot: int = 1000) -> Path:
+    """Load the study, write study_dir/report/report.md and PNGs, log them on parent_run_id, print a table."""
+    study_dir = Path(study_dir)
+    s: Study = load_study(study_dir, tracking_uri=tracking_uri, study=study)
+    if s.runs.empty:
+        raise ValueError(f"study {s.name!r} at {s.source} has no finished point runs "
+                         f"({len(s.excluded)} excluded)")
+    out = study_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    curve = curves(s.metrics, s.runs, "val/loss", smoothing)
+    finals = final_table(curve, s.runs)
+
+    fits: dict[str, LawFit] = {}
+    fit_rows = []
+    for key, g in curve.groupby("run_key", sort=True):
+        try:
+            f = fit_loss_curve(g["step"], g["smooth"])
+            fits[key] = f
+            fit_rows.append({"run_key": key, **f.coefficients, "rmse_log": f.rmse_log, "error": ""})
+        except (ValueError, FitError) as e:
+            fit_rows.append({"run_key": key, "error": str(e)})
+    fit_table = pd.DataFrame(fit_rows).merge(s.runs[["run_key", "variant", "seed"]], on="run_key")
+
+    try:
+        savings = step_savings(curve, s.runs, baseline=baseline, n_boot=n_boot)
+        savings_note = ""
+    except ValueError as e:
+        if baseline is not None:
+            raise
+        savings, savings_note = pd.DataFrame(), str(e)
+
+    data = law_data(curve, s.runs)
+    laws = {"chinchilla": _try_law(fit_chinchilla, data, {"params": 2, "tokens": 2})}
+    g_data = data.dropna(subset=["granularity"])
+    laws["finegrained"] = _try_law(fit_finegrained, g_data, {"params": 2, "tokens": 2, "granularity": 2})
+
+    figures = _figures(out, curve, s, fits, savings, data, laws)
+    text = _markdown(s, finals, savings, savings_note, fit_table, laws, figures, smoothing)
+    report = out / "report.md"
+    report.write_text(text)
+    finals.to_csv(out / "final_losses.csv", index=False)
+    if not savings.empty:
+        savings.to_csv(out / "savings.csv", index=False)
+    (out / "laws.json").write_text(json.dumps(
+        {k: ({"coefficients": f.coefficients, "objective": f.objective, "n_points": f.n_points} if f
+             else {"error": err}) for k, (f, err) in laws.items()}, indent=2))
+    print(summary_text(finals, savings))
+    if parent_run_id:
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri or f"sqlite:///{study_dir.resolve() / 'mlflow.db'}"
+        MlflowClient(uri).log_artifacts(parent_run_id, str(out), artifact_path="report")
+    return report
+
+
+def summary_text(finals: pd.DataFrame, savings: pd.DataFrame) -> str:
+    """Plain-text summary: final losses, with step savings and intervals where measured."""
+    t = finals.copy()
+    if not savings.empty:
+        cols = ["model", "tokens", "variant", "savings_steps", "ci_lo", "ci_hi", "extrapolated"]
+        t = t.merge(savings[cols], on=["model", "tokens", "variant"], how="left")
+    return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _figures(out, curve, s, fits, savings, data, laws) -> list[str]:
+    names = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, x in zip(axes, ("step", "tokens", "flops"), strict=True):
+        plots.plot_loss_curves(ax, curve, s.runs, x=x, fits=fits, title=f"{s.name}: val loss vs {x}")
+    plots.save(fig, out / "loss_curves.png")
+    names.append("loss_curves.png")
+    if not savings.empty:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        plots.plot_savings(ax, savings, title="step savings vs baseline")
+        plots.save(fig, out / "savings.png")
+        names.append("savings.png")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    plots.plot_router(axes[0], s.metrics, s.runs, stat="top1_mass", title="router top-1 gate mass")
+    plots.plot_router(axes[1], s.metrics, s.runs, stat="imbalance", title="router load imbalance")
+    plots.save(fig, out / "router.png")
+    names.append("router.png")
+    for name, (fit, _) in laws.items():
+        if fit is not None:
+            fig, ax = plt.subplots(figsize=(6, 4.2))
+            plots.plot_law(ax, data if name == "chinchilla" else data.dropna(subset=["granularity"]), fit)
+            plots.save(fig, out / f"law_{name}.png")
+            names.append(f"law_{name}.png")
+    return names
+
+
+def _markdown(s, finals, savings, savings_note, fit_table, laws, figures, smoothing) -> str:
+    lines = [f"# Study report: {s.name}", "", f"Source: `{s.source}`. Finished point runs: {len(s.runs)}; "
+             f"excluded: {len(s.excluded)}. Smoothing: {smoothing}.", ""]
+    if not s.excluded.empty:
+        lines += ["## Excluded runs (unfinished or failed)", "", md_table(s.excluded), ""]
+    lines += ["## Final validation loss (smoothed, mean over seeds)", "", md_table(finals), ""]
+    lines += ["## Step savings to reach the baseline's final loss", ""]
+    if savings.empty:
+        lines += [f"Not measured: {savings_note}", ""]
+    else:
+        cols = ["model", "tokens", "variant", "baseline", "n_seeds", "target_loss", "steps_baseline",
+                "steps_variant", "extrapolated", "savings_steps", "ci_lo", "ci_hi", "savings_tokens",
+                "savings_flops", "fit_error"]
+        lines += ["savings = 1 - steps_variant / steps_baseline; interval: bootstrap over seeds "
+                  "(empty with one seed); extrapolated = reached only by the fitted curve.", "",
+                  md_table(savings[[c for c in cols if c in savings]]), ""]
+    lines += ["## Loss-curve fits L(t) = E + A t^-alpha", "", md_table(fit_table), ""]
+    lines += ["## Scaling-law fits", ""]
+    for name, (fit, err) in laws.items():
+        if fit is None:
+            lines += [f"- {name}: not fitted ({err})"]
+        else:
+            coefs = ", ".join(f"{k} = {v:.4g}" for k, v in fit.coefficients.items())
+            lines += [f"- {name}: {coefs} (objective {fit.objective:.3g}, rmse(log) {fit.rmse_log:.3g}, "
+                      f"{fit.n_points} points)"]
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    p.add_argument("--study-dir", type=Path, required=True, help="study directory (report/ goes here)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI; default: read study-dir/runs/*")
+    p.add_argument("--study", help="study (experiment) name; default: the study directory's name")
+    p.add_argument("--baseline", help="variant to measure savings against; default: granularity 1")
+    p.add_argument("--parent-run-id", help="log the report as artifacts on this MLflow run")
+    p.add_argument("--smoothing", choices=("loglinear", "ema", "median", "none"), default="loglinear")
+    p.add_argument("--window", type=int, default=5, help="smoothing window in logged points")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates over seeds")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    path = write_report(a.study_dir, tracking_uri=a.tracking_uri, study=a.study, baseline=a.baseline,
+                        parent_run_id=a.parent_run_id, smoothing=Smoothing(method=a.smoothing, window=a.window),
+                        n_boot=a.n_boot)
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
