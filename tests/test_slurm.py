@@ -6,6 +6,7 @@ Needs root and Debian's packages (up.sh installs them with apt-get); skipped oth
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts" / "slurm"
-PIDFILES = ("munge/munged.pid", "run/mariadb.pid", "run/slurmdbd.pid", "run/slurmctld.pid", "run/slurmd.pid")
+PIDFILES = ("munge/munged.pid", "run/mariadbd.pid", "run/slurmdbd.pid", "run/slurmctld.pid", "run/slurmd.pid")
 
 # Jobs unpickle the functions below in a fresh interpreter that cannot import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -209,9 +210,10 @@ def test_granularity_sweep_runs_through_sbatch_into_mlflow(cluster, shrunk, tmp_
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     (sweep_dir,) = (tmp_path / "outputs" / "default" / "multirun").iterdir()
-    job_ids = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir()}
-    assert len(job_ids) == 1, "the sweep is one sbatch job array"
-    (array_id,) = job_ids
+    tasks = [re.fullmatch(r"(\d+)_(\d+)", p.name) for p in (sweep_dir / ".submitit").iterdir()]
+    array_ids = {m[1] for m in tasks if m}
+    assert len(array_ids) == 1, f"the sweep must be one sbatch job array: {tasks}"
+    (array_id,) = array_ids
     assert wait_for_sacct(array_id, ["COMPLETED", "COMPLETED"]) == ["COMPLETED", "COMPLETED"]
 
     client = MlflowClient(f"sqlite:///{db}")

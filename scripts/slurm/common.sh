@@ -10,18 +10,25 @@ fi
 STATE=$(realpath -m "$1")
 export SLURM_CONF="$STATE/etc/slurm.conf"
 MYSQL_SOCKET="$STATE/mysql/mysqld.sock"
-MARIADB_PID="$STATE/run/mariadb.pid"
+MARIADB_PID="$STATE/run/mariadbd.pid"
 MUNGE_PID="$STATE/munge/munged.pid"
 DBD_PID="$STATE/run/slurmdbd.pid"
 CTLD_PID="$STATE/run/slurmctld.pid"
 SLURMD_PID="$STATE/run/slurmd.pid"
 
-# alive PIDFILE: the process named in PIDFILE is running.
-alive() {
-    [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+# pid_of PIDFILE: print the pid if that process is running and is the daemon the file is named after
+# (munged.pid -> munged), so a stale file whose pid was reused by another process never matches.
+pid_of() {
+    local pid
+    pid=$(cat "$1" 2>/dev/null) || return 1
+    [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ] && echo "$pid"
 }
 
-# wait_until SECONDS WHAT COMMAND...: poll COMMAND every 0.5 s; fail naming WHAT after SECONDS.
+alive() {
+    pid_of "$1" >/dev/null
+}
+
+# wait_until SECONDS WHAT COMMAND...: poll COMMAND every 0.2 s; fail naming WHAT after SECONDS.
 wait_until() {
     local seconds=$1 what=$2
     shift 2
@@ -31,17 +38,19 @@ wait_until() {
             echo "timed out after ${seconds}s waiting for: $what" >&2
             return 1
         fi
-        sleep 0.5
+        sleep 0.2
     done
 }
 
-# stop_pidfile PIDFILE NAME: SIGTERM the process, wait up to 20 s, then SIGKILL it.
-stop_pidfile() {
-    alive "$1" || return 0
-    local pid
-    pid=$(cat "$1")
-    kill "$pid" 2>/dev/null || true
-    if ! wait_until 20 "$2 (pid $pid) to exit" bash -c "! kill -0 $pid"; then
-        kill -9 "$pid" 2>/dev/null || true
-    fi
+# stop PIDFILE...: SIGTERM the processes named in the pid files, wait up to 20 s, then SIGKILL them.
+stop() {
+    local pids=() file pid
+    for file in "$@"; do
+        if pid=$(pid_of "$file"); then pids+=("$pid"); fi
+    done
+    [ ${#pids[@]} -eq 0 ] && return 0
+    kill "${pids[@]}" 2>/dev/null || true
+    for pid in "${pids[@]}"; do
+        wait_until 20 "pid $pid to exit" bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
+    done
 }

@@ -17,9 +17,7 @@ if alive "$CTLD_PID"; then
     scontrol shutdown || true
 fi
 # shutdown stops slurmctld and slurmd; signal them anyway in case the controller was not answering.
-stop_pidfile "$SLURMD_PID" slurmd
-stop_pidfile "$CTLD_PID" slurmctld
-stop_pidfile "$DBD_PID" slurmdbd
-stop_pidfile "$MARIADB_PID" mariadb
-stop_pidfile "$MUNGE_PID" munged
+stop "$SLURMD_PID" "$CTLD_PID"
+stop "$DBD_PID"
+stop "$MARIADB_PID" "$MUNGE_PID"
 echo "SLURM cluster in $STATE is down"
