@@ -51,7 +51,9 @@ def free_port_base(count: int = 4) -> int:
 
 def script(name: str, state: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "MOE_SLURM_PORT": str(free_port_base())}
-    return subprocess.run([SCRIPTS / name, str(state)], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [SCRIPTS / name, str(state)], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def running_daemons(state: Path) -> list[str]:
@@ -92,7 +94,9 @@ def sacct_states(job_id: str, attempts: bool = False) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
-def wait_for_sacct(job_id: str, expected: list[str], attempts: bool = False, timeout: float = 30) -> list[str]:
+def wait_for_sacct(
+    job_id: str, expected: list[str], attempts: bool = False, timeout: float = 30
+) -> list[str]:
     """sacct records a job's end a moment after submitit sees its result: poll until it shows `expected`."""
     deadline = time.monotonic() + timeout
     while (states := sacct_states(job_id, attempts)) != expected and time.monotonic() < deadline:
@@ -133,7 +137,9 @@ class SquareSum(submitit.helpers.Checkpointable):
             time.sleep(0.25)
         return self.progress[1]
 
-    def checkpoint(self, log: str, n: int, step: int = 0, total: int = 0) -> submitit.helpers.DelayedSubmission:
+    def checkpoint(
+        self, log: str, n: int, step: int = 0, total: int = 0
+    ) -> submitit.helpers.DelayedSubmission:
         step, total = self.progress
         return submitit.helpers.DelayedSubmission(self, log, n, step=step, total=total)
 
@@ -204,7 +210,13 @@ def test_preempted_checkpointable_job_is_requeued_and_resumes_from_its_checkpoin
 def test_granularity_sweep_runs_through_sbatch_into_mlflow(cluster, shrunk, tmp_path):
     db = tmp_path / "store.db"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [*shrunk, "granularity=1,8", "infra=slurm", "hydra.launcher.mem_gb=2", f"tracking.uri=sqlite:///{db}"]
+    args = [
+        *shrunk,
+        "granularity=1,8",
+        "infra=slurm",
+        "hydra.launcher.mem_gb=2",
+        f"tracking.uri=sqlite:///{db}",
+    ]
     proc = subprocess.run([sys.executable, "-m", "studies.run", "-m", *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
