@@ -30,7 +30,9 @@ def _data(csv: Path):
     rng = np.random.default_rng(0)
     import pandas as pd
 
-    df = pd.DataFrame({"params": 10 ** rng.uniform(7.5, 10.5, 240), "tokens": 10 ** rng.uniform(9, 11.5, 240)})
+    df = pd.DataFrame(
+        {"params": 10 ** rng.uniform(7.5, 10.5, 240), "tokens": 10 ** rng.uniform(9, 11.5, 240)}
+    )
     df["loss"] = law_from_preset("besiroglu2024").predict(df) * np.exp(rng.normal(0, 0.02, 240))
     return df, "synthetic (shared data absent)"
 
@@ -47,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     t, c = time.perf_counter(), time.process_time()
     fit = fit_chinchilla(df)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
-    print(f"full-grid fit: {wall:.2f} s wall, {cpu:.2f} s CPU  "
-          f"({fit.n_converged}/{fit.n_starts} converged, objective {fit.objective:.6g})")
+    print(
+        f"full-grid fit: {wall:.2f} s wall, {cpu:.2f} s CPU  "
+        f"({fit.n_converged}/{fit.n_starts} converged, objective {fit.objective:.6g})"
+    )
     print("  " + ", ".join(f"{k}={v:.4g}" for k, v in fit.coefficients.items()))
     print("  Besiroglu et al. 2024: " + ", ".join(f"{k}={v:.4g}" for k, v in BESIROGLU_2024.items()))
 
@@ -57,12 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         b = fit_chinchilla(df, bootstrap=a.bootstrap)
         bwall = time.perf_counter() - t - wall  # minus the full fit it starts from
         print(f"{a.bootstrap} bootstrap refits: ~{bwall:.2f} s wall (beyond the full fit)")
-        print("  80% intervals: " + ", ".join(f"{k}=[{lo:.4g}, {hi:.4g}]" for k, (lo, hi) in b.intervals.items()))
+        print(
+            "  80% intervals: "
+            + ", ".join(f"{k}=[{lo:.4g}, {hi:.4g}]" for k, (lo, hi) in b.intervals.items())
+        )
 
     if a.scipy_starts:
         logx = np.log(df[["params", "tokens"]].to_numpy())
-        fun = make_objective(CHINCHILLA, logx, np.log(df["loss"].to_numpy()), np.ones((1, len(df))), 1e-3,
-                             np.zeros(1, dtype=np.int64))
+        fun = make_objective(
+            CHINCHILLA,
+            logx,
+            np.log(df["loss"].to_numpy()),
+            np.ones((1, len(df))),
+            1e-3,
+            np.zeros(1, dtype=np.int64),
+        )
 
         def one(th):
             f, g = fun(th[None], np.zeros(1, dtype=np.int64))
@@ -74,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         for i in pick:
             minimize(one, x0[i], jac=True, method="L-BFGS-B")
         naive = (time.perf_counter() - t) / len(pick) * len(x0)
-        print(f"naive scipy loop (analytic gradient), scaled to the full grid: ~{naive:.0f} s "
-              f"-> batched is {naive / wall:.0f}x faster")
+        print(
+            f"naive scipy loop (analytic gradient), scaled to the full grid: ~{naive:.0f} s "
+            f"-> batched is {naive / wall:.0f}x faster"
+        )
     return 0
 
 

@@ -13,8 +13,11 @@ from analysis.lse import grid
 
 CURVE = CURVE_SPECS["curve"]
 # 6 x 6 x 5 = 180 starts, wide enough for LM losses of 1-11 nats over 10-1e6 steps.
-CURVE_GRID = grid(log_E=(-1.0, 0.0, 0.5, 1.0, 1.5, 2.0), log_A=(0.0, 1.0, 2.0, 3.0, 4.0, 6.0),
-                  alpha=(0.05, 0.1, 0.25, 0.5, 1.0))
+CURVE_GRID = grid(
+    log_E=(-1.0, 0.0, 0.5, 1.0, 1.5, 2.0),
+    log_A=(0.0, 1.0, 2.0, 3.0, 4.0, 6.0),
+    alpha=(0.05, 0.1, 0.25, 0.5, 1.0),
+)
 
 
 def fit_loss_curve(steps, loss, *, fit_from_frac: float = 0.1, delta: float = 1e-3) -> LawFit:

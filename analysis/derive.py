@@ -63,7 +63,7 @@ def _trailing_line(x, v, window):
     out = np.empty_like(v)
     for i in range(v.size):
         lo = max(0, i - window + 1)
-        xs, ys = x[lo:i + 1], v[lo:i + 1]
+        xs, ys = x[lo : i + 1], v[lo : i + 1]
         if xs.size < 2 or np.ptp(xs) == 0:  # no line through one point: its value
             out[i] = ys.mean()
             continue
@@ -77,14 +77,16 @@ def per_step_rates(runs: pd.DataFrame) -> pd.DataFrame:
     for col in (BATCH_TOKENS, FLOPS_PER_TOKEN):
         if col not in runs:
             raise ValueError(f"runs lack param {col!r}, needed for tokens and FLOPs per step")
-    out = pd.DataFrame({"run_key": runs["run_key"],
-                        "tokens_per_step": pd.to_numeric(runs[BATCH_TOKENS]).astype(float)})
+    out = pd.DataFrame(
+        {"run_key": runs["run_key"], "tokens_per_step": pd.to_numeric(runs[BATCH_TOKENS]).astype(float)}
+    )
     out["flops_per_step"] = out["tokens_per_step"] * pd.to_numeric(runs[FLOPS_PER_TOKEN]).astype(float)
     return out
 
 
-def curves(metrics: pd.DataFrame, runs: pd.DataFrame, metric: str = "val/loss",
-           smoothing: Smoothing = Smoothing()) -> pd.DataFrame:
+def curves(
+    metrics: pd.DataFrame, runs: pd.DataFrame, metric: str = "val/loss", smoothing: Smoothing = Smoothing()
+) -> pd.DataFrame:
     """One row per run x step of `metric`: raw value, smoothed value, tokens and FLOPs at that step."""
     m = metrics[metrics["metric"] == metric]
     if m.empty:
@@ -92,9 +94,16 @@ def curves(metrics: pd.DataFrame, runs: pd.DataFrame, metric: str = "val/loss",
     parts = []
     for key, g in m.sort_values("step").groupby("run_key", sort=False):
         g = g.drop_duplicates("step", keep="last")
-        parts.append(pd.DataFrame({"run_key": key, "step": g["step"].to_numpy(),
-                                   "value": g["value"].to_numpy(),
-                                   "smooth": smooth(g["value"].to_numpy(), smoothing, g["step"].to_numpy())}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "run_key": key,
+                    "step": g["step"].to_numpy(),
+                    "value": g["value"].to_numpy(),
+                    "smooth": smooth(g["value"].to_numpy(), smoothing, g["step"].to_numpy()),
+                }
+            )
+        )
     out = pd.concat(parts, ignore_index=True).merge(per_step_rates(runs), on="run_key", how="inner")
     out["tokens"] = out["step"] * out.pop("tokens_per_step")
     out["flops"] = out["step"] * out.pop("flops_per_step")
@@ -104,5 +113,8 @@ def curves(metrics: pd.DataFrame, runs: pd.DataFrame, metric: str = "val/loss",
 def final_losses(curve: pd.DataFrame) -> pd.DataFrame:
     """Last raw and smoothed value (and its step) per run."""
     last = curve.sort_values("step").groupby("run_key", sort=False).tail(1)
-    return last[["run_key", "step", "value", "smooth", "tokens", "flops"]].rename(
-        columns={"value": "final", "smooth": "final_smooth"}).reset_index(drop=True)
+    return (
+        last[["run_key", "step", "value", "smooth", "tokens", "flops"]]
+        .rename(columns={"value": "final", "smooth": "final_smooth"})
+        .reset_index(drop=True)
+    )

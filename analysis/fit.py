@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(dataclasses.asdict(fit), indent=2))
         return 0
-    print(f"{fit.law} law on {fit.n_points} points ({fit.n_converged}/{fit.n_starts} starts converged), "
-          f"objective {fit.objective:.6g}, rmse(log) {fit.rmse_log:.4g}")
+    print(
+        f"{fit.law} law on {fit.n_points} points ({fit.n_converged}/{fit.n_starts} starts converged), "
+        f"objective {fit.objective:.6g}, rmse(log) {fit.rmse_log:.4g}"
+    )
     for k, v in fit.coefficients.items():
         ci = fit.intervals.get(k)
         print(f"  {k:>6} = {v:.6g}" + (f"   [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""))

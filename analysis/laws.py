@@ -22,8 +22,10 @@ from analysis.optim import minimize_batched_threads
 try:  # BLAS threads fight the fit's own threads over skinny products; threadpoolctl comes with mlflow
     from threadpoolctl import threadpool_limits
 except ImportError:  # pragma: no cover - then BLAS keeps its default threads
+
     def threadpool_limits(limits=None):
         return contextlib.nullcontext()
+
 
 # Grid starts stop on scipy's L-BFGS-B defaults; the best few optima are then polished tightly,
 # because summed Huber objectives on log loss are tiny (~1e-3) and scipy's ftol is relative to max(|f|, 1).
@@ -47,14 +49,21 @@ LAWS = {"chinchilla": CHINCHILLA, "finegrained": FINEGRAINED}
 
 # The published grid of starts (Hoffmann et al. approach 3; 4,500 points).
 CHINCHILLA_GRID = grid(
-    log_E=np.arange(-1.0, 1.01, 0.5), log_A=np.arange(0.0, 25.1, 5.0), alpha=np.arange(0.0, 2.01, 0.5),
-    log_B=np.arange(0.0, 25.1, 5.0), beta=np.arange(0.0, 2.01, 0.5),
+    log_E=np.arange(-1.0, 1.01, 0.5),
+    log_A=np.arange(0.0, 25.1, 5.0),
+    alpha=np.arange(0.0, 2.01, 0.5),
+    log_B=np.arange(0.0, 25.1, 5.0),
+    beta=np.arange(0.0, 2.01, 0.5),
 )
 # The fine-grained paper publishes no grid: this one brackets its Table 1 values (18,000 points),
 # pre-screened by objective value before L-BFGS (see `fit_law(keep_starts=...)`).
 FINEGRAINED_GRID = grid(
-    log_c=(-1.0, -0.5, 0.0, 0.5), log_g=(0.0, 2.5, 5.0, 10.0, 20.0), gamma=(0.25, 0.5, 1.0),
-    log_a=(0.0, 2.5, 5.0, 10.0, 20.0), alpha=(0.1, 0.3, 0.6, 1.0), log_b=(0.0, 2.5, 5.0, 10.0, 20.0),
+    log_c=(-1.0, -0.5, 0.0, 0.5),
+    log_g=(0.0, 2.5, 5.0, 10.0, 20.0),
+    gamma=(0.25, 0.5, 1.0),
+    log_a=(0.0, 2.5, 5.0, 10.0, 20.0),
+    alpha=(0.1, 0.3, 0.6, 1.0),
+    log_b=(0.0, 2.5, 5.0, 10.0, 20.0),
     beta=(0.1, 0.3, 0.6),
 )
 GRIDS = {"chinchilla": CHINCHILLA_GRID, "finegrained": FINEGRAINED_GRID}
@@ -62,10 +71,12 @@ GRIDS = {"chinchilla": CHINCHILLA_GRID, "finegrained": FINEGRAINED_GRID}
 # Published coefficients, for comparison and planning.
 HOFFMANN_2022 = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}
 BESIROGLU_2024 = {"E": 1.8172, "A": 482.01, "alpha": 0.3478, "B": 2085.43, "beta": 0.3658}
-KRAJEWSKI_2024_MOE = {"c": 0.47, "g": 2.1, "gamma": 0.58, "a": 18.1, "alpha": 0.115, "b": 30.8,
-                      "beta": 0.147}
-PRESETS = {"hoffmann2022": ("chinchilla", HOFFMANN_2022), "besiroglu2024": ("chinchilla", BESIROGLU_2024),
-           "krajewski2024": ("finegrained", KRAJEWSKI_2024_MOE)}
+KRAJEWSKI_2024_MOE = {"c": 0.47, "g": 2.1, "gamma": 0.58, "a": 18.1, "alpha": 0.115, "b": 30.8, "beta": 0.147}
+PRESETS = {
+    "hoffmann2022": ("chinchilla", HOFFMANN_2022),
+    "besiroglu2024": ("chinchilla", BESIROGLU_2024),
+    "krajewski2024": ("finegrained", KRAJEWSKI_2024_MOE),
+}
 
 
 class FitError(RuntimeError):
@@ -112,8 +123,14 @@ class LawFit:
         return np.exp(self.spec.log_predict(np.array(self.theta), logx)[0])
 
 
-CURVE_SPECS = {"curve": LawSpec(name="curve", params=("log_E", "log_A", "alpha"), covariates=("step",),
-                                terms=((0, ()), (1, ((2, 0),))))}
+CURVE_SPECS = {
+    "curve": LawSpec(
+        name="curve",
+        params=("log_E", "log_A", "alpha"),
+        covariates=("step",),
+        terms=((0, ()), (1, ((2, 0),))),
+    )
+}
 
 
 def law_from_preset(name: str) -> LawFit:
@@ -122,9 +139,17 @@ def law_from_preset(name: str) -> LawFit:
         raise ValueError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
     law, coefs = PRESETS[name]
     spec = LAWS[law]
-    return LawFit(law=law, coefficients=dict(coefs), objective=float("nan"), rmse_log=float("nan"),
-                  n_points=0, n_starts=0, n_converged=0, delta=float("nan"),
-                  theta=tuple(float(v) for v in spec.theta(coefs)))
+    return LawFit(
+        law=law,
+        coefficients=dict(coefs),
+        objective=float("nan"),
+        rmse_log=float("nan"),
+        n_points=0,
+        n_starts=0,
+        n_converged=0,
+        delta=float("nan"),
+        theta=tuple(float(v) for v in spec.theta(coefs)),
+    )
 
 
 def _log_covariates(spec: LawSpec, data) -> np.ndarray:
@@ -198,18 +223,28 @@ def fit_law(
         resid = spec.log_predict(best, logx)[0] - logy
         intervals: dict[str, tuple[float, float]] = {}
         if bootstrap > 0:
-            intervals = _bootstrap(spec, logx, logy, optima, delta, bootstrap, ci, bootstrap_frac,
-                                   seed, workers)
-    return LawFit(law=spec.name, coefficients=spec.coefficients(best), objective=best_f,
-                  rmse_log=float(np.sqrt(np.mean(resid**2))), n_points=n, n_starts=len(x0),
-                  n_converged=int(ok.sum()), delta=delta, theta=tuple(float(v) for v in best),
-                  intervals=intervals, n_bootstrap=bootstrap)
+            intervals = _bootstrap(
+                spec, logx, logy, optima, delta, bootstrap, ci, bootstrap_frac, seed, workers
+            )
+    return LawFit(
+        law=spec.name,
+        coefficients=spec.coefficients(best),
+        objective=best_f,
+        rmse_log=float(np.sqrt(np.mean(resid**2))),
+        n_points=n,
+        n_starts=len(x0),
+        n_converged=int(ok.sum()),
+        delta=delta,
+        theta=tuple(float(v) for v in best),
+        intervals=intervals,
+        n_bootstrap=bootstrap,
+    )
 
 
 def _chunked(fun, x, chunk=4096):
     fs, gs = [], []
     for i in range(0, len(x), chunk):
-        f, g = fun(x[i:i + chunk], np.arange(i, min(i + chunk, len(x))))
+        f, g = fun(x[i : i + chunk], np.arange(i, min(i + chunk, len(x))))
         fs.append(f)
         gs.append(g)
     return np.concatenate(fs), np.concatenate(gs)
@@ -239,8 +274,9 @@ def _bootstrap(spec, logx, logy, starts, delta, reps, ci, frac, seed, workers):
     k = len(starts)
     x0 = np.tile(starts, (reps, 1))
     which = np.repeat(np.arange(reps), k)
-    res = minimize_batched_threads(make_objective(spec, logx, logy, W, delta, which), x0, workers=workers,
-                                   **BOOT_TOL)
+    res = minimize_batched_threads(
+        make_objective(spec, logx, logy, W, delta, which), x0, workers=workers, **BOOT_TOL
+    )
     f = np.where(res.converged & np.isfinite(res.fun), res.fun, np.inf).reshape(reps, k)
     good = np.isfinite(f).any(axis=1)
     if not good.any():
@@ -248,8 +284,13 @@ def _bootstrap(spec, logx, logy, starts, delta, reps, ci, frac, seed, workers):
     best = res.x.reshape(reps, k, -1)[np.arange(reps), f.argmin(axis=1)][good]
     coefs = [spec.coefficients(t) for t in best]
     lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
-    return {name: (float(np.percentile([c[name] for c in coefs], lo)),
-                   float(np.percentile([c[name] for c in coefs], hi))) for name in coefs[0]}
+    return {
+        name: (
+            float(np.percentile([c[name] for c in coefs], lo)),
+            float(np.percentile([c[name] for c in coefs], hi)),
+        )
+        for name in coefs[0]
+    }
 
 
 def fit_chinchilla(data: pd.DataFrame | dict, **kw) -> LawFit:

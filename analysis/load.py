@@ -18,8 +18,18 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-TAGS = ("study", "variant", "model", "granularity", "top_k", "experts", "tokens", "seed", "run_key",
-        "git_sha")
+TAGS = (
+    "study",
+    "variant",
+    "model",
+    "granularity",
+    "top_k",
+    "experts",
+    "tokens",
+    "seed",
+    "run_key",
+    "git_sha",
+)
 INT_TAGS = ("granularity", "top_k", "experts", "seed")
 FINISHED = "FINISHED"  # MLflow's word; status.json's DONE maps to it
 
@@ -59,13 +69,17 @@ def _finish(name, source, rows, metrics_rows, excluded_rows) -> Study:
     for c in INT_TAGS:
         runs[c] = pd.to_numeric(runs[c], errors="coerce").astype("Int64")
     runs["tokens"] = pd.to_numeric(runs["tokens"], errors="coerce")
-    metrics = (pd.concat(metrics_rows, ignore_index=True) if metrics_rows
-               else pd.DataFrame(columns=["run_key", "metric", "step", "value"]))
+    metrics = (
+        pd.concat(metrics_rows, ignore_index=True)
+        if metrics_rows
+        else pd.DataFrame(columns=["run_key", "metric", "step", "value"])
+    )
     excluded = pd.DataFrame(excluded_rows, columns=["run_key", "variant", "status", "reason"])
     for _, r in excluded.iterrows():
         log.warning("study %s: run %s (%s) excluded: %s %s", name, r.run_key, r.variant, r.status, r.reason)
-    return Study(name=name, source=source, runs=runs.reset_index(drop=True), metrics=metrics,
-                 excluded=excluded)
+    return Study(
+        name=name, source=source, runs=runs.reset_index(drop=True), metrics=metrics, excluded=excluded
+    )
 
 
 def load_mlflow(tracking_uri: str, study: str, *, workers: int = 8) -> Study:
@@ -79,8 +93,9 @@ def load_mlflow(tracking_uri: str, study: str, *, workers: int = 8) -> Study:
         raise ValueError(f"study {study!r} not found at tracking URI {tracking_uri!r}; experiments: {names}")
     found, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'point'",
-                                  max_results=1000, page_token=token)
+        page = client.search_runs(
+            [exp.experiment_id], filter_string="tags.kind = 'point'", max_results=1000, page_token=token
+        )
         found.extend(page)
         token = page.token
         if not token:
@@ -90,8 +105,14 @@ def load_mlflow(tracking_uri: str, study: str, *, workers: int = 8) -> Study:
         tags = run.data.tags
         key = tags.get("run_key", run.info.run_id)
         if run.info.status != FINISHED:
-            excluded.append({"run_key": key, "variant": tags.get("variant"), "status": run.info.status,
-                             "reason": tags.get("failure_reason", "")})
+            excluded.append(
+                {
+                    "run_key": key,
+                    "variant": tags.get("variant"),
+                    "status": run.info.status,
+                    "reason": tags.get("failure_reason", ""),
+                }
+            )
             continue
         row = {t: _coerce(tags[t]) for t in TAGS if t in tags}
         row.update(run_key=key, run_id=run.info.run_id, status=FINISHED)
@@ -102,8 +123,9 @@ def load_mlflow(tracking_uri: str, study: str, *, workers: int = 8) -> Study:
     def history(item):
         key, run_id, metric = item
         h = client.get_metric_history(run_id, metric)
-        return pd.DataFrame({"run_key": key, "metric": metric, "step": [m.step for m in h],
-                             "value": [m.value for m in h]})
+        return pd.DataFrame(
+            {"run_key": key, "metric": metric, "step": [m.step for m in h], "value": [m.value for m in h]}
+        )
 
     jobs = [(key, rid, m) for key, rid, ms in done for m in ms]
     # Each history is one query; threads overlap the round trips to a remote server.
@@ -125,8 +147,11 @@ def read_metrics_jsonl(path: Path, run_key: str) -> pd.DataFrame:
                 log.warning("%s:%d unreadable line skipped (%s)", path, n, e)
                 continue
             step = obj.pop("step")
-            records.extend((run_key, k, step, float(v)) for k, v in obj.items()
-                           if isinstance(v, (int, float)) and not isinstance(v, bool))
+            records.extend(
+                (run_key, k, step, float(v))
+                for k, v in obj.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            )
     return pd.DataFrame(records, columns=["run_key", "metric", "step", "value"])
 
 
@@ -144,10 +169,18 @@ def load_files(study_dir: Path | str) -> Study:
         tags = summary.get("tags", {})
         if state != "DONE" or not summary:
             reason = status.get("reason") or ("no summary.json" if not summary else "")
-            excluded.append({"run_key": d.name, "variant": tags.get("variant", summary.get("variant")),
-                             "status": state, "reason": f"{reason} (step {status.get('step', '?')})"})
+            excluded.append(
+                {
+                    "run_key": d.name,
+                    "variant": tags.get("variant", summary.get("variant")),
+                    "status": state,
+                    "reason": f"{reason} (step {status.get('step', '?')})",
+                }
+            )
             continue
-        row = {t: _coerce(tags[t]) if isinstance(tags.get(t), str) else tags.get(t) for t in TAGS if t in tags}
+        row = {
+            t: _coerce(tags[t]) if isinstance(tags.get(t), str) else tags.get(t) for t in TAGS if t in tags
+        }
         row.update(run_key=d.name, run_id=summary.get("mlflow_run_id"), status=FINISHED)
         row.update({k: _coerce(v) for k, v in summary.get("params", {}).items()})
         row.setdefault("variant", summary.get("variant"))
@@ -163,8 +196,9 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_study(study_dir: Path | str | None = None, *, tracking_uri: str | None = None,
-               study: str | None = None) -> Study:
+def load_study(
+    study_dir: Path | str | None = None, *, tracking_uri: str | None = None, study: str | None = None
+) -> Study:
     """MLflow when tracking_uri is given (study defaults to the directory name), else the run folders."""
     if tracking_uri:
         name = study or (Path(study_dir).name if study_dir else None)
@@ -191,9 +225,13 @@ def load_chinchilla_svg(path: Path | str, *, drop_highest_loss: int = 5) -> pd.D
     Epoch's replication drops the five highest-loss points (drop_highest_loss=5).
     """
     raw = pd.read_csv(path)
-    df = pd.DataFrame({"params": raw["Model Size"].astype(float),
-                       "tokens": raw["Training FLOP"].astype(float) / (6.0 * raw["Model Size"].astype(float)),
-                       "loss": raw["loss"].astype(float)})
+    df = pd.DataFrame(
+        {
+            "params": raw["Model Size"].astype(float),
+            "tokens": raw["Training FLOP"].astype(float) / (6.0 * raw["Model Size"].astype(float)),
+            "loss": raw["loss"].astype(float),
+        }
+    )
     if drop_highest_loss:
         df = df.drop(index=df["loss"].nlargest(drop_highest_loss).index)
     return df.reset_index(drop=True).astype({"params": np.float64})

@@ -42,8 +42,9 @@ class LawSpec:
 
     def theta(self, coefficients: dict[str, float]) -> np.ndarray:
         """Inverse of `coefficients`."""
-        return np.array([np.log(coefficients[p[4:]]) if p.startswith("log_") else coefficients[p]
-                         for p in self.params])
+        return np.array(
+            [np.log(coefficients[p[4:]]) if p.startswith("log_") else coefficients[p] for p in self.params]
+        )
 
     def log_predict(self, theta_BP: np.ndarray, logx_NC: np.ndarray) -> np.ndarray:
         """(B, N) predicted log loss."""
@@ -68,8 +69,14 @@ def huber(r, delta):
     return c * (r - 0.5 * c)
 
 
-def make_objective(spec: LawSpec, logx_NC: np.ndarray, logy_N: np.ndarray, weights_RN: np.ndarray,
-                   delta: float, problem_to_weights: np.ndarray):
+def make_objective(
+    spec: LawSpec,
+    logx_NC: np.ndarray,
+    logy_N: np.ndarray,
+    weights_RN: np.ndarray,
+    delta: float,
+    problem_to_weights: np.ndarray,
+):
     """Summed Huber objective on log residuals and its analytic gradient, for `minimize_batched`.
 
     weights_RN holds one row of point weights per data replicate (all ones for a plain fit, bootstrap

@@ -135,8 +135,9 @@ def _two_loop(g_BP, S_BMP, Y_BMP, rho_BM):
     return r
 
 
-def minimize_batched_threads(fun: BatchedObjective, x0_BP: np.ndarray, *, workers: int = 2,
-                             **kw) -> BatchedResult:
+def minimize_batched_threads(
+    fun: BatchedObjective, x0_BP: np.ndarray, *, workers: int = 2, **kw
+) -> BatchedResult:
     """`minimize_batched` on `workers` contiguous row blocks in threads (numpy releases the GIL)."""
     B = len(x0_BP)
     workers = max(1, min(workers, B))
@@ -150,5 +151,6 @@ def minimize_batched_threads(fun: BatchedObjective, x0_BP: np.ndarray, *, worker
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         parts = list(pool.map(run, zip(bounds[:-1], bounds[1:], strict=True)))
-    return BatchedResult(*(np.concatenate([getattr(p, f) for p in parts])
-                           for f in ("x", "fun", "converged", "n_iter")))
+    return BatchedResult(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in ("x", "fun", "converged", "n_iter"))
+    )

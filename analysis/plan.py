@@ -62,8 +62,14 @@ class ComputeOptimum:
     """Predicted loss."""
 
 
-def compute_optimal(law: LawFit, flops: float, *, granularities=tuple(2**i for i in range(11)),
-                    compute: ComputeModel = ComputeModel(), max_blocks: float = 1e4) -> ComputeOptimum:
+def compute_optimal(
+    law: LawFit,
+    flops: float,
+    *,
+    granularities=tuple(2**i for i in range(11)),
+    compute: ComputeModel = ComputeModel(),
+    max_blocks: float = 1e4,
+) -> ComputeOptimum:
     """Minimise law-predicted loss over G in `granularities` and depth, at a FLOPs budget."""
     if not flops > 0:
         raise ValueError(f"flops={flops} must be > 0")
@@ -71,17 +77,25 @@ def compute_optimal(law: LawFit, flops: float, *, granularities=tuple(2**i for i
         raise ValueError("granularities must list at least one G")
     best = None
     for G in granularities:
+
         def loss_at(log_n, G=G):
             n = np.exp(log_n)
             D = compute.tokens_for(flops, n, G)
             return float(law.predict({"params": [compute.params(n)], "tokens": [D], "granularity": [G]})[0])
 
-        res = minimize_scalar(loss_at, bounds=(0.0, np.log(max_blocks)), method="bounded",
-                              options={"xatol": 1e-6})
+        res = minimize_scalar(
+            loss_at, bounds=(0.0, np.log(max_blocks)), method="bounded", options={"xatol": 1e-6}
+        )
         n = float(np.exp(res.x))
-        cand = ComputeOptimum(flops=flops, granularity=int(G), n_blocks=n, d_model=compute.d_per_block * n,
-                              params=float(compute.params(n)), tokens=float(compute.tokens_for(flops, n, G)),
-                              loss=float(res.fun))
+        cand = ComputeOptimum(
+            flops=flops,
+            granularity=int(G),
+            n_blocks=n,
+            d_model=compute.d_per_block * n,
+            params=float(compute.params(n)),
+            tokens=float(compute.tokens_for(flops, n, G)),
+            loss=float(res.fun),
+        )
         if best is None or cand.loss < best.loss:
             best = cand
     return best

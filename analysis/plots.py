@@ -20,8 +20,15 @@ def _colors(labels):
     return {v: cmap(i % 10) for i, v in enumerate(sorted(labels))}
 
 
-def plot_loss_curves(ax, curve: pd.DataFrame, runs: pd.DataFrame, *, x: str = "step",
-                     fits: dict[str, LawFit] | None = None, title: str = ""):
+def plot_loss_curves(
+    ax,
+    curve: pd.DataFrame,
+    runs: pd.DataFrame,
+    *,
+    x: str = "step",
+    fits: dict[str, LawFit] | None = None,
+    title: str = "",
+):
     """Smoothed validation loss per run vs step/tokens/FLOPs, coloured by variant; fitted curves dashed."""
     if x not in X_LABELS:
         raise ValueError(f"x={x!r} must be one of {sorted(X_LABELS)}")
@@ -50,8 +57,16 @@ def plot_savings(ax, savings: pd.DataFrame, *, column: str = "savings_steps", ti
         y = g[column].to_numpy(dtype=float)
         lo = np.where(np.isfinite(g["ci_lo"]), y - g["ci_lo"], 0.0)
         hi = np.where(np.isfinite(g["ci_hi"]), g["ci_hi"] - y, 0.0)
-        ax.errorbar(g["tokens"], y, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], color=colors[v],
-                    marker="o", capsize=3, label=v, mfc="none" if g["extrapolated"].all() else colors[v])
+        ax.errorbar(
+            g["tokens"],
+            y,
+            yerr=[np.maximum(lo, 0), np.maximum(hi, 0)],
+            color=colors[v],
+            marker="o",
+            capsize=3,
+            label=v,
+            mfc="none" if g["extrapolated"].all() else colors[v],
+        )
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("token budget")
@@ -88,7 +103,7 @@ def plot_law(ax, data: pd.DataFrame, fit: LawFit, *, title: str = ""):
         ax.scatter(g["tokens"], g["loss"], color=colors[n], s=12)
         grid = {"params": np.full(50, n), "tokens": np.geomspace(g["tokens"].min(), g["tokens"].max(), 50)}
         if "granularity" in fit.spec.covariates:
-            for G, gg in g.groupby("granularity"):
+            for G in sorted(g["granularity"].unique()):
                 grid["granularity"] = np.full(50, G)
                 ax.plot(grid["tokens"], fit.predict(grid), color=colors[n], lw=0.8)
         else:

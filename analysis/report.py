@@ -22,13 +22,14 @@ from analysis.curves import fit_loss_curve
 from analysis.derive import Smoothing, curves, final_losses
 from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
 from analysis.load import Study, load_study
-from analysis.savings import step_savings
+from analysis.savings import pick_baselines, step_savings
 
 log = logging.getLogger(__name__)
 
 
 def md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
     """A GitHub markdown table (pandas' to_markdown needs the optional tabulate package)."""
+
     def cell(v):
         if isinstance(v, (float, np.floating)):
             return "" if math.isnan(v) else format(v, floatfmt)
@@ -36,26 +37,35 @@ def md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
 
     head = "| " + " | ".join(map(str, df.columns)) + " |"
     sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    return "\n".join([head, sep] + ["| " + " | ".join(cell(v) for v in row) + " |"
-                                    for row in df.itertuples(index=False)])
+    return "\n".join(
+        [head, sep] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    )
 
 
 def final_table(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """Final smoothed validation loss per (model, tokens, variant): mean, std and count over seeds."""
-    f = final_losses(curve).merge(runs[["run_key", "model", "tokens", "variant", "seed"]].rename(
-        columns={"tokens": "budget"}), on="run_key")
+    f = final_losses(curve).merge(
+        runs[["run_key", "model", "tokens", "variant", "seed"]].rename(columns={"tokens": "budget"}),
+        on="run_key",
+    )
     g = f.groupby(["model", "budget", "variant"], dropna=False)["final_smooth"]
     out = g.agg(["mean", "std", "count"]).reset_index()
-    return out.rename(columns={"budget": "tokens", "mean": "val_loss", "std": "val_loss_std",
-                               "count": "seeds"})
+    return out.rename(
+        columns={"budget": "tokens", "mean": "val_loss", "std": "val_loss_std", "count": "seeds"}
+    )
 
 
 def law_data(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     """One scaling-law point per run: non-embedding params, tokens trained, final smoothed loss, G."""
     f = final_losses(curve).merge(runs, on="run_key", suffixes=("", "_tag"))
-    return pd.DataFrame({"params": pd.to_numeric(f["acct.params_non_embedding"]).astype(float),
-                         "tokens": f["tokens"].astype(float), "loss": f["final_smooth"].astype(float),
-                         "granularity": pd.to_numeric(f["granularity"], errors="coerce").astype(float)})
+    return pd.DataFrame(
+        {
+            "params": pd.to_numeric(f["acct.params_non_embedding"]).astype(float),
+            "tokens": f["tokens"].astype(float),
+            "loss": f["final_smooth"].astype(float),
+            "granularity": pd.to_numeric(f["granularity"], errors="coerce").astype(float),
+        }
+    )
 
 
 def _try_law(fitter, data, needs: dict[str, int]):
@@ -68,15 +78,26 @@ def _try_law(fitter, data, needs: dict[str, int]):
         return None, str(e)
 
 
-def write_report(study_dir: Path, *, tracking_uri: str | None = None, study: str | None = None,
-                 baseline: str | None = None, parent_run_id: str | None = None,
-                 smoothing: Smoothing = Smoothing(), n_boot: int = 1000) -> Path:
+def write_report(
+    study_dir: Path,
+    *,
+    tracking_uri: str | None = None,
+    study: str | None = None,
+    baseline: str | None = None,
+    parent_run_id: str | None = None,
+    smoothing: Smoothing | None = None,
+    n_boot: int = 1000,
+) -> Path:
     """Load the study, write study_dir/report/report.md and PNGs, log them on parent_run_id, print a table."""
     study_dir = Path(study_dir)
+    smoothing = smoothing or Smoothing()
     s: Study = load_study(study_dir, tracking_uri=tracking_uri, study=study)
     if s.runs.empty:
-        raise ValueError(f"study {s.name!r} at {s.source} has no finished point runs "
-                         f"({len(s.excluded)} excluded)")
+        raise ValueError(
+            f"study {s.name!r} at {s.source} has no finished point runs ({len(s.excluded)} excluded)"
+        )
+    if baseline is not None:
+        pick_baselines(s.runs, baseline)  # an unknown --baseline fails before any fitting
     out = study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     curve = curves(s.metrics, s.runs, "val/loss", smoothing)
@@ -113,9 +134,19 @@ def write_report(study_dir: Path, *, tracking_uri: str | None = None, study: str
     finals.to_csv(out / "final_losses.csv", index=False)
     if not savings.empty:
         savings.to_csv(out / "savings.csv", index=False)
-    (out / "laws.json").write_text(json.dumps(
-        {k: ({"coefficients": f.coefficients, "objective": f.objective, "n_points": f.n_points} if f
-             else {"error": err}) for k, (f, err) in laws.items()}, indent=2))
+    (out / "laws.json").write_text(
+        json.dumps(
+            {
+                k: (
+                    {"coefficients": f.coefficients, "objective": f.objective, "n_points": f.n_points}
+                    if f
+                    else {"error": err}
+                )
+                for k, (f, err) in laws.items()
+            },
+            indent=2,
+        )
+    )
     print(summary_text(finals, savings))
     if parent_run_id:
         from mlflow.tracking import MlflowClient
@@ -161,8 +192,13 @@ def _figures(out, curve, s, fits, savings, data, laws) -> list[str]:
 
 
 def _markdown(s, finals, savings, savings_note, fit_table, laws, figures, smoothing) -> str:
-    lines = [f"# Study report: {s.name}", "", f"Source: `{s.source}`. Finished point runs: {len(s.runs)}; "
-             f"excluded: {len(s.excluded)}. Smoothing: {smoothing}.", ""]
+    lines = [
+        f"# Study report: {s.name}",
+        "",
+        f"Source: `{s.source}`. Finished point runs: {len(s.runs)}; "
+        f"excluded: {len(s.excluded)}. Smoothing: {smoothing}.",
+        "",
+    ]
     if not s.excluded.empty:
         lines += ["## Excluded runs (unfinished or failed)", "", md_table(s.excluded), ""]
     lines += ["## Final validation loss (smoothed, mean over seeds)", "", md_table(finals), ""]
@@ -170,12 +206,30 @@ def _markdown(s, finals, savings, savings_note, fit_table, laws, figures, smooth
     if savings.empty:
         lines += [f"Not measured: {savings_note}", ""]
     else:
-        cols = ["model", "tokens", "variant", "baseline", "n_seeds", "target_loss", "steps_baseline",
-                "steps_variant", "extrapolated", "savings_steps", "ci_lo", "ci_hi", "savings_tokens",
-                "savings_flops", "fit_error"]
-        lines += ["savings = 1 - steps_variant / steps_baseline; interval: bootstrap over seeds "
-                  "(empty with one seed); extrapolated = reached only by the fitted curve.", "",
-                  md_table(savings[[c for c in cols if c in savings]]), ""]
+        cols = [
+            "model",
+            "tokens",
+            "variant",
+            "baseline",
+            "n_seeds",
+            "target_loss",
+            "steps_baseline",
+            "steps_variant",
+            "extrapolated",
+            "savings_steps",
+            "ci_lo",
+            "ci_hi",
+            "savings_tokens",
+            "savings_flops",
+            "fit_error",
+        ]
+        lines += [
+            "savings = 1 - steps_variant / steps_baseline; interval: bootstrap over seeds "
+            "(empty with one seed); extrapolated = reached only by the fitted curve.",
+            "",
+            md_table(savings[[c for c in cols if c in savings]]),
+            "",
+        ]
     lines += ["## Loss-curve fits L(t) = E + A t^-alpha", "", md_table(fit_table), ""]
     lines += ["## Scaling-law fits", ""]
     for name, (fit, err) in laws.items():
@@ -183,8 +237,10 @@ def _markdown(s, finals, savings, savings_note, fit_table, laws, figures, smooth
             lines += [f"- {name}: not fitted ({err})"]
         else:
             coefs = ", ".join(f"{k} = {v:.4g}" for k, v in fit.coefficients.items())
-            lines += [f"- {name}: {coefs} (objective {fit.objective:.3g}, rmse(log) {fit.rmse_log:.3g}, "
-                      f"{fit.n_points} points)"]
+            lines += [
+                f"- {name}: {coefs} (objective {fit.objective:.3g}, rmse(log) {fit.rmse_log:.3g}, "
+                f"{fit.n_points} points)"
+            ]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)
 
@@ -201,9 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates over seeds")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    path = write_report(a.study_dir, tracking_uri=a.tracking_uri, study=a.study, baseline=a.baseline,
-                        parent_run_id=a.parent_run_id, smoothing=Smoothing(method=a.smoothing, window=a.window),
-                        n_boot=a.n_boot)
+    path = write_report(
+        a.study_dir,
+        tracking_uri=a.tracking_uri,
+        study=a.study,
+        baseline=a.baseline,
+        parent_run_id=a.parent_run_id,
+        smoothing=Smoothing(method=a.smoothing, window=a.window),
+        n_boot=a.n_boot,
+    )
     print(f"report: {path}")
     return 0
 

@@ -63,8 +63,10 @@ def pick_baselines(runs: pd.DataFrame, baseline: str | None = None) -> dict[tupl
         else:
             cands = sorted(g.loc[g["granularity"] == 1, "variant"].dropna().unique())
         if len(cands) > 1:
-            raise ValueError(f"model={model} tokens={tokens}: several granularity=1 variants {cands}; "
-                             f"choose one with --baseline")
+            raise ValueError(
+                f"model={model} tokens={tokens}: several granularity=1 variants {cands}; "
+                f"choose one with --baseline"
+            )
         if cands:
             out[(model, tokens)] = cands[0]
         else:
@@ -75,9 +77,16 @@ def pick_baselines(runs: pd.DataFrame, baseline: str | None = None) -> dict[tupl
     return out
 
 
-def step_savings(curve: pd.DataFrame, runs: pd.DataFrame, *, baseline: str | None = None,
-                 n_boot: int = 1000, ci: float = 0.9, seed: int = 0,
-                 fit_from_frac: float = 0.1) -> pd.DataFrame:
+def step_savings(
+    curve: pd.DataFrame,
+    runs: pd.DataFrame,
+    *,
+    baseline: str | None = None,
+    n_boot: int = 1000,
+    ci: float = 0.9,
+    seed: int = 0,
+    fit_from_frac: float = 0.1,
+) -> pd.DataFrame:
     """Savings of every variant against its group's baseline (see module doc); one row per variant.
 
     `curve` is `derive.curves(...)` of the validation loss. A variant whose extrapolation fit fails keeps
@@ -109,21 +118,46 @@ def step_savings(curve: pd.DataFrame, runs: pd.DataFrame, *, baseline: str | Non
                     cache[ident] = (target, steps_b, r)
                 return cache[ident]
 
-            row = {"model": model, "tokens": tokens, "variant": variant, "baseline": base,
-                   "n_seeds": len(keys), "n_seeds_baseline": len(base_keys), "fit_error": ""}
+            row = {
+                "model": model,
+                "tokens": tokens,
+                "variant": variant,
+                "baseline": base,
+                "n_seeds": len(keys),
+                "n_seeds_baseline": len(base_keys),
+                "fit_error": "",
+            }
             try:
                 target, steps_b, r = savings_of(keys, base_keys)
             except (FitError, ValueError) as e:
-                rows.append({**row, "target_loss": np.nan, "steps_baseline": np.nan, "steps_variant": np.nan,
-                             "extrapolated": True, "savings_steps": np.nan, "savings_tokens": np.nan,
-                             "savings_flops": np.nan, "ci_lo": np.nan, "ci_hi": np.nan, "fit_error": str(e)})
+                rows.append(
+                    {
+                        **row,
+                        "target_loss": np.nan,
+                        "steps_baseline": np.nan,
+                        "steps_variant": np.nan,
+                        "extrapolated": True,
+                        "savings_steps": np.nan,
+                        "savings_tokens": np.nan,
+                        "savings_flops": np.nan,
+                        "ci_lo": np.nan,
+                        "ci_hi": np.nan,
+                        "fit_error": str(e),
+                    }
+                )
                 continue
-            row.update(target_loss=target, steps_baseline=steps_b, steps_variant=r.step,
-                       extrapolated=r.extrapolated, savings_steps=1 - r.step / steps_b,
-                       savings_tokens=1 - r.step * v_tok / (steps_b * b_tok),
-                       savings_flops=1 - r.step * v_tok * v_fpt / (steps_b * b_tok * b_fpt))
+            row.update(
+                target_loss=target,
+                steps_baseline=steps_b,
+                steps_variant=r.step,
+                extrapolated=r.extrapolated,
+                savings_steps=1 - r.step / steps_b,
+                savings_tokens=1 - r.step * v_tok / (steps_b * b_tok),
+                savings_flops=1 - r.step * v_tok * v_fpt / (steps_b * b_tok * b_fpt),
+            )
             row["ci_lo"], row["ci_hi"], row["boot_extrapolated"] = _seed_bootstrap(
-                savings_of, keys, base_keys, n_boot, ci, rng)
+                savings_of, keys, base_keys, n_boot, ci, rng
+            )
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -150,4 +184,3 @@ def _seed_bootstrap(savings_of, keys, base_keys, n_boot, ci, rng):
     # A replicate whose fitted curve never reaches the target has savings -inf; percentiles keep it.
     lo, hi = np.nanpercentile(vals, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2])
     return float(lo), float(hi), extra / n_boot
-

@@ -46,8 +46,13 @@ def granularity_of(variant: str) -> int:
     return int(variant.rsplit("-G", 1)[1].split("-")[0])
 
 
-def write_study(study_dir: Path | str, spec: SyntheticStudy = SyntheticStudy(), *,
-                tracking_uri: str | None = None, seed: int = 0) -> dict:
+def write_study(
+    study_dir: Path | str,
+    spec: SyntheticStudy = SyntheticStudy(),
+    *,
+    tracking_uri: str | None = None,
+    seed: int = 0,
+) -> dict:
     """Write runs/<key>/ folders (and MLflow runs when tracking_uri is given); return the truth."""
     study_dir = Path(study_dir)
     rng = np.random.default_rng(seed)
@@ -57,7 +62,9 @@ def write_study(study_dir: Path | str, spec: SyntheticStudy = SyntheticStudy(), 
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
-        exp = client.create_experiment(spec.name, artifact_location=(study_dir / "artifacts").resolve().as_uri())
+        exp = client.create_experiment(
+            spec.name, artifact_location=(study_dir / "artifacts").resolve().as_uri()
+        )
         parent = client.create_run(exp, tags={"kind": "sweep", "study": spec.name}).info.run_id
     points = [(v, b, s) for v in spec.speedups for b in spec.token_budgets for s in spec.seeds]
     points += [(next(iter(spec.speedups)), spec.token_budgets[0], 100 + i) for i in range(spec.failed)]
@@ -65,18 +72,38 @@ def write_study(study_dir: Path | str, spec: SyntheticStudy = SyntheticStudy(), 
         failed = i >= len(points) - spec.failed
         key = hashlib.sha1(f"{variant}/{budget}/{sd}".encode()).hexdigest()[:10]
         steps = budget // spec.batch_tokens
-        tags = {"kind": "point", "study": spec.name, "variant": variant, "model": "tiny",
-                "granularity": str(granularity_of(variant)), "top_k": "2", "experts": "8",
-                "tokens": str(budget), "seed": str(sd), "run_key": key, "git_sha": "synthetic"}
-        acct = {"acct.params_total": 1.0e6, "acct.params_active": 4.0e5, "acct.params_non_embedding": 8.0e5,
-                "acct.params_active_non_embedding": 2.0e5, "acct.flops_per_token_train": spec.flops_per_token,
-                "acct.steps": steps, "acct.batch_tokens": spec.batch_tokens}
+        tags = {
+            "kind": "point",
+            "study": spec.name,
+            "variant": variant,
+            "model": "tiny",
+            "granularity": str(granularity_of(variant)),
+            "top_k": "2",
+            "experts": "8",
+            "tokens": str(budget),
+            "seed": str(sd),
+            "run_key": key,
+            "git_sha": "synthetic",
+        }
+        acct = {
+            "acct.params_total": 1.0e6,
+            "acct.params_active": 4.0e5,
+            "acct.params_non_embedding": 8.0e5,
+            "acct.params_active_non_embedding": 2.0e5,
+            "acct.flops_per_token_train": spec.flops_per_token,
+            "acct.steps": steps,
+            "acct.batch_tokens": spec.batch_tokens,
+        }
         last = steps // 2 if failed else steps
         lines = []
         for t in range(1, last + 1):
             tok = t * spec.batch_tokens
-            row = {"step": t, "tokens": tok, "flops": tok * spec.flops_per_token,
-                   "train/loss": E + A * (spec.speedups[variant] * t) ** -alpha + rng.normal(0, 0.05)}
+            row = {
+                "step": t,
+                "tokens": tok,
+                "flops": tok * spec.flops_per_token,
+                "train/loss": E + A * (spec.speedups[variant] * t) ** -alpha + rng.normal(0, 0.05),
+            }
             if t % spec.eval_every == 0 or t == last:
                 row["val/loss"] = E + A * (spec.speedups[variant] * t) ** -alpha + rng.normal(0, spec.noise)
                 row["router/top1_mass"] = 0.9 - 0.4 * t / steps
@@ -85,19 +112,34 @@ def write_study(study_dir: Path | str, spec: SyntheticStudy = SyntheticStudy(), 
         d = study_dir / "runs" / key
         d.mkdir(parents=True, exist_ok=True)
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-        status = {"status": "FAILED" if failed else "DONE", "step": last,
-                  "reason": "RuntimeError: synthetic failure" if failed else None}
+        status = {
+            "status": "FAILED" if failed else "DONE",
+            "step": last,
+            "reason": "RuntimeError: synthetic failure" if failed else None,
+        }
         (d / "status.json").write_text(json.dumps(status))
         final = {} if failed else {"val/loss": lines[-1]["val/loss"], "train/loss": lines[-1]["train/loss"]}
-        (d / "summary.json").write_text(json.dumps({
-            "run_key": key, "status": status["status"], "variant": variant, "tags": tags, "params": acct,
-            "final": final, "mlflow_run_id": None}))
+        (d / "summary.json").write_text(
+            json.dumps(
+                {
+                    "run_key": key,
+                    "status": status["status"],
+                    "variant": variant,
+                    "tags": tags,
+                    "params": acct,
+                    "final": final,
+                    "mlflow_run_id": None,
+                }
+            )
+        )
         if client is not None:
             _log_mlflow(client, exp, parent, tags, acct, lines, failed)
     if client is not None:
         client.set_terminated(parent, status="FINISHED")
-    return {"parent_run_id": parent,
-            "savings": {v: 1.0 - 1.0 / s for v, s in spec.speedups.items() if granularity_of(v) != 1}}
+    return {
+        "parent_run_id": parent,
+        "savings": {v: 1.0 - 1.0 / s for v, s in spec.speedups.items() if granularity_of(v) != 1},
+    }
 
 
 def _log_mlflow(client, exp, parent, tags, acct, lines, failed):
@@ -107,7 +149,7 @@ def _log_mlflow(client, exp, parent, tags, acct, lines, failed):
     metrics = [Metric(k, float(v), 0, r["step"]) for r in lines for k, v in r.items() if k != "step"]
     params = [Param(k, str(v)) for k, v in acct.items()]
     for i in range(0, max(len(metrics), 1), 1000):  # log_batch takes at most 1000 metrics
-        client.log_batch(run, metrics=metrics[i:i + 1000], params=params if i == 0 else [])
+        client.log_batch(run, metrics=metrics[i : i + 1000], params=params if i == 0 else [])
     client.set_terminated(run, status="FAILED" if failed else "FINISHED")
 
 
@@ -119,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     uri = f"sqlite:///{a.study_dir.resolve() / 'mlflow.db'}" if a.mlflow else None
     a.study_dir.mkdir(parents=True, exist_ok=True)
-    truth = write_study(a.study_dir, SyntheticStudy(name=a.study_dir.name, noise=a.noise,
-                                                    token_budgets=(81920, 163840, 327680)), tracking_uri=uri)
+    truth = write_study(
+        a.study_dir,
+        SyntheticStudy(name=a.study_dir.name, noise=a.noise, token_budgets=(81920, 163840, 327680)),
+        tracking_uri=uri,
+    )
     print(json.dumps(truth))
     return 0
 

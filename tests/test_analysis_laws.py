@@ -8,8 +8,15 @@ import pytest
 from scipy.optimize import minimize
 from torch.testing import assert_close
 
-from analysis.laws import (BESIROGLU_2024, CHINCHILLA, CHINCHILLA_GRID, KRAJEWSKI_2024_MOE, fit_chinchilla,
-                           fit_finegrained, law_from_preset)
+from analysis.laws import (
+    BESIROGLU_2024,
+    CHINCHILLA,
+    CHINCHILLA_GRID,
+    KRAJEWSKI_2024_MOE,
+    fit_chinchilla,
+    fit_finegrained,
+    law_from_preset,
+)
 from analysis.load import load_chinchilla_svg
 from analysis.lse import grid, make_objective, starts_matrix
 from analysis.optim import minimize_batched
@@ -17,8 +24,9 @@ from analysis.plan import ComputeModel, compute_optimal
 
 SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "chinchilla_svg_extracted.csv"
 needs_shared = pytest.mark.skipif(not SHARED_CSV.exists(), reason="../shared/data not present")
-SMALL_GRID = grid(log_E=(-0.5, 0.5), log_A=(0.0, 5.0, 10.0), alpha=(0.2, 0.5), log_B=(0.0, 5.0, 10.0),
-                  beta=(0.2, 0.5))
+SMALL_GRID = grid(
+    log_E=(-0.5, 0.5), log_A=(0.0, 5.0, 10.0), alpha=(0.2, 0.5), log_B=(0.0, 5.0, 10.0), beta=(0.2, 0.5)
+)
 
 
 def _grid_data(coefs, law, granularities=None):
@@ -65,8 +73,12 @@ def test_fit_with_fewer_points_than_parameters_raises_naming_counts():
     with pytest.raises(ValueError, match="5 parameters but only 5 data points"):
         fit_chinchilla(df)
     with pytest.raises(ValueError, match="needs column 'granularity'"):
-        fit_finegrained(df.drop(columns="granularity").assign(loss=1.0).head(3).pipe(
-            lambda d: pd.concat([d] * 3, ignore_index=True)))
+        fit_finegrained(
+            df.drop(columns="granularity")
+            .assign(loss=1.0)
+            .head(3)
+            .pipe(lambda d: pd.concat([d] * 3, ignore_index=True))
+        )
 
 
 def test_batched_lbfgs_reaches_the_same_optimum_as_scipy_per_start():
@@ -81,8 +93,9 @@ def test_batched_lbfgs_reaches_the_same_optimum_as_scipy_per_start():
         f, g = fun(th[None], np.zeros(1, dtype=np.int64))
         return f[0], g[0]
 
-    ref = [minimize(one, x, jac=True, method="L-BFGS-B", options={"gtol": 1e-10, "ftol": 1e-15}).fun
-           for x in x0]
+    ref = [
+        minimize(one, x, jac=True, method="L-BFGS-B", options={"gtol": 1e-10, "ftol": 1e-15}).fun for x in x0
+    ]
     assert res.converged.all()
     assert min(res.fun) <= min(ref) * (1 + 1e-6)
 

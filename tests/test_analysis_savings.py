@@ -7,9 +7,9 @@ from torch.testing import assert_close
 
 from analysis.curves import fit_loss_curve, steps_to_reach
 from analysis.derive import Smoothing, curves, smooth
+from analysis.load import load_files
 from analysis.savings import pick_baselines, reach_step, step_savings
 from analysis.synthetic import SyntheticStudy, write_study
-from analysis.load import load_files
 
 E, A, ALPHA = 2.0, 12.0, 0.5
 
@@ -75,8 +75,12 @@ def _study(tmp_path, **kw):
 
 
 def test_savings_on_constructed_curves_equal_one_minus_inverse_speedup(tmp_path):
-    s, truth = _study(tmp_path, speedups={"moe-E8-k2-G1": 1.0, "moe-E8-k2-G8": 1.5, "moe-E8-k2-G4": 1.25},
-                      seeds=(0,), token_budgets=(409600,))
+    s, truth = _study(
+        tmp_path,
+        speedups={"moe-E8-k2-G1": 1.0, "moe-E8-k2-G8": 1.5, "moe-E8-k2-G4": 1.25},
+        seeds=(0,),
+        token_budgets=(409600,),
+    )
     sav = step_savings(curves(s.metrics, s.runs, smoothing=Smoothing("none")), s.runs, n_boot=0)
     got = sav.set_index("variant")["savings_steps"]
     for v, want in truth["savings"].items():
@@ -87,8 +91,9 @@ def test_savings_on_constructed_curves_equal_one_minus_inverse_speedup(tmp_path)
 
 
 def test_slower_variant_is_extrapolated_and_has_negative_savings(tmp_path):
-    s, _ = _study(tmp_path, speedups={"moe-E8-k2-G1": 1.0, "moe-E8-k2-G8": 0.8}, seeds=(0,),
-                  token_budgets=(409600,))
+    s, _ = _study(
+        tmp_path, speedups={"moe-E8-k2-G1": 1.0, "moe-E8-k2-G8": 0.8}, seeds=(0,), token_budgets=(409600,)
+    )
     sav = step_savings(curves(s.metrics, s.runs, smoothing=Smoothing("none")), s.runs, n_boot=0)
     row = sav.iloc[0]
     assert row["extrapolated"]

@@ -1,0 +1,97 @@
+"""Loading from a real MLflow sqlite store and from run folders; report and CLI outputs."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+from torch.testing import assert_close
+
+from analysis import fit as fit_cli
+from analysis.load import load_files, load_mlflow, load_study
+from analysis.report import write_report
+from analysis.synthetic import SyntheticStudy, write_study
+
+os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+SPEC = SyntheticStudy(name="syn", token_budgets=(40960, 81920), seeds=(0, 1), noise=0.005, failed=1)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One study written to run folders and to a fresh sqlite MLflow store (table creation is slow)."""
+    root = tmp_path_factory.mktemp("study") / SPEC.name
+    uri = f"sqlite:///{root.parent / 'mlflow.db'}"
+    truth = write_study(root, SPEC, tracking_uri=uri)
+    return root, uri, truth
+
+
+def test_mlflow_and_files_load_the_same_runs_and_metrics(study):
+    root, uri, _ = study
+    a, b = load_mlflow(uri, SPEC.name), load_files(root)
+    assert len(a.runs) == len(b.runs) == 2 * 2 * 2
+    cols = ["run_key", "variant", "model", "granularity", "tokens", "seed", "acct.batch_tokens"]
+    ra, rb = (x.runs[cols].sort_values("run_key").reset_index(drop=True) for x in (a, b))
+    pd.testing.assert_frame_equal(ra, rb, check_dtype=False)
+    key = ["run_key", "metric", "step"]
+    ma, mb = (x.metrics.sort_values(key).reset_index(drop=True) for x in (a, b))
+    pd.testing.assert_frame_equal(ma[key], mb[key], check_dtype=False)
+    assert_close(ma["value"].to_numpy(), mb["value"].to_numpy(), rtol=1e-12, atol=0)
+    assert {"val/loss", "train/loss", "router/top1_mass", "tokens"} <= set(ma["metric"])
+
+
+def test_failed_runs_are_excluded_and_reported_not_mixed_in(study):
+    root, uri, _ = study
+    for s in (load_mlflow(uri, SPEC.name), load_files(root)):
+        assert len(s.excluded) == 1
+        assert s.excluded["status"].iloc[0] == "FAILED"
+        assert s.excluded["run_key"].iloc[0] not in set(s.runs["run_key"])
+        assert s.excluded["run_key"].iloc[0] not in set(s.metrics["run_key"])
+
+
+def test_unknown_study_raises_listing_experiments(study):
+    _, uri, _ = study
+    with pytest.raises(ValueError, match=r"study 'nope' not found .*'syn'"):
+        load_mlflow(uri, "nope")
+    with pytest.raises(ValueError, match="no runs/ folder"):
+        load_study(study[0].parent / "missing")
+
+
+def test_report_from_mlflow_writes_rows_figures_and_parent_artifacts(study, capsys):
+    root, uri, truth = study
+    path = write_report(
+        root, tracking_uri=uri, study=SPEC.name, parent_run_id=truth["parent_run_id"], n_boot=50
+    )
+    text = path.read_text()
+    assert "| tiny | 81920 | moe-E8-k2-G8 | moe-E8-k2-G1 | 2 |" in text
+    assert "## Excluded runs" in text and "FAILED" in text
+    assert "chinchilla: not fitted (needs >= 2 distinct params values, have 1)" in text
+    for png in ("loss_curves.png", "savings.png", "router.png"):
+        assert (path.parent / png).stat().st_size > 1000 and f"]({png})" in text
+    sav = pd.read_csv(path.parent / "savings.csv")
+    assert len(sav) == 2 and sav["savings_steps"].between(0.15, 0.5).all()  # truth 1/3, short noisy runs
+    assert "moe-E8-k2-G8" in capsys.readouterr().out
+    from mlflow.tracking import MlflowClient
+
+    logged = {f.path for f in MlflowClient(uri).list_artifacts(truth["parent_run_id"], "report")}
+    assert {"report/report.md", "report/savings.png"} <= logged
+
+
+def test_report_with_unknown_baseline_raises(study):
+    with pytest.raises(ValueError, match="baseline='dense'"):
+        write_report(study[0], baseline="dense", n_boot=0)
+
+
+def test_fit_cli_prints_coefficients_as_json(tmp_path, capsys):
+    import numpy as np
+
+    from analysis.laws import law_from_preset
+
+    g = np.meshgrid(np.geomspace(1e7, 1e9, 4), np.geomspace(1e9, 1e11, 4))
+    df = pd.DataFrame({"params": g[0].ravel(), "tokens": g[1].ravel()})
+    df["loss"] = law_from_preset("hoffmann2022").predict(df)
+    df.to_csv(tmp_path / "pts.csv", index=False)
+    assert fit_cli.main([str(tmp_path / "pts.csv"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert_close(out["coefficients"]["alpha"], 0.34, rtol=1e-3, atol=0)
+    assert fit_cli.main([str(tmp_path / "pts.csv"), "--law", "finegrained"]) == 2
+    assert "granularity" in capsys.readouterr().err
