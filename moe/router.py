@@ -105,7 +105,11 @@ class Router(nn.Module):
         if cfg.bias_update_rate > 0:
             select_TN = select_TN + self.expert_bias.float()
         expert_TK = select_TN.topk(self.k_routed, dim=-1).indices
-        if cfg.order == "after_topk" and cfg.score == "softmax":
+        if cfg.order != "before_topk" and self.k_routed == 1:
+            # Normalising over one score gives exactly 1 (and no router gradient: why validation
+            # rejects it); s/s would leave rounding noise in both.
+            gate_TK = torch.ones_like(expert_TK, dtype=scores_TN.dtype)
+        elif cfg.order == "after_topk" and cfg.score == "softmax":
             gate_TK = torch.softmax(logits_TN.gather(1, expert_TK), dim=-1)
         else:
             gate_TK = scores_TN.gather(1, expert_TK)
