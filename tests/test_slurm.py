@@ -147,6 +147,24 @@ class SquareSum(submitit.helpers.Checkpointable):
 # Tests ---------------------------------------------------------------------------------------------
 
 
+def test_slurm_profile_selects_submitit_slurm_and_passes_its_keys(compose):
+    overrides = [
+        "infra=slurm",
+        "infra.threads=4",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.account=lab",
+        "+hydra.launcher.additional_parameters.constraint=h100",
+        "hydra.launcher.setup=[module load cuda]",
+    ]
+    launcher = compose(overrides, hydra=True).hydra.launcher  # fmt: skip
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.account, launcher.qos) == ("gpu", "lab", None)
+    assert launcher.cpus_per_task == 4, "cpus_per_task follows infra.threads"
+    assert launcher.additional_parameters == {"constraint": "h100"}
+    assert list(launcher.setup) == ["module load cuda"]
+    assert (launcher.max_num_timeout, launcher.signal_delay_s) == (0, 120)
+
+
 @pytest.mark.slow
 def test_up_and_down_are_idempotent_and_leave_no_daemon_running(tmp_path):
     reason = cluster_unavailable()
@@ -226,6 +244,10 @@ def test_granularity_sweep_runs_through_sbatch_into_mlflow(cluster, shrunk, tmp_
     array_ids = {m[1] for m in tasks if m}
     assert len(array_ids) == 1, f"the sweep must be one sbatch job array: {tasks}"
     (array_id,) = array_ids
+    (sbatch_script,) = (sweep_dir / ".submitit").glob(".submission_file_*.sh")
+    assert {"#SBATCH --array=0-1%2", "#SBATCH --cpus-per-task=1", "#SBATCH --mem=2GB"} <= set(
+        sbatch_script.read_text().splitlines()
+    )
     assert wait_for_sacct(array_id, ["COMPLETED", "COMPLETED"]) == ["COMPLETED", "COMPLETED"]
 
     client = MlflowClient(f"sqlite:///{db}")
