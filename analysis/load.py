@@ -82,8 +82,8 @@ def _finish(name, source, rows, metrics_rows, excluded_rows) -> Study:
     )
 
 
-def load_mlflow(tracking_uri: str, study: str, *, workers: int = 8) -> Study:
-    """Point runs of experiment `study` and all their metric histories from any tracking URI."""
+def load_mlflow(tracking_uri: str, study: str, *, metrics=None, workers: int = 8) -> Study:
+    """Point runs of experiment `study` and their metric histories (all, or the keys in `metrics`)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -118,7 +118,9 @@ def load_mlflow(tracking_uri: str, study: str, *, workers: int = 8) -> Study:
         row.update(run_key=key, run_id=run.info.run_id, status=FINISHED)
         row.update({k: _coerce(v) for k, v in run.data.params.items()})
         rows.append(row)
-        done.append((key, run.info.run_id, sorted(run.data.metrics)))
+        done.append(
+            (key, run.info.run_id, sorted(k for k in run.data.metrics if metrics is None or k in metrics))
+        )
 
     def history(item):
         key, run_id, metric = item
@@ -197,14 +199,18 @@ def _read_json(path: Path) -> dict:
 
 
 def load_study(
-    study_dir: Path | str | None = None, *, tracking_uri: str | None = None, study: str | None = None
+    study_dir: Path | str | None = None,
+    *,
+    tracking_uri: str | None = None,
+    study: str | None = None,
+    metrics=None,
 ) -> Study:
     """MLflow when tracking_uri is given (study defaults to the directory name), else the run folders."""
     if tracking_uri:
         name = study or (Path(study_dir).name if study_dir else None)
         if not name:
             raise ValueError("loading from a tracking URI needs study=<name> (or a study directory)")
-        return load_mlflow(tracking_uri, name)
+        return load_mlflow(tracking_uri, name, metrics=metrics)
     if study_dir is None:
         raise ValueError("give a study directory or a tracking URI")
     return load_files(study_dir)

@@ -25,6 +25,8 @@ from analysis.load import Study, load_study
 from analysis.savings import pick_baselines, step_savings
 
 log = logging.getLogger(__name__)
+# Histories the report reads; per-layer router stats stay in MLflow (one query per run x key).
+REPORT_METRICS = ("val/loss", "train/loss", "router/top1_mass", "router/imbalance", "tokens", "flops")
 
 
 def md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
@@ -91,7 +93,7 @@ def write_report(
     """Load the study, write study_dir/report/report.md and PNGs, log them on parent_run_id, print a table."""
     study_dir = Path(study_dir)
     smoothing = smoothing or Smoothing()
-    s: Study = load_study(study_dir, tracking_uri=tracking_uri, study=study)
+    s: Study = load_study(study_dir, tracking_uri=tracking_uri, study=study, metrics=REPORT_METRICS)
     if s.runs.empty:
         raise ValueError(
             f"study {s.name!r} at {s.source} has no finished point runs ({len(s.excluded)} excluded)"
