@@ -49,13 +49,19 @@ def grouped_supported(device: torch.device, dtype: torch.dtype, d_model: int, d_
     return False
 
 
-def _act_backward(dh_AF: Tensor, a1_AF: Tensor, a3_AF: Tensor | None, activation: Activation):
-    """(d a1, d a3) of hidden(a1, a3) given d hidden; the same aten kernels autograd would use."""
+def _hidden_and_backward(a1_AF: Tensor, a3_AF: Tensor | None, activation: Activation):
+    """h = hidden(a1, a3) and a function mapping d h to (d a1, d a3), sharing silu(a1) between them.
+
+    Uses the aten backward kernels autograd itself uses, so both backends round alike.
+    """
     if activation == "swiglu":
-        da3_AF = dh_AF * F.silu(a1_AF)
-        da1_AF = torch.ops.aten.silu_backward(dh_AF * a3_AF, a1_AF)
-        return da1_AF, da3_AF
-    return torch.ops.aten.gelu_backward(dh_AF, a1_AF), None
+        s_AF = F.silu(a1_AF)
+
+        def backward(dh_AF: Tensor):
+            return torch.ops.aten.silu_backward(dh_AF * a3_AF, a1_AF), dh_AF.mul_(s_AF)
+
+        return s_AF * a3_AF, backward
+    return F.gelu(a1_AF), lambda dh_AF: (torch.ops.aten.gelu_backward(dh_AF, a1_AF), None)
 
 
 class _GroupedMLP(torch.autograd.Function):
@@ -87,14 +93,14 @@ class _GroupedMLP(torch.autograd.Function):
         g_A1 = gate_A.unsqueeze(1)
         # grouped_mm's kernels reject stride-0 (expanded) operands: see ENVIRONMENT.md.
         dy_AD = dout_TD.contiguous().index_select(0, token_A)
-        h_AF = hidden(a1_AF, a3_AF, ctx.activation)
+        h_AF, act_backward = _hidden_and_backward(a1_AF, a3_AF, ctx.activation)
         dh_AF = _grouped_mm(dy_AD, w2.transpose(-2, -1), offs_N)  # d/d(gated hidden)
-        # d gate_a = <dy_a, w2 h_a> = <dh_a, h_a>; accumulate in fp32 for bf16 inputs.
-        dgate_A = (dh_AF * h_AF).sum(dim=-1, dtype=torch.float32).to(gate_A.dtype) if need[2] else None
+        # d gate_a = <dy_a, w2 h_a> = <dh_a, h_a>
+        dgate_A = torch.linalg.vecdot(dh_AF, h_AF) if need[2] else None
         dw2 = _grouped_mm(h_AF.mul_(g_A1).transpose(0, 1), dy_AD, offs_N) if need[6] else None
         del h_AF, dy_AD
-        da1_AF, da3_AF = _act_backward(dh_AF.mul_(g_A1), a1_AF, a3_AF, ctx.activation)
-        del dh_AF
+        da1_AF, da3_AF = act_backward(dh_AF.mul_(g_A1))
+        del dh_AF, act_backward
         dw1 = dw3 = dx_TD = None
         if need[4] or need[5]:
             xt_DA = x_TD.index_select(0, token_A).transpose(0, 1)
