@@ -49,31 +49,42 @@ def grouped_supported(device: torch.device, dtype: torch.dtype, d_model: int, d_
     return False
 
 
-def _hidden_and_backward(a1_AF: Tensor, a3_AF: Tensor | None, activation: Activation):
-    """h = hidden(a1, a3) and a function mapping d h to (d a1, d a3), sharing silu(a1) between them.
+def _hidden_and_backward(a13_AH: Tensor, activation: Activation):
+    """h = hidden(a1, a3) from the fused projections a13 = [a1 | a3] (swiglu) or a1 (gelu), and a
+    function writing d a13 for a given d h; silu(a1) is computed once for both.
 
     Uses the aten backward kernels autograd itself uses, so both backends round alike.
     """
-    if activation == "swiglu":
-        s_AF = F.silu(a1_AF)
+    if activation == "gelu":
+        return F.gelu(a13_AH), lambda dh_AF: torch.ops.aten.gelu_backward(dh_AF, a13_AH)
+    a1_AF, a3_AF = a13_AH.chunk(2, dim=-1)
+    s_AF = F.silu(a1_AF)
 
-        def backward(dh_AF: Tensor):
-            return torch.ops.aten.silu_backward(dh_AF * a3_AF, a1_AF), dh_AF.mul_(s_AF)
+    def backward(dh_AF: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # dynamo rejects strided out=; inductor fuses the cat
+            da1 = torch.ops.aten.silu_backward(dh_AF * a3_AF, a1_AF)
+            return torch.cat([da1, dh_AF * s_AF], dim=-1)
+        da13_AH = torch.empty_like(a13_AH)  # eager: write both halves in place, no extra copy
+        da1_AF, da3_AF = da13_AH.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(dh_AF * a3_AF, a1_AF, grad_input=da1_AF)
+        torch.mul(dh_AF, s_AF, out=da3_AF)
+        return da13_AH
 
-        return s_AF * a3_AF, backward
-    return F.gelu(a1_AF), lambda dh_AF: (torch.ops.aten.gelu_backward(dh_AF, a1_AF), None)
+    return s_AF * a3_AF, backward
 
 
 class _GroupedMLP(torch.autograd.Function):
-    """out_TD = index_add over a of gate_a * w2_e(hidden(w1_e x, w3_e x)), e = expert of a."""
+    """out_TD = index_add over a of gate_a * w2_e(hidden(w1_e x, w3_e x)), e = expert of a.
+
+    w1 and w3 run as one grouped matmul against [w1 | w3] (H = 2F columns): every pass over the
+    gathered (A, D) activations costs memory bandwidth, and there are k*G of them per token.
+    """
 
     @staticmethod
     def forward(ctx, x_TD, token_A, gate_A, offs_N, w1, w3, w2, activation, gate_hidden):
-        x_AD = x_TD.index_select(0, token_A)
-        a1_AF = _grouped_mm(x_AD, w1, offs_N)
-        a3_AF = _grouped_mm(x_AD, w3, offs_N) if w3 is not None else None
-        del x_AD
-        h_AF = hidden(a1_AF, a3_AF, activation)
+        w13 = torch.cat([w1, w3], dim=-1) if w3 is not None else w1
+        a13_AH = _grouped_mm(x_TD.index_select(0, token_A), w13, offs_N)
+        h_AF, _ = _hidden_and_backward(a13_AH, activation)
         g_A1 = gate_A.unsqueeze(1)
         # Scale on the narrower side: hidden when F < D (fine experts), output otherwise.
         if gate_hidden:
@@ -82,35 +93,31 @@ class _GroupedMLP(torch.autograd.Function):
             y_AD = _grouped_mm(h_AF, w2, offs_N).mul_(g_A1)
         del h_AF
         out_TD = x_TD.new_zeros(x_TD.shape).index_add_(0, token_A, y_AD)
-        ctx.save_for_backward(x_TD, token_A, gate_A, offs_N, w1, w3, w2, a1_AF, a3_AF)
-        ctx.activation = activation
+        ctx.save_for_backward(x_TD, token_A, gate_A, offs_N, w13, w2, a13_AH)
+        ctx.activation, ctx.fused = activation, w3 is not None
         return out_TD
 
     @staticmethod
     def backward(ctx, dout_TD):
-        x_TD, token_A, gate_A, offs_N, w1, w3, w2, a1_AF, a3_AF = ctx.saved_tensors
+        x_TD, token_A, gate_A, offs_N, w13, w2, a13_AH = ctx.saved_tensors
         need = ctx.needs_input_grad
         g_A1 = gate_A.unsqueeze(1)
         # grouped_mm's kernels reject stride-0 (expanded) operands: see ENVIRONMENT.md.
         dy_AD = dout_TD.contiguous().index_select(0, token_A)
-        h_AF, act_backward = _hidden_and_backward(a1_AF, a3_AF, ctx.activation)
+        h_AF, act_backward = _hidden_and_backward(a13_AH, ctx.activation)
         dh_AF = _grouped_mm(dy_AD, w2.transpose(-2, -1), offs_N)  # d/d(gated hidden)
         # d gate_a = <dy_a, w2 h_a> = <dh_a, h_a>
         dgate_A = torch.linalg.vecdot(dh_AF, h_AF) if need[2] else None
         dw2 = _grouped_mm(h_AF.mul_(g_A1).transpose(0, 1), dy_AD, offs_N) if need[6] else None
         del h_AF, dy_AD
-        da1_AF, da3_AF = act_backward(dh_AF.mul_(g_A1))
+        da13_AH = act_backward(dh_AF.mul_(g_A1))
         del dh_AF, act_backward
         dw1 = dw3 = dx_TD = None
         if need[4] or need[5]:
-            xt_DA = x_TD.index_select(0, token_A).transpose(0, 1)
-            dw1 = _grouped_mm(xt_DA, da1_AF, offs_N) if need[4] else None
-            dw3 = _grouped_mm(xt_DA, da3_AF, offs_N) if need[5] else None
-            del xt_DA
+            dw13 = _grouped_mm(x_TD.index_select(0, token_A).transpose(0, 1), da13_AH, offs_N)
+            dw1, dw3 = dw13.chunk(2, dim=-1) if ctx.fused else (dw13, None)
         if need[0]:
-            dx_AD = _grouped_mm(da1_AF, w1.transpose(-2, -1), offs_N)
-            if da3_AF is not None:
-                dx_AD += _grouped_mm(da3_AF, w3.transpose(-2, -1), offs_N)
+            dx_AD = _grouped_mm(da13_AH, w13.transpose(-2, -1), offs_N)
             dx_TD = torch.zeros_like(x_TD).index_add_(0, token_A, dx_AD)
         return dx_TD, None, dgate_A, None, dw1, dw3, dw2, None, None
 

@@ -244,7 +244,7 @@ def test_bf16_weights_and_autocast_track_fp32(backend):
     "backend",
     [
         # grouped + dropless compiles to one graph: no data-dependent shapes, no host syncs
-        pytest.param("grouped", id="grouped-fullgraph"),
+        pytest.param("grouped", id="grouped-fullgraph", marks=pytest.mark.slow),
         # the per-expert loop needs host-side counts (graph breaks): correct but slow to compile
         pytest.param("reference", marks=pytest.mark.slow),
     ],
