@@ -56,7 +56,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     tokens: int = 2_000_000
-    """Training budget in tokens; steps = tokens // batch_tokens."""
+    """Training budget in tokens; steps = ceil(tokens / batch_tokens), so at least `tokens` are seen."""
     batch_tokens: int = 8192
     """Tokens per optimiser step (sequences per step = batch_tokens // model.seq_len)."""
     micro_batch_tokens: int | None = None
@@ -148,7 +148,7 @@ def plan_training(model_cfg: ModelConfig, optim: OptimConfig, train: TrainConfig
         raise ValueError(
             f"optim.warmup_frac={optim.warmup_frac} must be in [0, 1) and optim.decay_frac={optim.decay_frac} in [0, 1]"
         )
-    steps = train.tokens // train.batch_tokens
+    steps = -(-train.tokens // train.batch_tokens)
     decay = round(optim.decay_frac * steps) if optim.schedule == "wsd" else 0
     return TrainPlan(
         steps=steps,
@@ -294,9 +294,10 @@ def train(
 
         if progress and train.progress_every and (step % train.progress_every == 0 or step == plan.steps):
             elapsed = time.perf_counter() - t_start
+            val = "-" if math.isnan(val_loss) else f"{val_loss:.3f}"
             progress(
                 f"step {step}/{plan.steps} | tokens {tokens:,} | loss {float(loss_sum) / plan.accum:.3f} "
-                f"| val {val_loss:.3f} | {tokens / elapsed:,.0f} tok/s "
+                f"| val {val} | {tokens / elapsed:,.0f} tok/s "
                 f"| ETA {format_eta(elapsed / step * (plan.steps - step))}"
             )
 

@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 
 from studies.point import run_point
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture
 def finished(compose, shrunk, tmp_path):
