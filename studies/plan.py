@@ -1,0 +1,317 @@
+"""`python -m studies.plan [-m] <overrides>`: what a sweep would cost, without building a model.
+
+Takes the same overrides as `studies.run`, expands the sweep exactly as Hydra's basic sweeper would
+(study presets' hydra.sweeper.params plus the command line, via studies.callbacks.sweep_points), turns
+each point into its model and budget with the code `studies.run` uses (studies.point.build_point), and
+prints per point: total / active / non-embedding params, training FLOPs per token, tokens, steps, total
+training FLOPs and GPU-hours at a stated MFU and GPU peak. Counts are analytic (moe.accounting), so a 56B
+config plans in well under a second; `--check-meta` also builds each model on the meta device (no
+storage) and checks that its numel equals the analytic total.
+
+Vocabulary: studies.run sizes the model to the tokenizer of its data (data.vocab_size, or the meta.json
+of data=tokens). The planner cannot see token files, so by default it plans with model.vocab_size, which
+the small presets interpolate from data.vocab_size and the published-architecture presets pin to their
+real vocabulary (train those with data=tokens shards of that tokenizer). `--vocab data` plans with
+data.vocab_size instead. Points where the two differ are flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from moe.accounting import count_params, count_params_of_module, flops_per_token
+from studies.callbacks import sweep_points
+from studies.config import load_run_config, register_configs
+from studies.point import build_point
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_NAME = "config"
+
+# Dense (no structured sparsity) peak FLOP/s per GPU at bf16, from the vendors' datasheets
+# (H100/H200 SXM: 989.4 TFLOP/s; A100: 312 TFLOP/s).
+GPU_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
+VocabFrom = Literal["model", "data"]
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The assumptions behind GPU-hours: hours = train_flops / (mfu * peak_flops) / 3600."""
+
+    gpu: str
+    """Name of the GPU (a key of GPU_PEAK_FLOPS, or "custom" for --peak-flops)."""
+    peak_flops: float
+    """Peak FLOP/s of one GPU."""
+    mfu: float
+    """Model FLOPs utilisation: achieved / peak, in (0, 1]."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"--mfu={self.mfu} must be in (0, 1]")
+        if not self.peak_flops > 0:
+            raise ValueError(f"--peak-flops={self.peak_flops} must be > 0")
+
+    def describe(self) -> str:
+        return f"MFU {self.mfu:.2f} of {self.gpu} peak {self.peak_flops / 1e12:g} TFLOP/s per GPU"
+
+
+def hardware(gpu: str = "h100", mfu: float = 0.4, peak_flops: float | None = None) -> Hardware:
+    """Hardware from a named GPU, or from an explicit peak (which wins and is called "custom")."""
+    if peak_flops is not None:
+        return Hardware("custom", peak_flops, mfu)
+    if gpu not in GPU_PEAK_FLOPS:
+        raise ValueError(f"--gpu={gpu!r} is not one of {sorted(GPU_PEAK_FLOPS)}; or give --peak-flops")
+    return Hardware(gpu, GPU_PEAK_FLOPS[gpu], mfu)
+
+
+@dataclass(frozen=True)
+class PointPlan:
+    """The planned cost of one sweep point."""
+
+    overrides: tuple[str, ...]
+    """The job's overrides, as Hydra would launch it."""
+    variant: str
+    """Readable label (docs/outputs.md), e.g. moe-E8-k2-G8."""
+    model: str
+    """Size preset name."""
+    vocab_size: int
+    """Vocabulary the point was planned with."""
+    data_vocab_size: int
+    """data.vocab_size, what studies.run uses unless data=tokens brings its own."""
+    params_total: int
+    """Every parameter (tied weights once)."""
+    params_active: int
+    """Parameters one token touches."""
+    params_non_embedding: int
+    """Total without embedding and LM head."""
+    params_active_non_embedding: int
+    """Active without embedding and LM head."""
+    flops_per_token_forward: float
+    """Forward FLOPs per token (moe.accounting convention)."""
+    flops_per_token_train: float
+    """Training FLOPs per token, 3 x forward."""
+    tokens: int
+    """Training tokens seen: steps * batch_tokens."""
+    steps: int
+    """Optimiser steps."""
+    batch_tokens: int
+    """Tokens per optimiser step."""
+    train_flops: float
+    """flops_per_token_train * tokens."""
+    gpu_hours: float
+    """train_flops / (mfu * peak_flops) / 3600."""
+    meta_numel: int | None = None
+    """sum(numel) of the model built on the meta device (--check-meta), else None."""
+
+
+def compose_jobs(overrides: Sequence[str], multirun: bool) -> list[tuple[tuple[str, ...], DictConfig]]:
+    """(job overrides, composed config) for every job `studies.run [-m] overrides` would launch."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="plan"):
+        gh = GlobalHydra.instance()
+        if not multirun:
+            cfg = gh.hydra.compose_config(CONFIG_NAME, list(overrides), run_mode=RunMode.RUN)
+            return [(tuple(overrides), cfg)]
+        # As hydra.main does for -m: compose the master config, let the sweeper expand it, and compose
+        # each job with the config loader the launcher uses.
+        master = gh.hydra.compose_config(CONFIG_NAME, list(overrides), run_mode=RunMode.MULTIRUN)
+        sweeper = master.hydra.sweeper.get("_target_", "")
+        if not sweeper.endswith("BasicSweeper"):
+            raise ValueError(
+                f"hydra.sweeper._target_={sweeper} is not Hydra's BasicSweeper: cannot expand it"
+            )
+        loader = gh.config_loader()
+        return [(tuple(job), loader.load_sweep_config(master, list(job))) for job in sweep_points(master)]
+
+
+def plan_point(
+    cfg: DictConfig,
+    hw: Hardware,
+    *,
+    overrides: Sequence[str] = (),
+    vocab: VocabFrom = "model",
+    check_meta: bool = False,
+) -> PointPlan:
+    """Plan one composed config with the same derivation as studies.run (build_point); no weights."""
+    if vocab not in ("model", "data"):
+        raise ValueError(f"--vocab={vocab!r} is not one of model, data")
+    run = load_run_config(cfg)
+    point = build_point(run, vocab_size=run.model.vocab_size if vocab == "model" else run.data.vocab_size)
+    params = count_params(point.model)
+    flops = flops_per_token(point.model)
+    tokens = point.plan.steps * point.plan.batch_tokens
+    train_flops = flops.train * tokens
+    meta_numel = None
+    if check_meta:
+        from moe.model import Transformer  # only here: planning itself never builds a model
+
+        with torch.device("meta"):
+            meta_numel = count_params_of_module(Transformer(point.model))
+        if meta_numel != params.total:
+            raise ValueError(
+                f"model={run.model.name}: meta-device numel {meta_numel:,} != analytic total {params.total:,}"
+            )
+    return PointPlan(
+        overrides=tuple(overrides),
+        variant=point.variant,
+        model=run.model.name,
+        vocab_size=point.model.vocab_size,
+        data_vocab_size=run.data.vocab_size,
+        params_total=params.total,
+        params_active=params.active,
+        params_non_embedding=params.non_embedding,
+        params_active_non_embedding=params.active_non_embedding,
+        flops_per_token_forward=flops.forward,
+        flops_per_token_train=flops.train,
+        tokens=tokens,
+        steps=point.plan.steps,
+        batch_tokens=point.plan.batch_tokens,
+        train_flops=train_flops,
+        gpu_hours=train_flops / (hw.mfu * hw.peak_flops) / 3600.0,
+        meta_numel=meta_numel,
+    )
+
+
+def plan_sweep(
+    overrides: Sequence[str] = (),
+    *,
+    multirun: bool = False,
+    hw: Hardware | None = None,
+    vocab: VocabFrom = "model",
+    check_meta: bool = False,
+) -> list[PointPlan]:
+    """Plan every point of `studies.run [-m] overrides`; one ValueError lists every invalid point."""
+    hw = hw or hardware()
+    jobs = compose_jobs(overrides, multirun)
+    common = set.intersection(*(set(job) for job, _ in jobs)) if len(jobs) > 1 else set()
+    plans, errors = [], []
+    for job, cfg in jobs:
+        try:
+            plans.append(plan_point(cfg, hw, overrides=job, vocab=vocab, check_meta=check_meta))
+        except ValueError as exc:
+            varying = " ".join(o for o in job if o not in common) or " ".join(job) or "(no overrides)"
+            errors.append(f"  {varying}: {exc}")
+    if errors:
+        raise ValueError(f"{len(errors)} of {len(jobs)} sweep points are invalid:\n" + "\n".join(errors))
+    return plans
+
+
+# Output -------------------------------------------------------------------------------------------
+
+
+def _si(x: float) -> str:
+    """3 significant figures with a K/M/B/T suffix (params, tokens)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.0f}" if h >= 100 else f"{h:.3g}"
+
+
+def varying_overrides(plans: Sequence[PointPlan]) -> list[str]:
+    """Per point, the overrides that differ between points (all of them for a single point)."""
+    common = set.intersection(*(set(p.overrides) for p in plans)) if len(plans) > 1 else set()
+    return [" ".join(o for o in p.overrides if o not in common) or "-" for p in plans]
+
+
+def format_plan(plans: Sequence[PointPlan], hw: Hardware) -> str:
+    header = ("point", "variant", "total", "active", "non-emb", "act non-emb", "train FLOP/tok",
+              "tokens", "steps", "train FLOPs", "GPU-h")  # fmt: skip
+    rows = [header]
+    for label, p in zip(varying_overrides(plans), plans, strict=True):
+        rows.append((
+            label, p.variant, _si(p.params_total), _si(p.params_active), _si(p.params_non_embedding),
+            _si(p.params_active_non_embedding), f"{p.flops_per_token_train:.3g}", _si(p.tokens),
+            f"{p.steps:,}", f"{p.train_flops:.3g}", _hours(p.gpu_hours),
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    total_flops = sum(p.train_flops for p in plans)
+    lines += [
+        "",
+        f"{len(plans)} point(s): {total_flops:.3g} training FLOPs, {_hours(sum(p.gpu_hours for p in plans))} "
+        f"GPU-hours at {hw.describe()}.",
+        "FLOPs per token: moe.accounting convention (matmuls x2, attention QK^T and AV non-causal at "
+        "model.seq_len, router included, training = 3 x forward).",
+    ]
+    pinned = sorted(
+        {(p.model, p.vocab_size, p.data_vocab_size) for p in plans if p.vocab_size != p.data_vocab_size}
+    )
+    for model, vocab, data_vocab in pinned:
+        lines.append(
+            f"note: model={model} planned with its vocabulary {vocab}; studies.run sizes the model to its "
+            f"data's tokenizer (data.vocab_size={data_vocab} unless data=tokens shards bring their own)."
+        )
+    checked = [p for p in plans if p.meta_numel is not None]
+    if checked:
+        lines.append(f"meta-device build: numel == analytic total for {len(checked)} point(s).")
+    return "\n".join(lines)
+
+
+def plan_json(plans: Sequence[PointPlan], hw: Hardware) -> dict[str, Any]:
+    return {
+        "assumptions": {**dataclasses.asdict(hw), "seconds_per_hour": 3600},
+        "points": [dataclasses.asdict(p) for p in plans],
+        "total": {
+            "train_flops": sum(p.train_flops for p in plans),
+            "gpu_hours": sum(p.gpu_hours for p in plans),
+        },
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m studies.plan",
+        description="Params, FLOPs, steps and GPU-hours of every point of a studies.run sweep; "
+        "nothing is trained or allocated.",
+    )
+    parser.add_argument(
+        "-m", "--multirun", action="store_true", help="expand the sweep as studies.run -m would"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    parser.add_argument(
+        "--gpu", default="h100", help=f"GPU peak from {sorted(GPU_PEAK_FLOPS)} (default h100)"
+    )
+    parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU; overrides --gpu")
+    parser.add_argument("--vocab", choices=("model", "data"), default="model",
+                        help="plan with model.vocab_size (default) or data.vocab_size")  # fmt: skip
+    parser.add_argument("--check-meta", action="store_true",
+                        help="also build each model on the meta device and check its numel")  # fmt: skip
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for studies.run")
+    args = parser.parse_args(argv)
+    try:
+        hw = hardware(args.gpu, args.mfu, args.peak_flops)
+        plans = plan_sweep(args.overrides, multirun=args.multirun, hw=hw, vocab=args.vocab,
+                           check_meta=args.check_meta)  # fmt: skip
+    except (ValueError, HydraException, OmegaConfBaseException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(plan_json(plans, hw), indent=2))
+    else:
+        print(format_plan(plans, hw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
