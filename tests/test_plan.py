@@ -52,6 +52,15 @@ def test_mixtral_8x7b_matches_published_46_7b_total_and_12_9b_active():
     assert plan.vocab_size == 32000
 
 
+def test_planning_at_mixtral_published_context_adds_only_attention_flops():
+    short = _one(["model=mixtral_8x7b", *BIG_BATCH])
+    long = _one(["model=mixtral_8x7b", "model.seq_len=32768", *BIG_BATCH])
+    assert long.params_total == short.params_total
+    # QK^T and AV: 4 * n_layers * seq_len * d_model forward FLOPs per token (non-causal), x3 to train.
+    extra = 3 * 4 * 32 * (32768 - 4096) * 4096
+    assert long.flops_per_token_train - short.flops_per_token_train == pytest.approx(extra)
+
+
 def test_olmoe_1b_7b_matches_published_6_9b_total_and_rounds_to_1_3b_active():
     plan = _one(["model=olmoe_1b_7b", *BIG_BATCH])
     assert plan.params_total == pytest.approx(6.9e9, rel=0.005)
@@ -165,7 +174,7 @@ def test_cli_prints_json_with_assumptions_and_a_table_with_notes(capsys):
 
 
 def test_cli_reports_invalid_points_with_the_key_and_exits_nonzero(capsys):
-    assert main(["model=mixtral_8x7b"]) == 2
+    assert main(["model=mixtral_8x7b", "model.seq_len=32768"]) == 2
     err = capsys.readouterr().err
     assert "train.batch_tokens=8192 must be a positive multiple of model.seq_len=32768" in err
     assert main(["-m", "granularity=1,3"]) == 2
