@@ -3,6 +3,7 @@ server, and the MLflow UI rendered by headless Chromium."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -228,16 +229,25 @@ def chromium() -> str:
     pytest.skip("no headless browser: install Debian's chromium (apt-get install -y chromium)")
 
 
+def chromium_run(url: str, action: str, profile: Path) -> str:
+    """Run headless Chromium on `url` with one action (--dump-dom, --screenshot=...) and a fresh profile."""
+    proc = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", action, url],
+                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def render(url: str, out: Path) -> tuple[Image.Image, str]:
-    """Screenshot (PNG) and rendered DOM of `url`, each from a fresh browser profile."""
-    browser = chromium()
+    """Screenshot of `url` (saved as out.png) and the text of its rendered DOM."""
     shot = out.with_suffix(".png")
-    for action in (f"--screenshot={shot}", "--dump-dom"):
-        profile = out.parent / f"{out.name}-profile-{action[2:8]}"
-        proc = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", action, url],
-                              capture_output=True, text=True, timeout=180)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return Image.open(shot).convert("RGB"), proc.stdout
+    chromium_run(url, f"--screenshot={shot}", out.parent / f"{out.name}-screenshot-profile")
+    return Image.open(shot).convert("RGB"), page_text(url, out)
+
+
+def page_text(url: str, out: Path) -> str:
+    """Visible text of the rendered page, tags removed (`<strong>3</strong> matching runs`)."""
+    dom = chromium_run(url, "--dump-dom", out.parent / f"{out.name}-dom-profile")
+    return " ".join(html.unescape(re.sub(r"<[^>]*>", " ", dom)).split())
 
 
 def assert_not_blank(image: Image.Image) -> None:
@@ -250,13 +260,19 @@ def assert_not_blank(image: Image.Image) -> None:
 @pytest.mark.slow
 def test_runs_page_shows_the_sweep_as_a_parent_run_of_its_points(served_study, tmp_path):
     url, _, exp_id = served_study
-    client = MlflowClient(url)
-    (parent,) = client.search_runs([exp_id], "tags.kind = 'sweep'")
-    image, dom = render(f"{url}/#/experiments/{exp_id}/runs", tmp_path / "runs")
+    runs = MlflowClient(url).search_runs([exp_id])
+    (parent,) = [r.info.run_name for r in runs if r.data.tags["kind"] == "sweep"]
+    points = [r.info.run_name for r in runs if r.data.tags["kind"] == "point"]
+    image, text = render(f"{url}/#/experiments/{exp_id}/runs", tmp_path / "runs")
     assert_not_blank(image)
-    assert parent.info.run_name in dom
-    # The children are folded under the parent, and counted: the parent and its two points.
-    assert "3 matching runs" in dom
+    # The points are folded under the parent row, and counted with it.
+    assert parent in text and "3 matching runs" in text
+    assert not any(name in text for name in points)
+    # Ordered by a metric, the table lists runs flat: every point is on the page.
+    flat = page_text(
+        f"{url}/#/experiments/{exp_id}/runs?orderByKey=metrics.%60val%2Floss%60", tmp_path / "flat"
+    )
+    assert all(name in flat for name in [parent, *points])
 
 
 @pytest.mark.slow
@@ -266,8 +282,8 @@ def test_loss_chart_page_plots_train_and_val_loss_of_every_point(served_study, t
     keys = ["train/loss", "val/loss"]
     query = {"runs": json.dumps([c.info.run_id for c in children]), "metric": json.dumps(keys[0]),
              "experiments": json.dumps([exp_id]), "plot_metric_keys": json.dumps(keys), "x_axis": "step"}  # fmt: skip
-    image, dom = render(f"{url}/#/metric?{urllib.parse.urlencode(query)}", tmp_path / "loss")
+    image, text = render(f"{url}/#/metric?{urllib.parse.urlencode(query)}", tmp_path / "loss")
     assert_not_blank(image)
-    assert "train/loss vs val/loss" in dom
+    assert "train/loss vs val/loss" in text
     for child in children:
-        assert child.info.run_name in dom
+        assert f"{child.info.run_name} (train/loss)" in text and f"{child.info.run_name} (val/loss)" in text
