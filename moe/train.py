@@ -106,6 +106,10 @@ class TrainResult:
     final_val_loss: float
     wall_s: float
     tokens_per_s: float
+    eval_s: float
+    """Wall time spent evaluating (included in wall_s)."""
+    log_s: float
+    """Wall time spent collecting diagnostics and inside the logger (included in wall_s)."""
 
 
 class Logger(Protocol):
@@ -250,6 +254,7 @@ def train(
     model.train()
     t_start = time.perf_counter()
     window_t, window_tokens, eval_s = t_start, 0, 0.0
+    total_eval_s = total_log_s = 0.0
     train_loss = val_loss = math.nan
     for step in range(1, plan.steps + 1):
         lr = lr_at(
@@ -276,6 +281,7 @@ def train(
         tokens = step * plan.batch_tokens
 
         if step % train.log_every == 0 or step == plan.steps:
+            t_log = time.perf_counter()
             train_loss = float(loss_sum) / plan.accum
             now = time.perf_counter()
             tok_s = window_tokens / max(now - window_t - eval_s, 1e-9)
@@ -285,12 +291,14 @@ def train(
                 metrics.update(router_metrics(out.router, layers))
             logger.log_metrics(metrics, step)
             window_t, window_tokens, eval_s = now, 0, 0.0
+            total_log_s += time.perf_counter() - t_log
 
         if (train.eval_every and step % train.eval_every == 0) or step == plan.steps:
             t_eval = time.perf_counter()
             val_loss = evaluate(model, val_batches, device, autocast)
             logger.log_metrics({"val/loss": val_loss, "tokens": tokens}, step)
             eval_s += time.perf_counter() - t_eval
+            total_eval_s += time.perf_counter() - t_eval
 
         if progress and train.progress_every and (step % train.progress_every == 0 or step == plan.steps):
             elapsed = time.perf_counter() - t_start
@@ -312,4 +320,6 @@ def train(
         final_val_loss=val_loss,
         wall_s=wall,
         tokens_per_s=tokens / wall,
+        eval_s=total_eval_s,
+        log_s=total_log_s,
     )

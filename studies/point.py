@@ -31,6 +31,7 @@ from studies.config import RunConfig, load_run_config
 
 # Keys that change how a run is observed, not what it computes: left out of the run key.
 CADENCE_KEYS = ("log_every", "progress_every")
+AXES = ("variant", "dense_match", "granularity", "top_k", "experts", "tokens", "budget_from", "seed")
 
 
 def derive_model(run: RunConfig, vocab_size: int | None = None) -> ModelConfig:
@@ -145,8 +146,13 @@ class Point:
         }
 
     def params(self) -> dict[str, Any]:
-        """Flattened resolved config (model.moe.* as moe.*) plus accounting: the MLflow params."""
+        """Flattened resolved config (model.moe.* as moe.*) plus accounting: the MLflow params.
+
+        The top-level sweep axes go under `axis.` (axis.granularity, axis.tokens, ...): bare, they would
+        shadow the same-named tags, which hold the derived values (e.g. tag granularity=8 where the axis
+        was left null, tag tokens = the budget actually trained)."""
         tree = self.resolved()
+        tree["axis"] = {k: tree.pop(k) for k in AXES}
         moe = tree["model"].pop("moe")
         flat = tracking.flatten(tree)
         flat.update(tracking.flatten({"moe": moe}) if moe else {"moe": None})
@@ -250,6 +256,7 @@ def run_point(
         _write_json(run_dir / "status.json", {"status": "FAILED", "step": jsonl.last_step, "reason": reason})
         summary.update(status="FAILED", error=reason, traceback=traceback.format_exc(), final={})
         _write_json(run_dir / "summary.json", summary)
+        mlf.set_tags({"failure_reason": reason[:5000]})
         _finish(mlf, uri, run_id, run_dir, ok=False)
         raise
 

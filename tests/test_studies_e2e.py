@@ -85,3 +85,9 @@ def test_a_point_failing_during_its_run_is_reported_and_the_sweep_exits_non_zero
         json.loads(p.read_text())["status"] for p in (tmp_path / "outputs/default/runs").glob("*/status.json")
     ]
     assert sorted(statuses) == ["DONE", "FAILED"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs/default/mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    by_kind = {(r.data.tags["kind"], r.info.status) for r in runs}
+    assert by_kind == {("sweep", "FAILED"), ("point", "FINISHED"), ("point", "FAILED")}
+    (failed,) = [r for r in runs if r.data.tags["kind"] == "point" and r.info.status == "FAILED"]
+    assert "no CUDA device" in failed.data.tags["failure_reason"]

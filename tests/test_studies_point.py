@@ -49,6 +49,10 @@ def test_mlflow_run_has_tags_params_metric_history_and_artifacts(finished):
         assert tags[key] == value, key
     assert tags["git_sha"]
     params = run.data.params
+    assert not {"variant", "granularity", "tokens", "seed"} & set(params), "params must not shadow the tags"
+    assert (
+        params["axis.granularity"] == "2" and params["axis.seed"] == "3" and params["axis.variant"] == "moe"
+    )
     assert (
         params["model.d_model"] == "32" and params["moe.granularity"] == "2" and params["optim.lr"] == "0.003"
     )
