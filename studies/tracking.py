@@ -29,7 +29,14 @@ def default_tracking_uri(study_dir: Path) -> str:
     return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
 
 
+def is_server(tracking_uri: str) -> bool:
+    """A tracking server stores artifacts itself; a local store keeps them beside the study."""
+    return tracking_uri.startswith(("http://", "https://"))
+
+
 def ui_command(tracking_uri: str) -> str:
+    if is_server(tracking_uri):
+        return f"open {tracking_uri} in a browser"
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
@@ -45,14 +52,17 @@ def git_sha() -> str:
         return "unknown"
 
 
-def experiment_id(client: MlflowClient, name: str, artifact_root: Path) -> str:
-    """Get or create the study's experiment; tolerate another process creating it at the same time."""
+def experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
+    """Get or create the study's experiment; tolerate another process creating it at the same time.
+
+    artifact_root None lets the tracking server choose (mlflow-artifacts: uploads over HTTP)."""
     for _ in range(5):
         exp = client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=Path(artifact_root).resolve().as_uri())
+            location = None if artifact_root is None else Path(artifact_root).resolve().as_uri()
+            return client.create_experiment(name, artifact_location=location)
         except Exception:  # lost the race (unique name) or the db was busy: look again
             time.sleep(0.5)
     raise RuntimeError(f"could not get or create MLflow experiment {name!r}")
@@ -68,7 +78,7 @@ def start_run(
     parent_run_id: str | None = None,
 ) -> str:
     client = MlflowClient(tracking_uri)
-    exp = experiment_id(client, study, artifact_root)
+    exp = experiment_id(client, study, None if is_server(tracking_uri) else artifact_root)
     all_tags = dict(tags)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id

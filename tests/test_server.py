@@ -209,6 +209,8 @@ def test_sweep_pointed_at_the_server_records_parent_children_metrics_and_artifac
     assert sorted(c.data.tags["variant"] for c in children) == ["moe-E8-k2-G1", "moe-E8-k2-G8"]
     for child in children:
         assert child.info.status == "FINISHED"
+        # Artifacts were uploaded through the server, not written to a path only this node can see.
+        assert child.info.artifact_uri.startswith("mlflow-artifacts:"), child.info.artifact_uri
         train = client.get_metric_history(child.info.run_id, "train/loss")
         assert [m.step for m in train] == list(range(2, 21, 2))
         assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 2
