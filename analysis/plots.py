@@ -52,6 +52,12 @@ def plot_loss_curves(
 
 def plot_savings(ax, savings: pd.DataFrame, *, column: str = "savings_steps", title: str = ""):
     """Savings vs token budget per variant, with bootstrap intervals; hollow markers are extrapolated."""
+    savings = savings[np.isfinite(savings[column].to_numpy(dtype=float))]
+    if savings.empty:
+        # Every variant lacked a usable curve (e.g. too few evaluations): say so instead of a broken log axis.
+        ax.text(0.5, 0.5, f"no finite {column}", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        return
     colors = _colors(savings["variant"].unique())
     for v, g in savings.sort_values("tokens").groupby("variant", sort=True):
         y = g[column].to_numpy(dtype=float)

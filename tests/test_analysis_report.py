@@ -95,3 +95,21 @@ def test_fit_cli_prints_coefficients_as_json(tmp_path, capsys):
     assert_close(out["coefficients"]["alpha"], 0.34, rtol=1e-3, atol=0)
     assert fit_cli.main([str(tmp_path / "pts.csv"), "--law", "finegrained"]) == 2
     assert "granularity" in capsys.readouterr().err
+
+
+def test_report_on_runs_too_short_to_fit_still_writes_and_explains(tmp_path):
+    # One evaluation per run (a sweep with a tiny budget) and a variant that never reaches the baseline's
+    # loss: extrapolation has no curve to fit, so savings are not measured and the report must say why.
+    spec = SyntheticStudy(
+        name="short", token_budgets=(10240,), seeds=(0,), eval_every=10,
+        speedups={"moe-E8-k2-G1": 1.0, "moe-E8-k2-G8": 0.7},
+    )  # fmt: skip
+    root = tmp_path / spec.name
+    write_study(root, spec)
+    path = write_report(root, n_boot=10)
+    text = path.read_text()
+    assert "moe-E8-k2-G8" in text
+    savings = pd.read_csv(root / "report" / "savings.csv")
+    assert savings["savings_steps"].isna().all()
+    assert savings["fit_error"].str.contains("data point").all()
+    assert (root / "report" / "savings.png").exists()
