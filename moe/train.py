@@ -1,8 +1,12 @@
 """The training loop: one function that reads top to bottom.
 
-build -> loop {lr, forward/backward (+ aux losses), clip, step, balancing update, log, eval} -> final eval.
+build -> resume -> loop {lr, forward/backward (+ aux losses), clip, step, balancing update, non-finite
+check, log, eval, checkpoint} -> final eval.
 Side effects leave through a `Logger` (anything with `log_metrics(metrics, step)`); the MLflow logger
 lives in `studies/`, so this module imports no orchestration code. Metric names follow docs/outputs.md.
+Resume is exact: a checkpoint (moe.checkpoint) holds model, optimiser, data position and RNG states, and
+everything else (lr, metrics, eval points) is a function of the step, so a resumed run logs bit for bit
+what an uninterrupted one would (CPU fp32; throughput `tokens_per_s` is wall-clock and differs).
 Shape suffixes: B = sequences in a micro-batch, S = sequence length.
 """
 
@@ -11,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import torch
 
 from moe.accounting import flops_per_token
+from moe.checkpoint import capture_rng, restore_rng, save_checkpoint
 from moe.config import ModelConfig
 from moe.data import PreparedData, TokenLoader, validation_batches
 from moe.model import Transformer
@@ -77,6 +83,10 @@ class TrainConfig:
     """auto: bf16 autocast on CUDA, fp32 on CPU."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    checkpoint_every: int = 100
+    """Write a resumable checkpoint every this many steps (when a checkpoint folder is given); 0: never."""
+    keep_last: int = 2
+    """Checkpoints kept on disk (older ones are deleted after a new one is written)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,24 @@ class TrainResult:
     """Wall time spent evaluating (included in wall_s)."""
     log_s: float
     """Wall time spent collecting diagnostics and inside the logger (included in wall_s)."""
+    resumed_from: int = 0
+    """Step of the checkpoint this call resumed from (0: trained from initialisation)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf: training stops (a diverged run is a result, not a crash to retry)."""
+
+    def __init__(self, metric: str, step: int, value: float):
+        super().__init__(f"{metric} is {value} at step {step}")
+        self.metric, self.step, self.value = metric, step, value
+
+
+class TrainingInterrupted(Exception):
+    """`stop_requested` said stop (preemption): a checkpoint of `step` was written, resume from it."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"training stopped at step {step} on request; checkpoint {checkpoint}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 class Logger(Protocol):
@@ -133,11 +161,13 @@ def plan_training(model_cfg: ModelConfig, optim: OptimConfig, train: TrainConfig
         raise ValueError(
             f"train.tokens={train.tokens} is smaller than one batch (train.batch_tokens={train.batch_tokens})"
         )
-    for key in ("eval_every", "log_every", "progress_every"):
+    for key in ("eval_every", "log_every", "progress_every", "checkpoint_every"):
         if getattr(train, key) < 0:
             raise ValueError(f"train.{key}={getattr(train, key)} must be >= 0")
     if train.log_every == 0:
         raise ValueError("train.log_every=0 must be >= 1")
+    if train.keep_last < 1:
+        raise ValueError(f"train.keep_last={train.keep_last} must be >= 1")
     if train.eval_tokens < seq:
         raise ValueError(f"train.eval_tokens={train.eval_tokens} is smaller than model.seq_len={seq}")
     if train.device not in DEVICES or train.precision not in PRECISIONS:
@@ -228,8 +258,16 @@ def train(
     logger: Logger,
     *,
     progress: Callable[[str], None] | None = print,
+    checkpoint_dir: Path | None = None,
+    resume: Mapping[str, Any] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train a fresh model on `data` for `train.tokens` tokens, logging through `logger`."""
+    """Train on `data` for `train.tokens` tokens, logging through `logger`.
+
+    checkpoint_dir: where checkpoints go every `train.checkpoint_every` steps (None: none are written).
+    resume: a state from `moe.checkpoint.load_latest`; training continues after its step.
+    stop_requested: polled after every step; when it returns True a checkpoint is written and
+    TrainingInterrupted is raised (preemption). NaN/inf loss raises NonFiniteLossError."""
     # --- build ---------------------------------------------------------------------------------
     plan = plan_training(model_cfg, optim, train)
     device = resolve_device(train.device)
@@ -249,14 +287,44 @@ def train(
     val_batches = validation_batches(data, model_cfg.seq_len, plan.micro_batch_size, train.eval_tokens)
     layers = list(model.moe_layer_indices)
     min_lr = optim.lr * optim.min_lr_ratio
+    train_loss = val_loss = math.nan
+
+    # --- resume --------------------------------------------------------------------------------
+    start = 0
+    if resume is not None:
+        if resume["plan"] != asdict(plan):
+            raise ValueError(f"checkpoint of step {resume['step']} was written for plan {resume['plan']}, "
+                             f"this run has {asdict(plan)}")  # fmt: skip
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        loader.load_state_dict(resume["loader"])
+        restore_rng(resume["rng"])  # last: building the model above consumed the generator
+        start = int(resume["step"])
+        train_loss, val_loss = resume["last"]["train_loss"], resume["last"]["val_loss"]
+
+    def checkpoint(step: int) -> Path | None:
+        if checkpoint_dir is None:
+            return None
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
+                 "rng": capture_rng(), "last": {"train_loss": train_loss, "val_loss": val_loss},
+                 "plan": asdict(plan)}  # fmt: skip
+        return save_checkpoint(checkpoint_dir, step, state, train.keep_last)
+
+    # The first non-finite step and its loss stay on the device (no sync per step); read at log,
+    # eval and checkpoint time, so a diverged state is never logged as fine or checkpointed.
+    bad_step = torch.zeros((), dtype=torch.long, device=device)
+    bad_loss = torch.zeros((), device=device)
+
+    def check_finite() -> None:
+        if int(bad_step):
+            raise NonFiniteLossError("train/loss", int(bad_step), float(bad_loss))
 
     # --- loop ----------------------------------------------------------------------------------
     model.train()
     t_start = time.perf_counter()
     window_t, window_tokens, eval_s = t_start, 0, 0.0
     total_eval_s = total_log_s = 0.0
-    train_loss = val_loss = math.nan
-    for step in range(1, plan.steps + 1):
+    for step in range(start + 1, plan.steps + 1):
         lr = lr_at(
             step - 1, total_steps=plan.steps, peak_lr=optim.lr, min_lr=min_lr,
             warmup_steps=plan.warmup_steps, kind=optim.schedule, decay_steps=plan.decay_steps,
@@ -272,6 +340,9 @@ def train(
             # aux_loss is already coefficient-weighted; 0 for dense models.
             ((out.loss + out.aux_loss) / plan.accum).backward()
             loss_sum += out.loss.detach()
+        first_bad = (bad_step == 0) & ~torch.isfinite(loss_sum)
+        bad_step.masked_fill_(first_bad, step)
+        bad_loss.copy_(torch.where(first_bad, loss_sum / plan.accum, bad_loss))
         if optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         opt.step()
@@ -282,6 +353,7 @@ def train(
 
         if step % train.log_every == 0 or step == plan.steps:
             t_log = time.perf_counter()
+            check_finite()
             train_loss = float(loss_sum) / plan.accum
             now = time.perf_counter()
             tok_s = window_tokens / max(now - window_t - eval_s, 1e-9)
@@ -295,7 +367,10 @@ def train(
 
         if (train.eval_every and step % train.eval_every == 0) or step == plan.steps:
             t_eval = time.perf_counter()
+            check_finite()
             val_loss = evaluate(model, val_batches, device, autocast)
+            if not math.isfinite(val_loss):
+                raise NonFiniteLossError("val/loss", step, val_loss)
             logger.log_metrics({"val/loss": val_loss, "tokens": tokens}, step)
             eval_s += time.perf_counter() - t_eval
             total_eval_s += time.perf_counter() - t_eval
@@ -305,13 +380,23 @@ def train(
             val = "-" if math.isnan(val_loss) else f"{val_loss:.3f}"
             progress(
                 f"step {step}/{plan.steps} | tokens {tokens:,} | loss {float(loss_sum) / plan.accum:.3f} "
-                f"| val {val} | {tokens / elapsed:,.0f} tok/s "
-                f"| ETA {format_eta(elapsed / step * (plan.steps - step))}"
+                f"| val {val} | {(step - start) * plan.batch_tokens / elapsed:,.0f} tok/s "
+                f"| ETA {format_eta(elapsed / (step - start) * (plan.steps - step))}"
             )
 
+        if step < plan.steps:
+            stop = stop_requested is not None and stop_requested()
+            if stop or (train.checkpoint_every and step % train.checkpoint_every == 0):
+                check_finite()
+                path = checkpoint(step)
+                if stop:
+                    raise TrainingInterrupted(step, path)
+
     # --- final -----------------------------------------------------------------------------------
+    check_finite()
     wall = time.perf_counter() - t_start
     tokens = plan.steps * plan.batch_tokens
+    trained = (plan.steps - start) * plan.batch_tokens
     return TrainResult(
         steps=plan.steps,
         tokens=tokens,
@@ -319,7 +404,8 @@ def train(
         final_train_loss=train_loss,
         final_val_loss=val_loss,
         wall_s=wall,
-        tokens_per_s=tokens / wall,
+        tokens_per_s=trained / wall,
         eval_s=total_eval_s,
         log_s=total_log_s,
+        resumed_from=start,
     )
