@@ -26,7 +26,8 @@ class Reach:
     step: float
     """Step (fractional when interpolated; inf if the fitted curve never gets there)."""
     extrapolated: bool
-    """True when the logged curve never reached the target and the fitted curve was used."""
+    """True when the crossing was not observed (never reached, or reached before the first evaluation)
+    and the fitted curve (or a bound) was used."""
 
 
 def reach_step(steps, smooth_loss, target: float, *, fit_from_frac: float = 0.1) -> Reach:
@@ -37,7 +38,13 @@ def reach_step(steps, smooth_loss, target: float, *, fit_from_frac: float = 0.1)
     if hit.size:
         i = hit[0]
         if i == 0:
-            return Reach(float(t[0]), False)
+            # Reached at or before the first evaluation: the crossing was not observed. Estimate it from the
+            # fitted curve (flagged as extrapolated); with too few points, the first step is an upper bound.
+            try:
+                fit = fit_loss_curve(t, y, fit_from_frac=0.0)
+            except (ValueError, FitError):
+                return Reach(float(t[0]), True)
+            return Reach(min(steps_to_reach(fit, target), float(t[0])), True)
         y0, y1, lt0, lt1 = y[i - 1], y[i], np.log(t[i - 1]), np.log(t[i])
         return Reach(float(np.exp(lt0 + (y0 - target) / (y0 - y1) * (lt1 - lt0))), False)
     fit = fit_loss_curve(t, y, fit_from_frac=fit_from_frac)

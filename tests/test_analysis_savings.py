@@ -117,3 +117,12 @@ def test_missing_baseline_raises_naming_variants(tmp_path):
     no_g1 = s.runs[s.runs["granularity"] != 1]
     with pytest.raises(ValueError, match="granularity=1 variant"):
         step_savings(pd.DataFrame(), no_g1)
+
+
+def test_target_reached_before_first_evaluation_is_flagged_not_counted_as_observed():
+    # The variant is already below the target at its first evaluation: the crossing step is unobserved.
+    steps = np.array([10.0, 20.0, 40.0, 80.0])
+    loss = 2.0 + 12.0 * steps**-0.5
+    reach = reach_step(steps, loss, target=float(loss[0]) + 0.5)
+    assert reach.extrapolated
+    assert reach.step < steps[0]
