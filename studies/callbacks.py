@@ -8,22 +8,31 @@ SLURM jobs) and record their outcome in <job dir>/point.json, which the end-of-s
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import tempfile
 import traceback
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from moe.accounting import count_params_of_module
+from moe.corpus import read_meta
 from moe.data import validate_data_config
+from moe.model import Transformer
+from moe.train import OptimConfig
 from studies import tracking
-from studies.config import load_run_config
-from studies.point import build_point
+from studies.config import RunConfig, load_run_config
+from studies.point import Point, build_point
 
 PARENT_ENV = "MOE_PARENT_RUN_ID"
 RECORD = "point.json"
@@ -47,26 +56,119 @@ def sweep_points(config: DictConfig) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
-def validate_sweep(config: DictConfig, config_name: str | None) -> int:
-    """Compose and validate every point (and each distinct data config) before any job starts;
-    one ValueError lists every bad point. Returns the number of points."""
-    points = sweep_points(config)
+def check_optim(optim: OptimConfig) -> None:
+    """What plan_training leaves unchecked: finite values, AdamW's betas and eps, decay and clipping."""
+    for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "warmup_frac", "decay_frac",
+                 "grad_clip"):  # fmt: skip
+        value = getattr(optim, name)
+        if not math.isfinite(value):
+            raise ValueError(f"optim.{name}={value} must be finite")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(optim, name) < 1.0:
+            raise ValueError(f"optim.{name}={getattr(optim, name)} must be in [0, 1)")
+    if optim.eps <= 0:
+        raise ValueError(f"optim.eps={optim.eps} must be > 0")
+    for name in ("weight_decay", "grad_clip"):
+        if getattr(optim, name) < 0:
+            raise ValueError(f"optim.{name}={getattr(optim, name)} must be >= 0 (0 disables it)")
+
+
+def check_writable(key: str, value: str, path: Path) -> None:
+    """`path` exists as a folder we can write in, or can be created: tried with a temporary file in its
+    nearest existing ancestor, which is removed again (os.access says yes to root on read-only mounts)."""
+    ancestor = Path(path).resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{key}={value!r} is not writable: {ancestor} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor, prefix=".moe-write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"{key}={value!r} is not writable: cannot create files in {ancestor} ({exc})"
+        ) from None
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """An explicitly given tracking.uri answers (http: GET /health) or can be written (sqlite)."""
+    if tracking.is_server(uri):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            problem = f"HTTP {exc.code} {exc.reason}"
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            problem = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        raise ValueError(
+            f"tracking.uri={uri!r} is unreachable (GET /health: {problem}); start the server "
+            "(python -m studies.server) or fix the URI"
+        )
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if db.is_dir():
+            raise ValueError(f"tracking.uri={uri!r} names a folder; use sqlite:///<folder>/mlflow.db")
+        check_writable("tracking.uri", uri, db.parent)
+    elif uri.startswith(("file:", "sqlite:")) or "://" not in uri:
+        raise ValueError(
+            f"tracking.uri={uri!r} is not usable: use sqlite:////abs/path/mlflow.db or http://host:port"
+        )
+
+
+def validate_point(run: RunConfig, cwd: Path | None = None, data_seen: set[str] | None = None) -> Point:
+    """Everything checkable before a job starts: derivation and accounting (build_point), optimiser,
+    the model built on the meta device (its numel must match the accounting), the data (once per
+    distinct data config in `data_seen`) and a writable study directory. ValueError naming the key."""
+    point = build_point(run, cwd=cwd)
+    check_optim(run.optim)
+    key = repr(run.data)
+    if data_seen is None or key not in data_seen:
+        validate_data_config(run.data)
+        if data_seen is not None:
+            data_seen.add(key)
+    if run.data.source == "tokens":  # the shards bring their own vocabulary
+        point = build_point(
+            run, cwd=cwd, vocab_size=read_meta(Path(run.data.path).expanduser())["vocab_size"]
+        )
+    with torch.device("meta"):
+        built = count_params_of_module(Transformer(point.model))
+    counted = point.accounting()["acct.params_total"]
+    if built != counted:
+        raise RuntimeError(f"accounting says {counted:,} params but the model has {built:,} (a bug in moe/)")
+    check_writable("paths.root", run.paths.root, point.study_dir)
+    return point
+
+
+def validate_points(points: list[list[str]], config_name: str | None, cwd: Path | None = None) -> int:
+    """Compose every point (override lists, with Hydra initialised) and validate it; one ValueError lists
+    every bad point by its overrides. Explicit tracking URIs are checked once each. Returns the count."""
     common = set.intersection(*(set(p) for p in points)) if points else set()
-    errors, data_seen = [], set()
+    errors, data_seen, uris = [], set(), {}
     for overrides in points:
         try:
             run = load_run_config(compose(config_name=config_name, overrides=overrides))
-            build_point(run)
-            key = repr(run.data)
-            if key not in data_seen:
-                data_seen.add(key)
-                validate_data_config(run.data)
+            validate_point(run, cwd, data_seen)
+            if run.tracking.uri and run.tracking.uri not in uris:
+                try:
+                    check_tracking_uri(run.tracking.uri)
+                    uris[run.tracking.uri] = None
+                except ValueError as exc:
+                    uris[run.tracking.uri] = exc
+            if uris.get(run.tracking.uri):
+                raise uris[run.tracking.uri]
         except Exception as exc:  # noqa: BLE001 - collected and re-raised below with the point named
             varying = " ".join(o for o in overrides if o not in common) or " ".join(overrides)
             errors.append(f"  {varying}: {type(exc).__name__}: {exc}")
     if errors:
         raise ValueError(f"{len(errors)} of {len(points)} sweep points are invalid:\n" + "\n".join(errors))
     return len(points)
+
+
+def validate_sweep(config: DictConfig, config_name: str | None) -> int:
+    """Compose and validate every point of the multirun `config` before any job starts (validate_points)."""
+    return validate_points(sweep_points(config), config_name)
 
 
 def write_job_record(job_dir: Path, record: dict[str, Any]) -> None:
