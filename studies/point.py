@@ -2,7 +2,9 @@
 
 Everything a point needs is checked in `build_point` and `prepare_data` before a model is built or an
 MLflow run is opened, so bad input fails fast with a ValueError naming the key. Outputs follow
-docs/outputs.md: <study dir>/runs/<run key>/{config.yaml, metrics.jsonl, summary.json, status.json}.
+docs/outputs.md: <study dir>/runs/<run key>/{config.yaml, metrics.jsonl, summary.json, status.json,
+mlflow_run_id, checkpoints/}. Running a point again is idempotent (docs/lifecycle.md): `lifecycle` reads
+status.json and the checkpoints and decides start / resume / skip / retry.
 """
 
 from __future__ import annotations
@@ -13,24 +15,27 @@ import json
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe.accounting import count_params, flops_per_token
+from moe.checkpoint import latest_step, load_latest
 from moe.config import ModelConfig, MoEConfig, replace
+from moe.corpus import read_meta
 from moe.data import prepare_data, unigram_entropy
 from moe.matched import derive
-from moe.train import TrainConfig, TrainPlan, plan_training, train
+from moe.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, TrainPlan, plan_training, train
 from moe.validate import validate_model_config
 from studies import tracking
 from studies.config import RunConfig, load_run_config
 
-# Keys that change how a run is observed, not what it computes: left out of the run key.
-CADENCE_KEYS = ("log_every", "progress_every")
+# Keys that change how a run is observed or made durable, not what it computes: left out of the run key.
+CADENCE_KEYS = ("log_every", "progress_every", "checkpoint_every", "keep_last")
 AXES = ("variant", "dense_match", "granularity", "top_k", "experts", "tokens", "budget_from", "seed")
 
 
@@ -183,6 +188,74 @@ def build_point(run: RunConfig, *, cwd: Path | None = None, vocab_size: int | No
     return Point(run, model, train_cfg, plan, variant_label(model), run_key, study_dir)
 
 
+def planned_point(run: RunConfig, *, cwd: Path | None = None) -> Point:
+    """The point `run_point` will train, without preparing data: a tokens folder's vocabulary comes
+    from its meta.json, a text corpus's is data.vocab_size (what its tokenizer is trained to)."""
+    vocab = None
+    if run.data.source == "tokens" and run.data.path:
+        vocab = read_meta(Path(run.data.path).expanduser())["vocab_size"]
+    return build_point(run, cwd=cwd, vocab_size=vocab)
+
+
+# Lifecycle: what running a point again does -----------------------------------------------------
+
+Action = Literal["start", "resume", "skip", "retry", "refuse"]
+RESUMABLE = ("RUNNING", "PREEMPTED", "INTERRUPTED")
+RETRY_ENV = "MOE_RETRY_FAILED"
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    action: Action
+    """start (new), resume (partial run), skip (DONE), retry (FAILED, asked to) or refuse (FAILED)."""
+    step: int
+    """Checkpoint step training continues from (0: from initialisation)."""
+    status: str | None
+    """status.json's status, None for a new point."""
+    detail: str
+    """One line for people: why, and from where."""
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / "status.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def retry_failed_from_env() -> bool:
+    """`python -m studies.run --retry-failed` exports MOE_RETRY_FAILED=1 to every job it launches."""
+    return os.environ.get(RETRY_ENV, "") not in ("", "0", "false")
+
+
+def lifecycle(run_dir: Path, retry_failed: bool = False) -> Lifecycle:
+    """What running the point of `run_dir` does now; reads status.json and verifies checkpoint digests."""
+    status = read_status(run_dir)
+    if status is None:
+        return Lifecycle("start", 0, None, "start")
+    state = status["status"]
+    if state == "DONE":
+        final = {}
+        if (Path(run_dir) / "summary.json").exists():
+            final = json.loads((Path(run_dir) / "summary.json").read_text()).get("final", {})
+        val = final.get("val/loss")
+        return Lifecycle(
+            "skip", status["step"], state, "skip: DONE" + (f" (val loss {val:.4f})" if val else "")
+        )
+    step = latest_step(Path(run_dir) / "checkpoints") or 0
+    where = f"from step {step}" if step else "from step 0 (no checkpoint)"
+    if state == "FAILED":
+        reason = f"FAILED at step {status.get('step')}: {status.get('reason')}"
+        if retry_failed:
+            return Lifecycle("retry", step, state, f"retry {where} ({reason})")
+        return Lifecycle("refuse", step, state, f"not retried: {reason} (--retry-failed retries it)")
+    if state not in RESUMABLE:
+        raise ValueError(f"{run_dir}/status.json has unknown status {state!r}")
+    return Lifecycle("resume", step, state, f"resume {where} ({state} at step {status.get('step')})")
+
+
+class PreviouslyFailedError(RuntimeError):
+    """The point FAILED in an earlier run and retrying was not asked for."""
+
+
 @dataclass(frozen=True)
 class PointResult:
     run_key: str
@@ -198,6 +271,8 @@ class PointResult:
     mlflow_run_id: str | None
     run_dir: str
     error: str | None = None
+    action: str = "start"
+    """What this run of the point did: start, resume, retry or skip (docs/lifecycle.md)."""
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -206,10 +281,54 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _write_status(run_dir: Path, status: str, step: int, reason: str | None = None) -> None:
+    _write_json(run_dir / "status.json", {"status": status, "step": step, "reason": reason})
+
+
+def _stop_requested() -> bool:
+    from studies.launcher import preemption  # the job's preemption signal, noted by the launcher
+
+    return preemption.requested
+
+
+def _mlflow_run(
+    point: Point, uri: str, tags: dict[str, str], parent_run_id: str | None,
+    jsonl: tracking.ResumedJsonlLogger, resume_step: int,
+) -> tuple[str, bool, tracking.SkipLogged, tracking.MlflowLogger]:  # fmt: skip
+    """(run id, whether it is new, metrics logger, MLflow logger) for the point: the run named in mlflow_run_id is reopened,
+    so a resumed point continues its own run; the logger drops steps the run already holds and the
+    kept metrics.jsonl lines it misses are sent first (the kill may have beaten the last flush)."""
+    id_file = point.run_dir / "mlflow_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    reopened = tracking.reopen_run(uri, run_id) if run_id else False
+    if reopened is False:
+        run_id = tracking.start_run(
+            uri, point.run.study.name, point.study_dir / "mlartifacts",
+            run_name=f"{point.variant}-s{point.run.seed}-{point.run_key}", tags=tags, parent_run_id=parent_run_id,
+        )  # fmt: skip
+        id_file.write_text(run_id + "\n")
+    mlf = tracking.MlflowLogger(uri, run_id, point.run.tracking.flush_every_s)
+    floor = {} if reopened is False else tracking.logged_steps(uri, run_id, jsonl.keys)
+    if floor is None:  # MLflow unreachable: trust it holds what precedes the checkpoint
+        return run_id, False, tracking.SkipLogged(mlf, {}, default_floor=resume_step), mlf
+    logger = tracking.SkipLogged(mlf, floor)
+    for event in jsonl.kept:
+        logger.log_metrics({k: v for k, v in event.items() if k != "step"}, event["step"])
+    return run_id, reopened is False, logger, mlf
+
+
 def run_point(
-    cfg: DictConfig | RunConfig, *, parent_run_id: str | None = None, cwd: Path | None = None
+    cfg: DictConfig | RunConfig,
+    *,
+    parent_run_id: str | None = None,
+    cwd: Path | None = None,
+    retry_failed: bool | None = None,
+    stop_requested: Callable[[], bool] | None = _stop_requested,
 ) -> PointResult:
-    """Train one sweep point and record it (files + MLflow child run). Raises after recording a failure."""
+    """Train one sweep point and record it (files + MLflow child run), idempotently: a DONE point is
+    skipped, a partial one resumes from its latest checkpoint in the same MLflow run, a FAILED one is
+    retried only with retry_failed (default: $MOE_RETRY_FAILED). Raises after recording a failure;
+    TrainingInterrupted after a checkpoint when stop_requested() turned True (preemption)."""
     run = load_run_config(cfg)
     point = build_point(run, cwd=cwd)
     torch.set_num_threads(run.infra.threads)
@@ -218,45 +337,70 @@ def run_point(
         point = build_point(run, cwd=cwd, vocab_size=prepared.vocab_size)
 
     run_dir = point.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(point.resolved()), run_dir / "config.yaml")
-    _write_json(run_dir / "status.json", {"status": "RUNNING", "step": 0, "reason": None})
-    uri = run.tracking.uri or tracking.default_tracking_uri(point.study_dir)
     tags = point.tags()
-    run_id = tracking.start_run(
-        uri, run.study.name, point.study_dir / "mlartifacts",
-        run_name=f"{point.variant}-s{run.seed}-{point.run_key}", tags=tags, parent_run_id=parent_run_id,
-    )  # fmt: skip
-    mlf = tracking.MlflowLogger(uri, run_id, run.tracking.flush_every_s)
-    jsonl = tracking.JsonlLogger(run_dir / "metrics.jsonl")
     acct = point.accounting()
+    retry = retry_failed_from_env() if retry_failed is None else retry_failed
+    plan = lifecycle(run_dir, retry)
+    print(f"[{point.variant}] run {point.run_key}: {plan.detail}", flush=True)
+    if plan.action == "skip":
+        return _done_result(point, tags, acct)
+    if plan.action == "refuse":
+        raise PreviouslyFailedError(f"point {point.run_key} ({point.variant}) {plan.detail}")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = load_latest(run_dir / "checkpoints") if plan.step else None
+    start = state["step"] if state else 0  # a digest-valid file may still fail to load: one further back
+    OmegaConf.save(OmegaConf.create(point.resolved()), run_dir / "config.yaml")
+    _write_status(run_dir, "RUNNING", start)
+    jsonl = tracking.ResumedJsonlLogger(run_dir / "metrics.jsonl", through_step=start)
+    uri = run.tracking.uri or tracking.default_tracking_uri(point.study_dir)
+    run_id, new_run, mlf_logger, mlf = _mlflow_run(point, uri, tags, parent_run_id, jsonl, start)
     entropy = unigram_entropy(prepared.val_path, prepared.dtype)
-    mlf.log_params(
-        {**point.params(), "data.fingerprint": prepared.fingerprint, "data.unigram_entropy": entropy}
-    )
+    if new_run:
+        mlf.log_params(
+            {**point.params(), "data.fingerprint": prepared.fingerprint, "data.unigram_entropy": entropy}
+        )
+    if start or plan.action != "start":
+        mlf.set_tags({"resumed_from_step": str(start), "lifecycle_action": plan.action})
     summary: dict[str, Any] = {
         "run_key": point.run_key, "variant": point.variant, "tags": tags, "params": acct,
-        "mlflow_run_id": run_id, "parent_run_id": parent_run_id,
+        "mlflow_run_id": run_id, "parent_run_id": parent_run_id, "resumed_from": start,
         "data": {"fingerprint": prepared.fingerprint, "unigram_entropy": entropy,
                  "n_train_tokens": prepared.n_train_tokens, "n_val_tokens": prepared.n_val_tokens},
     }  # fmt: skip
     print(f"[{point.variant}] run {point.run_key}: {acct['acct.params_total']:,} params "
           f"({acct['acct.params_active']:,} active), {point.plan.steps} steps of {point.plan.batch_tokens} "
-          f"tokens -> {run_dir}", flush=True)  # fmt: skip
+          f"tokens -> {run_dir}" + (f" (resuming after step {start})" if start else ""), flush=True)  # fmt: skip
 
     t0 = time.perf_counter()
     try:
         result = train(
-            point.model, prepared, run.optim, point.train, tracking.FanOut(jsonl, mlf),
+            point.model, prepared, run.optim, point.train, tracking.FanOut(jsonl, mlf_logger),
             progress=lambda line: print(f"[{point.variant}] {line}", flush=True),
+            checkpoint_dir=run_dir / "checkpoints", resume=state, stop_requested=stop_requested,
         )  # fmt: skip
+    except TrainingInterrupted as exc:
+        jsonl.close()
+        _write_status(run_dir, "PREEMPTED", exc.step, f"stopped on request; checkpoint {exc.checkpoint}")
+        mlf.flush()
+        tracking.mark_run_killed(uri, run_id)
+        raise
     except BaseException as exc:
+        # A signal or Ctrl-C (not an Exception) leaves a resumable run; anything else is a failure.
+        failed = isinstance(exc, Exception)
+        step = exc.step if isinstance(exc, NonFiniteLossError) else jsonl.last_step
         reason = f"{type(exc).__name__}: {exc}"
         jsonl.close()
-        _write_json(run_dir / "status.json", {"status": "FAILED", "step": jsonl.last_step, "reason": reason})
-        summary.update(status="FAILED", error=reason, traceback=traceback.format_exc(), final={})
+        _write_status(run_dir, "FAILED" if failed else "INTERRUPTED", step, reason)
+        if not failed:
+            mlf.flush()
+            tracking.mark_run_killed(uri, run_id)
+            raise
+        summary.update(
+            status="FAILED", error=reason, failed_step=step, traceback=traceback.format_exc(), final={}
+        )
         _write_json(run_dir / "summary.json", summary)
-        mlf.set_tags({"failure_reason": reason[:5000]})
+        mlf.set_tags({"failure_reason": reason[:5000], "failed_step": str(step)})
         _finish(mlf, uri, run_id, run_dir, ok=False)
         raise
 
@@ -265,13 +409,25 @@ def run_point(
     summary.update(status="DONE", final=final, steps=result.steps, tokens=result.tokens, flops=result.flops,
                    wall_s=time.perf_counter() - t0, tokens_per_s=result.tokens_per_s)  # fmt: skip
     _write_json(run_dir / "summary.json", summary)
-    _write_json(run_dir / "status.json", {"status": "DONE", "step": result.steps, "reason": None})
+    _write_status(run_dir, "DONE", result.steps)
     _finish(mlf, uri, run_id, run_dir, ok=True)
     return PointResult(
         run_key=point.run_key, variant=point.variant, status="DONE", tags=tags,
         params_total=int(acct["acct.params_total"]), params_active=int(acct["acct.params_active"]),
         tokens=result.tokens, val_loss=result.final_val_loss, train_loss=result.final_train_loss,
-        mlflow_run_id=run_id, run_dir=str(run_dir),
+        mlflow_run_id=run_id, run_dir=str(run_dir), action=plan.action,
+    )  # fmt: skip
+
+
+def _done_result(point: Point, tags: dict[str, str], acct: dict[str, float]) -> PointResult:
+    """The record of a point finished earlier, from its summary.json."""
+    summary = json.loads((point.run_dir / "summary.json").read_text())
+    final = summary.get("final", {})
+    return PointResult(
+        run_key=point.run_key, variant=point.variant, status="DONE", tags=tags,
+        params_total=int(acct["acct.params_total"]), params_active=int(acct["acct.params_active"]),
+        tokens=summary.get("tokens", 0), val_loss=final.get("val/loss"), train_loss=final.get("train/loss"),
+        mlflow_run_id=summary.get("mlflow_run_id"), run_dir=str(point.run_dir), action="skip",
     )  # fmt: skip
 
 

@@ -1,0 +1,12 @@
+"""Hydra finds launchers only under the `hydra_plugins` namespace: the project's durable submitit launchers
+(studies.launcher, docs/lifecycle.md) are declared here; conf/infra/local.yaml and slurm.yaml select them."""
+
+from studies.launcher import DurableSubmititLauncher
+
+
+class LocalLauncher(DurableSubmititLauncher):
+    _EXECUTOR = "local"
+
+
+class SlurmLauncher(DurableSubmititLauncher):
+    _EXECUTOR = "slurm"
