@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +31,7 @@ from moe.checkpoint import (
 from moe.config import ModelConfig, MoEConfig
 from moe.data import DataConfig, prepare_data
 from moe.train import NonFiniteLossError, OptimConfig, TrainConfig, TrainingInterrupted, plan_training, train
+from studies.point import run_point
 
 # jitter > 0 makes the run draw from the global torch RNG every step, so a resume that forgot the RNG
 # state would diverge; bias balancing makes a buffer (not a parameter) part of the state.
@@ -46,6 +54,12 @@ class ListLogger:
 
     def log_metrics(self, metrics, step):
         self.events.append((step, {k: v for k, v in metrics.items() if k not in WALL_CLOCK}))
+
+
+def jsonl_history(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock throughput."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in WALL_CLOCK} for x in lines]
 
 
 def stop_after(n_steps: int):
@@ -201,3 +215,51 @@ def test_plan_rejects_negative_checkpoint_cadence_and_empty_retention():
         plan_training(TINY, OptimConfig(), dataclasses.replace(FAST, checkpoint_every=-1))
     with pytest.raises(ValueError, match="train.keep_last=0"):
         plan_training(TINY, OptimConfig(), dataclasses.replace(FAST, keep_last=0))
+
+
+# A real process killed with SIGKILL, then started again ----------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkilled_run_started_again_ends_with_the_uninterrupted_history(compose, shrunk, tmp_path):
+    overrides = [*shrunk, "tokens=40960", "train.log_every=1", "train.checkpoint_every=5"]
+    reference = run_point(compose([*overrides, f"paths.root={tmp_path / 'ref'}"]), cwd=tmp_path)
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "MOE_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+    }
+    command = [sys.executable, "-m", "studies.run", *overrides, "infra.threads=1"]
+    run_dir = tmp_path / "outputs" / "default" / "runs" / reference.run_key
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    try:
+        # kill once a checkpoint exists and metrics.jsonl has gone past it (lines the resume must cut)
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            ckpt = latest_step(run_dir / "checkpoints")
+            lines = (
+                (run_dir / "metrics.jsonl").read_text().splitlines()
+                if (run_dir / "metrics.jsonl").exists()
+                else []
+            )
+            if ckpt and lines and json.loads(lines[-1])["step"] > ckpt:
+                break
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    status = json.loads((run_dir / "status.json").read_text())
+    killed_at = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert status["status"] == "RUNNING" and killed_at < reference.tokens // 512
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resume from step" in again.stdout
+    assert jsonl_history(run_dir) == jsonl_history(Path(reference.run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert 5 <= summary["resumed_from"] <= killed_at
+    assert summary["final"]["val/loss"] == reference.val_loss  # bitwise: fp32 on CPU, one thread
