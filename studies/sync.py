@@ -216,7 +216,7 @@ def sync_study(study_dir: Path, tracking_uri: str | None = None) -> list[RunSync
     results, clients = [], {}
     for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         study, uri = _study_and_uri(run_dir, study_dir, tracking_uri)
-        client = clients.setdefault(uri, MlflowClient(uri))
+        client = clients.setdefault(uri, tracking.open_client(uri))
         results.append(sync_run(client, uri, run_dir, study, study_dir))
     return results
 
