@@ -193,7 +193,13 @@ def test_server_killed_mid_run_training_completes_and_sync_backfills_mlflow_exac
         steps_at_kill = len(jsonl().read_text().splitlines())
         assert job.poll() is None, "the run ended before the server was killed: the test proves nothing"
     job_log = lambda: (tmp_path / "job.log").read_text()  # noqa: E731
-    assert job.wait(timeout=300) == 0, job_log()[-3000:]
+    _wait_for(lambda: job.poll() is not None, 300, "the run to finish")
+    # From the last metric written to the process's exit: the final flush, artifacts and end_run against
+    # a dead server (bounded by FLUSH_TIMEOUT_S and MLflow's shortened HTTP retries).
+    end_stall_s = time.time() - jsonl().stat().st_mtime
+    print(f"run ended {end_stall_s:.1f} s after its last metric with the tracking server down")
+    assert end_stall_s < 60, end_stall_s
+    assert job.returncode == 0, job_log()[-3000:]
     assert "unreachable" in job_log() and "studies.sync" in job_log()
     (run_dir,) = (study_dir / "runs").iterdir()
     status = json.loads((run_dir / "status.json").read_text())
