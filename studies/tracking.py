@@ -354,3 +354,98 @@ class FanOut:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for logger in self.loggers:
             logger.log_metrics(metrics, step)
+
+
+# Resume support (studies.point lifecycle): continue a run's metrics.jsonl and MLflow run --------------
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """The events of a metrics.jsonl; a torn last line (a crash mid-write) is left out."""
+    events = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return events
+
+
+class ResumedJsonlLogger(JsonlLogger):
+    """JsonlLogger that continues a metrics.jsonl from a checkpoint: lines after `through_step` (written
+    after the checkpoint the run resumes from, so the resumed run writes them again) are cut first,
+    atomically; `kept` and `keys` (every metric name the file held) serve the MLflow side."""
+
+    def __init__(self, path: Path, through_step: int):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        events = read_events(self.path)
+        self.keys = {k for e in events for k in e if k != "step"}
+        self.kept = [e for e in events if e["step"] <= through_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in self.kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a")
+        self.last_step = self.kept[-1]["step"] if self.kept else 0
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> bool | None:
+    """Set a run back to RUNNING to continue it: True; False if the store has no such run (another
+    tracking URI, or deleted); None if MLflow is unreachable (keep the id: the logger retries)."""
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+        if run.info.lifecycle_stage == "deleted":
+            return False
+        client.update_run(run_id, status="RUNNING")
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        log.warning("MLflow run %s not reopened (%s)", run_id, str(exc)[:300])
+        return None
+    except Exception as exc:  # noqa: BLE001 - unreachable tracker: training goes on
+        log.warning("MLflow run %s not reopened (%s: %s)", run_id, type(exc).__name__, str(exc)[:300])
+        return None
+
+
+def mark_run_killed(tracking_uri: str, run_id: str) -> None:
+    """KILLED, not RUNNING forever: the run was stopped (preempted, interrupted) and can be resumed."""
+    try:
+        MlflowClient(tracking_uri).set_terminated(run_id, status=RunStatus.to_string(RunStatus.KILLED))
+    except Exception as exc:  # noqa: BLE001 - status.json holds the truth
+        log.warning("MLflow run %s not marked KILLED (%s: %s)", run_id, type(exc).__name__, str(exc)[:300])
+
+
+def logged_steps(tracking_uri: str, run_id: str, keys: Iterable[str]) -> dict[str, int] | None:
+    """Per metric key, the highest step the MLflow run already holds (absent: none); None if unreachable."""
+    client = MlflowClient(tracking_uri)
+    out: dict[str, int] = {}
+    try:
+        for key in sorted(keys):
+            history = client.get_metric_history(run_id, key)
+            if history:
+                out[key] = max(m.step for m in history)
+    except Exception as exc:  # noqa: BLE001 - unreachable tracker: the caller falls back to the checkpoint step
+        log.warning(
+            "MLflow run %s: logged steps unknown (%s: %s)", run_id, type(exc).__name__, str(exc)[:300]
+        )
+        return None
+    return out
+
+
+class SkipLogged:
+    """Forwards to `logger` only the metrics at a step above what the run already holds for that key
+    (`floor[key]`, else `default_floor`): a resumed run repeats steps after its checkpoint, and MLflow
+    would otherwise keep both copies of each."""
+
+    def __init__(self, logger, floor: Mapping[str, int], default_floor: int = 0):
+        self.logger, self.floor, self.default_floor = logger, dict(floor), default_floor
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self.floor.get(k, self.default_floor)}
+        if fresh:
+            self.logger.log_metrics(fresh, step)
