@@ -156,12 +156,7 @@ class Point:
         The top-level sweep axes go under `axis.` (axis.granularity, axis.tokens, ...): bare, they would
         shadow the same-named tags, which hold the derived values (e.g. tag granularity=8 where the axis
         was left null, tag tokens = the budget actually trained)."""
-        tree = self.resolved()
-        tree["axis"] = {k: tree.pop(k) for k in AXES}
-        moe = tree["model"].pop("moe")
-        flat = tracking.flatten(tree)
-        flat.update(tracking.flatten({"moe": moe}) if moe else {"moe": None})
-        return {**flat, **self.accounting()}
+        return {**tracking.config_params(self.resolved(), AXES), **self.accounting()}
 
 
 def build_point(run: RunConfig, *, cwd: Path | None = None, vocab_size: int | None = None) -> Point:

@@ -126,11 +126,7 @@ def find_run_id(client: MlflowClient, study: str, run_key: str, summary: Mapping
 def point_params(config: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any]:
     """The params `studies.point` logs, rebuilt from config.yaml and summary.json: the flattened resolved
     config with the axes under `axis.` and model.moe as moe.*, plus accounting and the data identity."""
-    tree = json.loads(json.dumps(config))  # a deep copy
-    tree["axis"] = {k: tree.pop(k) for k in AXES if k in tree}
-    moe = tree.get("model", {}).pop("moe", None)
-    params = tracking.flatten(tree)
-    params.update(tracking.flatten({"moe": moe}) if moe else {"moe": None})
+    params = tracking.config_params(config, AXES)
     params.update(summary.get("params") or {})
     data = summary.get("data") or {}
     params.update({f"data.{k}": data[k] for k in ("fingerprint", "unigram_entropy") if k in data})

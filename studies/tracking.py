@@ -7,6 +7,7 @@ MLflow run structure, tags and metric names follow docs/outputs.md. Runs are dri
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -344,6 +345,17 @@ class MlflowLogger:
                 self.last_error = None
                 self._cond.notify_all()
 
+
+
+def config_params(resolved: Mapping[str, Any], axes: Iterable[str]) -> dict[str, Any]:
+    """MLflow params of a resolved point config: flattened, the sweep axes under `axis.` (bare, they would
+    shadow the same-named tags, which hold the derived values) and model.moe as moe.*."""
+    tree = copy.deepcopy(dict(resolved))
+    tree["axis"] = {k: tree.pop(k) for k in axes if k in tree}
+    moe = tree.get("model", {}).pop("moe", None)
+    flat = flatten(tree)
+    flat.update(flatten({"moe": moe}) if moe else {"moe": None})
+    return flat
 
 class FanOut:
     """One Logger that forwards to several."""
