@@ -74,20 +74,29 @@ def peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     return peak
 
 
-def time_pair(steps: dict[str, Callable[[], None]], device, warmup: int, repeat: int) -> dict[str, float]:
-    """Median seconds per step of each callable, iterations interleaved."""
+def time_pair(
+    steps: dict[str, Callable[[], None]], device, warmup: int, repeat: int
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) seconds per step of each callable, iterations interleaved.
+
+    CPU time leaves out time spent waiting for a core, so with --threads 1 on a shared machine its
+    ratio is the steadier one; with more threads it sums them (spin-waits included).
+    """
     for _ in range(warmup):
         for step in steps.values():
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
     for _ in range(repeat):
         for name, step in steps.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {
+        name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
+        for name, ts in times.items()
+    }
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -123,9 +132,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "dtype": dname,
                     "device": device.type,
                     "backend": moe.experts.resolved_backend(device, dtype),
-                    "moe_ms": 1e3 * t["moe"],
-                    "dense_ms": 1e3 * t["dense"],
-                    "ratio": t["moe"] / t["dense"],
+                    "moe_ms": 1e3 * t["moe"][0],
+                    "dense_ms": 1e3 * t["dense"][0],
+                    "ratio": t["moe"][0] / t["dense"][0],
+                    "cpu_ratio": t["moe"][1] / t["dense"][1],
                     "moe_peak_mb": mem["moe"] / 2**20,
                     "dense_peak_mb": mem["dense"] / 2**20,
                     "mem_ratio": mem["moe"] / mem["dense"],
@@ -141,11 +151,11 @@ def _print_row(r: dict, header: bool) -> None:
     if header:
         print(
             f"{'G':>3} {'dtype':>5} {'backend':>9} {'moe ms':>9} {'dense ms':>9} {'ratio':>6} "
-            f"{'moe MB':>8} {'dense MB':>8} {'mem ratio':>9}"
+            f"{'cpu ratio':>9} {'moe MB':>8} {'dense MB':>8} {'mem ratio':>9}"
         )
     print(
         f"{r['G']:>3} {r['dtype']:>5} {r['backend']:>9} {r['moe_ms']:>9.1f} {r['dense_ms']:>9.1f} "
-        f"{r['ratio']:>6.2f} {r['moe_peak_mb']:>8.1f} {r['dense_peak_mb']:>8.1f} {r['mem_ratio']:>9.2f}",
+        f"{r['ratio']:>6.2f} {r['cpu_ratio']:>9.2f} {r['moe_peak_mb']:>8.1f} {r['dense_peak_mb']:>8.1f} {r['mem_ratio']:>9.2f}",
         flush=True,
     )
 

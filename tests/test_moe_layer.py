@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from moe.config import ModelConfig, MoEConfig
-from moe.experts import Experts
+from moe.experts import Experts, row_chunks
 from moe.ffn import FeedForward
 from moe.layer import MoELayer
 from moe.router import Routing, sort_by_expert
@@ -147,8 +147,9 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("chunk_rows", [None, 7], ids=["whole-buffer", "7-row-slices"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_grouped_backend_matches_reference_outputs_and_all_gradients(name):
+def test_grouped_backend_matches_reference_outputs_and_all_gradients(name, chunk_rows):
     kw = dict(VARIANTS[name])
     activation, d_ff = kw.pop("activation", "swiglu"), kw.pop("d_ff", FF)
     x = torch.randn(3, 20, D, generator=torch.Generator().manual_seed(1))
@@ -156,6 +157,7 @@ def test_grouped_backend_matches_reference_outputs_and_all_gradients(name):
     results = {}
     for backend in ("reference", "grouped"):
         layer = _layer(_cfg(activation, d_ff, backend=backend, **kw))
+        layer.experts.chunk_rows = chunk_rows  # 7 rows: experts split across slices, slices of one expert
         with torch.no_grad():  # experts 0 and 1 favoured: token choice leaves some experts empty
             layer.router.weight[:, 1:] *= 0.25
             layer.router.weight[:, 0] = -1.0
@@ -174,6 +176,14 @@ def test_grouped_backend_matches_reference_outputs_and_all_gradients(name):
     for n in g_r:
         torch.testing.assert_close(g_g[n], g_r[n], atol=1e-5, rtol=1e-5, msg=n)
     torch.testing.assert_close(aux_g.tokens_per_expert, aux_r.tokens_per_expert)
+
+
+def test_row_chunks_cover_every_row_once_with_the_experts_owning_them():
+    counts_N = torch.tensor([0, 3, 0, 0, 5, 1, 0])  # rows 0-2 expert 1, 3-7 expert 4, 8 expert 5
+    assert row_chunks(counts_N, 9, None) == [(0, 9, 0, 7)]
+    assert row_chunks(counts_N, 9, 9) == [(0, 9, 0, 7)]
+    assert row_chunks(counts_N, 9, 4) == [(0, 4, 1, 5), (4, 8, 4, 5), (8, 9, 5, 6)]
+    assert row_chunks(counts_N, 9, 3) == [(0, 3, 1, 2), (3, 6, 4, 5), (6, 9, 4, 6)]
 
 
 def test_tokens_with_all_assignments_dropped_get_zero_output():
