@@ -7,6 +7,8 @@ layer at every G (the MoE adds routing, dispatch and a d_model x E*G router). Bo
 and their iterations alternate, so machine noise hits both alike; times are medians of --repeat runs
 after --warmup. A step is forward, then backward of the output (and of the MoE's aux loss) with fixed
 random output gradients; parameter gradients are reset to None before each step so both allocate them.
+`ratio` divides wall times, `cpu_ratio` process CPU times: with --threads 1 on a shared machine the
+latter leaves out time spent waiting for a core.
 
 Peak memory is the high-water mark of bytes allocated during one step above what was allocated
 before it (parameters and inputs excluded). On CUDA: torch.cuda.max_memory_allocated. On CPU there
@@ -160,7 +162,8 @@ def _print_row(r: dict, header: bool) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse `argv`, run the benchmark, print it and return its rows."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--d-model", type=int, default=512)
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run(args)
     if args.json:
         print(json.dumps(rows, indent=1))
+    return rows
 
 
 if __name__ == "__main__":

@@ -271,3 +271,15 @@ def test_compiled_forward_and_backward_match_eager(backend):
     assert grads_c.keys() == grads.keys()
     for n in grads:
         torch.testing.assert_close(grads_c[n], grads[n], atol=1e-5, rtol=1e-5, msg=n)
+
+
+def test_bench_reports_time_and_memory_ratios_of_moe_to_dense_per_granularity():
+    from moe.bench import main
+
+    argv = "--tokens 64 --d-model 16 --d-ff 32 --experts 4 --granularities 1,2 --dtypes fp32"
+    rows = main([*argv.split(), "--repeat", "1", "--warmup", "0", "--json"])
+    assert [(r["G"], r["backend"]) for r in rows] == [(1, "grouped"), (2, "grouped")]
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["moe_ms"] / r["dense_ms"])
+        assert r["cpu_ratio"] > 0 and r["moe_peak_mb"] > 0 and r["dense_peak_mb"] > 0
+        assert r["mem_ratio"] == pytest.approx(r["moe_peak_mb"] / r["dense_peak_mb"])
