@@ -366,6 +366,12 @@ class TokenLoader:
         self.step += 1
         return _windows(self.tokens, starts_B, self.seq_len)
 
+    def seek(self, step: int) -> None:
+        """Make batch number `step` of the stream the next one (data-parallel ranks pick their share)."""
+        if step < 0:
+            raise ValueError(f"step={step} must be >= 0")
+        self.step = step
+
     def state_dict(self) -> dict:
         return {
             "step": self.step,

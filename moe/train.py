@@ -7,6 +7,10 @@ lives in `studies/`, so this module imports no orchestration code. Metric names 
 Resume is exact: a checkpoint (moe.checkpoint) holds model, optimiser, data position and RNG states, and
 everything else (lr, metrics, eval points) is a function of the step, so a resumed run logs bit for bit
 what an uninterrupted one would (CPU fp32; throughput `tokens_per_s` is wall-clock and differs).
+Data parallel: inside a process group (moe.distributed.distributed_env) the same global batch is split
+across ranks by micro-batch, DDP averages gradients, and the step's loss and expert loads are summed
+over ranks, so every rank takes the same step and W ranks follow the single-process loss curve
+(docs/distributed.md). Rank 0 alone logs, prints and writes checkpoints.
 Shape suffixes: B = sequences in a micro-batch, S = sequence length.
 """
 
@@ -16,15 +20,17 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from moe.accounting import flops_per_token
 from moe.checkpoint import capture_rng, restore_rng, save_checkpoint
 from moe.config import ModelConfig
+from moe.distributed import active_world, all_reduce_sum, barrier
 from moe.data import PreparedData, TokenLoader, validation_batches
 from moe.model import Transformer
 from moe.schedule import SCHEDULES, ScheduleKind, lr_at
@@ -66,7 +72,8 @@ class TrainConfig:
     batch_tokens: int = 8192
     """Tokens per optimiser step (sequences per step = batch_tokens // model.seq_len)."""
     micro_batch_tokens: int | None = None
-    """Tokens per forward/backward; smaller than batch_tokens means gradient accumulation. None: one pass."""
+    """Tokens per forward/backward on one rank; batch_tokens / (micro_batch_tokens * ranks) micro-batches are
+    accumulated per step. None: one pass per rank (batch_tokens / ranks)."""
     seed: int = 0
     """Seed for initialisation and data order."""
     eval_every: int = 100
@@ -98,13 +105,15 @@ class TrainPlan:
     micro_batch_size: int
     """Sequences per forward/backward."""
     accum: int
-    """Micro-batches per step."""
+    """Micro-batches per step on each rank."""
     batch_tokens: int
     """Tokens per step actually used (batch_size * seq_len)."""
     warmup_steps: int
     """Warmup steps of the schedule."""
     decay_steps: int
     """wsd decay steps (0 for other schedules)."""
+    world_size: int = 1
+    """Data-parallel ranks sharing each step."""
 
 
 @dataclass(frozen=True)
@@ -144,18 +153,36 @@ class Logger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
-def plan_training(model_cfg: ModelConfig, optim: OptimConfig, train: TrainConfig) -> TrainPlan:
+class _Quiet:
+    """The logger of ranks other than 0."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+
+_QUIET = _Quiet()
+
+
+def plan_training(
+    model_cfg: ModelConfig, optim: OptimConfig, train: TrainConfig, world_size: int = 1
+) -> TrainPlan:
     """Derive steps and batch shapes from the token budget; ValueError naming the keys if impossible."""
     seq = model_cfg.seq_len
     if train.batch_tokens < seq or train.batch_tokens % seq:
         raise ValueError(
             f"train.batch_tokens={train.batch_tokens} must be a positive multiple of model.seq_len={seq}"
         )
-    micro_tokens = train.micro_batch_tokens or train.batch_tokens
-    if micro_tokens <= 0 or micro_tokens % seq or train.batch_tokens % micro_tokens:
+    if world_size < 1 or train.batch_tokens % (seq * world_size):
+        raise ValueError(
+            f"train.batch_tokens={train.batch_tokens} must split into whole sequences of model.seq_len={seq} "
+            f"over {world_size} data-parallel ranks"
+        )
+    micro_tokens = train.micro_batch_tokens or train.batch_tokens // world_size
+    if micro_tokens <= 0 or micro_tokens % seq or train.batch_tokens % (micro_tokens * world_size):
         raise ValueError(
             f"train.micro_batch_tokens={train.micro_batch_tokens} must be a multiple of model.seq_len={seq} "
             f"that divides train.batch_tokens={train.batch_tokens}"
+            + (f" / {world_size} ranks" if world_size > 1 else "")
         )
     if train.tokens < train.batch_tokens:
         raise ValueError(
@@ -188,29 +215,35 @@ def plan_training(model_cfg: ModelConfig, optim: OptimConfig, train: TrainConfig
         steps=steps,
         batch_size=train.batch_tokens // seq,
         micro_batch_size=micro_tokens // seq,
-        accum=train.batch_tokens // micro_tokens,
+        accum=train.batch_tokens // (micro_tokens * world_size),
         batch_tokens=train.batch_tokens,
         warmup_steps=max(1, round(optim.warmup_frac * steps)),
         decay_steps=decay,
+        world_size=world_size,
     )
 
 
 def resolve_device(device: Device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """cpu, or the current CUDA device (distributed_env sets it to cuda:LOCAL_RANK)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device='cuda' but no CUDA device is available")
-    return torch.device(device)
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (decaying norm gains and biases only hurts)."""
+    """AdamW with weight decay on matrices only (decaying norm gains and biases only hurts); the fused
+    kernel on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    fused = all(p.is_cuda for p in params) or None
+    return torch.optim.AdamW(
+        groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused
+    )
 
 
 def router_metrics(router: list, layer_indices: list[int]) -> dict[str, float]:
@@ -232,7 +265,8 @@ def router_metrics(router: list, layer_indices: list[int]) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list, device: torch.device, autocast) -> float:
-    """Token-weighted mean LM cross-entropy over the fixed validation batches."""
+    """Token-weighted mean LM cross-entropy over the fixed validation batches (each rank passes its
+    share; the sums are added over ranks)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -242,7 +276,8 @@ def evaluate(model: torch.nn.Module, batches: list, device: torch.device, autoca
         total += float(out.loss) * y_BS.numel()
         count += y_BS.numel()
     model.train(was_training)
-    return total / count
+    total_count = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device))
+    return float(total_count[0] / total_count[1])
 
 
 def format_eta(seconds: float) -> str:
@@ -267,10 +302,17 @@ def train(
     checkpoint_dir: where checkpoints go every `train.checkpoint_every` steps (None: none are written).
     resume: a state from `moe.checkpoint.load_latest`; training continues after its step.
     stop_requested: polled after every step; when it returns True a checkpoint is written and
-    TrainingInterrupted is raised (preemption). NaN/inf loss raises NonFiniteLossError."""
+    TrainingInterrupted is raised (preemption). NaN/inf loss raises NonFiniteLossError.
+    Inside a process group every rank calls this with the same arguments; only rank 0 logs, prints and
+    writes checkpoints, and a stop request on any rank stops all of them."""
     # --- build ---------------------------------------------------------------------------------
-    plan = plan_training(model_cfg, optim, train)
+    rank, world = active_world()
+    plan = plan_training(model_cfg, optim, train, world_size=world)
     device = resolve_device(train.device)
+    if rank:
+        logger, progress, checkpoint_dir_out = _QUIET, None, None
+    else:
+        checkpoint_dir_out = checkpoint_dir
     use_bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
 
     def autocast():
@@ -280,11 +322,16 @@ def train(
 
     torch.manual_seed(train.seed)
     model = Transformer(model_cfg).to(device)
-    forward = torch.compile(model) if train.compile else model
+    net: torch.nn.Module = model
+    if world > 1:  # a router that may get no gradient leaves a parameter unused in some steps
+        unused = model_cfg.moe is not None and model_cfg.moe.allow_no_router_grad
+        net = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=unused)
+    forward = torch.compile(net) if train.compile else net
     opt = build_optimizer(model, optim)
     flops_tok = flops_per_token(model_cfg).train
     loader = TokenLoader(data.train_path, model_cfg.seq_len, plan.micro_batch_size, seed=train.seed)
     val_batches = validation_batches(data, model_cfg.seq_len, plan.micro_batch_size, train.eval_tokens)
+    val_batches = val_batches[rank::world]
     layers = list(model.moe_layer_indices)
     min_lr = optim.lr * optim.min_lr_ratio
     train_loss = val_loss = math.nan
@@ -303,12 +350,14 @@ def train(
         train_loss, val_loss = resume["last"]["train_loss"], resume["last"]["val_loss"]
 
     def checkpoint(step: int) -> Path | None:
-        if checkpoint_dir is None:
-            return None
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
-                 "rng": capture_rng(), "last": {"train_loss": train_loss, "val_loss": val_loss},
-                 "plan": asdict(plan)}  # fmt: skip
-        return save_checkpoint(checkpoint_dir, step, state, train.keep_last)
+        path = None
+        if checkpoint_dir_out is not None:  # ranks hold identical states: rank 0 writes for all
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
+                     "rng": capture_rng(), "last": {"train_loss": train_loss, "val_loss": val_loss},
+                     "plan": asdict(plan)}  # fmt: skip
+            path = save_checkpoint(checkpoint_dir_out, step, state, train.keep_last)
+        barrier()  # no rank leaves (e.g. on preemption) before the checkpoint exists
+        return path
 
     # The first non-finite step and its loss stay on the device (no sync per step); read at log,
     # eval and checkpoint time, so a diverged state is never logged as fine or checkpointed.
@@ -332,14 +381,30 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr
 
+        # The step's micro-batches are stream batches base .. base + accum*world - 1 (the same ones
+        # whatever the world size); rank r takes a contiguous share of them.
+        base = loader.step
         loss_sum = torch.zeros((), device=device)
-        for _ in range(plan.accum):
+        loads = [torch.zeros(model_cfg.moe.n_routed, device=device) for _ in layers] if layers else []
+        for j in range(plan.accum):
+            loader.seek(base + rank * plan.accum + j)
             x_BS, y_BS = loader.next_batch()
-            with autocast():
-                out = forward(x_BS.to(device, non_blocking=True), y_BS.to(device, non_blocking=True))
-            # aux_loss is already coefficient-weighted; 0 for dense models.
-            ((out.loss + out.aux_loss) / plan.accum).backward()
+            last = j == plan.accum - 1
+            with contextlib.nullcontext() if world == 1 or last else net.no_sync():  # all-reduce once
+                with autocast():
+                    out = forward(x_BS.to(device, non_blocking=True), y_BS.to(device, non_blocking=True))
+                # aux_loss is already coefficient-weighted; 0 for dense models.
+                ((out.loss + out.aux_loss) / plan.accum).backward()
             loss_sum += out.loss.detach()
+            for load, aux in zip(loads, out.router, strict=True):
+                load += aux.tokens_per_expert.to(device)
+        loader.seek(base + plan.accum * world)
+        stop = step < plan.steps and stop_requested is not None and stop_requested()
+        if world > 1:  # one small all-reduce: loss, stop votes and expert loads of every rank
+            flat = all_reduce_sum(torch.cat([loss_sum.view(1).float(), torch.tensor([float(stop)], device=device),
+                                             *loads]))  # fmt: skip
+            loss_sum, stop = flat[0] / world, bool(flat[1] > 0)
+            loads = list(flat[2:].split([len(x) for x in loads])) if loads else []
         first_bad = (bad_step == 0) & ~torch.isfinite(loss_sum)
         bad_step.masked_fill_(first_bad, step)
         bad_loss.copy_(torch.where(first_bad, loss_sum / plan.accum, bad_loss))
@@ -347,7 +412,8 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        model.update_balancing(out.router)
+        if layers:
+            model.update_balancing([replace(aux, tokens_per_expert=x) for aux, x in zip(out.router, loads)])
         window_tokens += plan.batch_tokens
         tokens = step * plan.batch_tokens
 
@@ -385,7 +451,6 @@ def train(
             )
 
         if step < plan.steps:
-            stop = stop_requested is not None and stop_requested()
             if stop or (train.checkpoint_every and step % train.checkpoint_every == 0):
                 check_finite()
                 path = checkpoint(step)

@@ -1,0 +1,62 @@
+"""One rank of the data-parallel tests: `torchrun --nproc-per-node N tests/dist_worker.py SPEC OUT`.
+
+SPEC is a JSON file {"model": asdict(ModelConfig), "train": asdict(TrainConfig), "data": asdict(DataConfig),
+"checkpoint_dir": str | null, "resume": bool, "stop": [rank, step] | null}; each rank writes OUT/rank<r>.json
+with its logged events and its result, or the step it was interrupted at. "stop" makes that rank alone
+request a stop (as a preempted task would) after that step; "resume" continues from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from moe.checkpoint import load_latest
+from moe.config import ModelConfig, MoEConfig
+from moe.data import DataConfig, prepare_data
+from moe.distributed import distributed_env
+from moe.train import OptimConfig, TrainConfig, TrainingInterrupted, train
+
+
+class ListLogger:
+    def __init__(self):
+        self.events: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics, step):
+        self.events.append((step, dict(metrics)))
+
+
+def main(spec_path: str, out_dir: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    model = dict(spec["model"])
+    model_cfg = ModelConfig(**{**model, "moe": MoEConfig(**model["moe"]) if model["moe"] else None})
+    torch.set_num_threads(1)
+    with distributed_env(device="cpu") as env:
+        data = prepare_data(DataConfig(**spec["data"]))
+        logger = ListLogger()
+        ckpt = Path(spec["checkpoint_dir"]) if spec.get("checkpoint_dir") else None
+        state = load_latest(ckpt) if ckpt and spec.get("resume") else None
+        calls = [0]
+
+        def stop_requested() -> bool:
+            calls[0] += 1
+            start = state["step"] if state else 0
+            return spec.get("stop") is not None and spec["stop"] == [env.rank, start + calls[0]]
+
+        out = {"rank": env.rank, "world_size": env.world_size}
+        try:
+            result = train(model_cfg, data, OptimConfig(), TrainConfig(**spec["train"]), logger, progress=None,
+                           checkpoint_dir=ckpt, resume=state, stop_requested=stop_requested)  # fmt: skip
+            out["result"] = dataclasses.asdict(result)
+        except TrainingInterrupted as exc:
+            out["interrupted_at"] = exc.step
+        out["events"] = logger.events
+        Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,146 @@
+"""Data-parallel training: real torchrun processes on gloo reproduce the single-process run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe.config import ModelConfig, MoEConfig
+from moe.data import DataConfig, prepare_data
+from moe.distributed import read_env
+from moe.train import OptimConfig, TrainConfig, plan_training, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Bias balancing on: the per-step expert loads must be summed over ranks for the biases to agree.
+TINY = ModelConfig(
+    vocab_size=512, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32,
+    moe=MoEConfig(num_experts=4, top_k=1, granularity=2, bias_update_rate=0.01),
+)  # fmt: skip
+# 4 sequences per step; micro-batches of 2 sequences: 2 accumulated on 1 rank, or 1 per rank on 2 ranks.
+FAST = TrainConfig(
+    tokens=128 * 24, batch_tokens=128, micro_batch_tokens=64, eval_every=8, eval_tokens=512, log_every=1,
+    progress_every=0, checkpoint_every=0,
+)  # fmt: skip
+
+
+class ListLogger:
+    def __init__(self):
+        self.events: list[tuple[int, dict[str, float]]] = []
+
+    def log_metrics(self, metrics, step):
+        self.events.append((step, dict(metrics)))
+
+
+def history(events, key):
+    return [(step, m[key]) for step, m in events if key in m]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data_cfg(data_cache) -> DataConfig:
+    return DataConfig(vocab_size=512, max_chars=200_000, val_fraction=0.2, cache_dir=str(data_cache))
+
+
+def torchrun(tmp_path: Path, nproc: int, spec: dict, name: str = "run") -> dict[int, dict]:
+    """Run tests/dist_worker.py on `nproc` gloo ranks through torchrun; {rank: its JSON output}."""
+    out = tmp_path / name
+    out.mkdir()
+    spec_path = out / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+           str(ROOT / "tests" / "dist_worker.py"), str(spec_path), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)}
+
+
+def spec_of(data_cfg, train_cfg=FAST, **extra) -> dict:
+    return {"model": dataclasses.asdict(TINY), "train": dataclasses.asdict(train_cfg),
+            "data": dataclasses.asdict(data_cfg), **extra}  # fmt: skip
+
+
+def single_process(data_cfg, train_cfg=FAST) -> ListLogger:
+    logger = ListLogger()
+    train(TINY, prepare_data(data_cfg), OptimConfig(), train_cfg, logger, progress=None)
+    return logger
+
+
+def test_env_is_read_from_torchrun_then_slurm_variables():
+    assert read_env({}) == (0, 1, 0)
+    assert read_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
+    assert read_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}) == (5, 8, 1)
+    # torchrun inside a SLURM allocation: torchrun's names win
+    both = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert read_env(both) == (1, 2, 1)
+
+
+@pytest.mark.parametrize(
+    "environ, match",
+    [({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2"), ({"RANK": "x", "WORLD_SIZE": "2"}, "integers"),
+     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "0"}, "SLURM_NTASKS=0")],
+)  # fmt: skip
+def test_bad_rank_variables_are_rejected_naming_them(environ, match):
+    with pytest.raises(ValueError, match=match):
+        read_env(environ)
+
+
+def test_plan_splits_the_global_batch_over_ranks():
+    two = plan_training(TINY, OptimConfig(), FAST, world_size=2)
+    assert (two.batch_size, two.micro_batch_size, two.accum, two.world_size) == (4, 2, 1, 2)
+    no_micro = plan_training(TINY, OptimConfig(), dataclasses.replace(FAST, micro_batch_tokens=None), 4)
+    assert (no_micro.micro_batch_size, no_micro.accum) == (1, 1)
+    assert plan_training(TINY, OptimConfig(), FAST).steps == two.steps  # same budget, same steps
+    with pytest.raises(ValueError, match="train.batch_tokens=128 .* 8 data-parallel ranks"):
+        plan_training(TINY, OptimConfig(), FAST, world_size=8)
+    with pytest.raises(ValueError, match="train.micro_batch_tokens=64 .* / 3 ranks"):
+        plan_training(TINY, OptimConfig(), dataclasses.replace(FAST, batch_tokens=32 * 9), world_size=3)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_two_ranks_reproduce_the_single_process_loss_curve(data_cfg, tmp_path):
+    ranks = torchrun(tmp_path, 2, spec_of(data_cfg))
+    one = single_process(data_cfg)
+    ref_loss, ref_val = history(one.events, "train/loss"), history(one.events, "val/loss")
+    assert len(ref_loss) == 24 and len(ref_val) == 3
+    assert history(ranks[0]["events"], "lr") == history(one.events, "lr")
+    for (s1, a), (s2, b) in zip(history(ranks[0]["events"], "train/loss"), ref_loss, strict=True):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for (s1, a), (s2, b) in zip(history(ranks[0]["events"], "val/loss"), ref_val, strict=True):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-5)
+    # the curve moved (a frozen model would match trivially), and only rank 0 logs
+    assert ref_loss[-1][1] < ref_loss[0][1] - 0.1
+    assert ranks[1]["events"] == [] and ranks[1]["world_size"] == 2
+    assert ranks[1]["result"]["final_val_loss"] == ranks[0]["result"]["final_val_loss"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_stop_on_one_rank_checkpoints_every_rank_and_the_resumed_run_ends_where_an_unbroken_one_does(
+    data_cfg, tmp_path
+):
+    cfg = dataclasses.replace(FAST, checkpoint_every=100)
+    unbroken = torchrun(tmp_path, 2, spec_of(data_cfg, cfg), "unbroken")
+    ckpt = tmp_path / "ckpt"
+    stopped = torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), stop=[1, 5]), "stopped")
+    assert [stopped[r].get("interrupted_at") for r in (0, 1)] == [5, 5]  # rank 1 asked; both stopped
+    assert sorted(p.name for p in ckpt.iterdir() if p.suffix == ".pt")  # rank 0 wrote the checkpoint
+    resumed = torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), resume=True), "resumed")
+    assert resumed[0]["result"]["resumed_from"] == 5
+    tail = [e for e in history(unbroken[0]["events"], "train/loss") if e[0] > 5]
+    assert history(resumed[0]["events"], "train/loss") == tail
+    assert resumed[0]["result"]["final_val_loss"] == unbroken[0]["result"]["final_val_loss"]
