@@ -346,7 +346,6 @@ class MlflowLogger:
                 self._cond.notify_all()
 
 
-
 def config_params(resolved: Mapping[str, Any], axes: Iterable[str]) -> dict[str, Any]:
     """MLflow params of a resolved point config: flattened, the sweep axes under `axis.` (bare, they would
     shadow the same-named tags, which hold the derived values) and model.moe as moe.*."""
@@ -356,6 +355,7 @@ def config_params(resolved: Mapping[str, Any], axes: Iterable[str]) -> dict[str,
     flat = flatten(tree)
     flat.update(flatten({"moe": moe}) if moe else {"moe": None})
     return flat
+
 
 class FanOut:
     """One Logger that forwards to several."""
