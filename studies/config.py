@@ -109,7 +109,11 @@ class InfraConfig:
     name: str = "local"
     """Profile name (local, basic, ...)."""
     threads: int = 1
-    """torch intra-op threads per job (conf/infra/local.yaml derives it from the machine)."""
+    """torch intra-op threads per task (conf/infra/local.yaml derives it from the machine)."""
+    nodes: int = 1
+    """Nodes per point; with tasks_per_node, the point's data-parallel ranks (docs/distributed.md)."""
+    tasks_per_node: int = 1
+    """Tasks (data-parallel ranks) per node; one GPU each on a GPU cluster."""
 
 
 @dataclass

@@ -24,14 +24,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe.accounting import count_params, flops_per_token
-from moe.checkpoint import latest_step, load_latest
+from moe.checkpoint import checkpoint_path, latest_step, load_checkpoint, load_latest
 from moe.config import ModelConfig, MoEConfig, replace
 from moe.corpus import read_meta
 from moe.data import prepare_data, unigram_entropy
 from moe.matched import derive
 from moe.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, TrainPlan, plan_training, train
 from moe.validate import validate_model_config
-from studies import tracking
+from studies import ranks, tracking
 from studies.config import RunConfig, load_run_config
 
 # Keys that change how a run is observed or made durable, not what it computes: left out of the run key.
@@ -167,11 +167,18 @@ def build_point(run: RunConfig, *, cwd: Path | None = None, vocab_size: int | No
                 f"train.{axis}={getattr(run.train, axis)} differs from the axis {axis}={getattr(run, axis)}: "
                 f"set {axis}=... (train.{axis} follows it)"
             )
-    if run.infra.threads < 1:
-        raise ValueError(f"infra.threads={run.infra.threads} must be >= 1")
+    for key in ("threads", "nodes", "tasks_per_node"):
+        if getattr(run.infra, key) < 1:
+            raise ValueError(f"infra.{key}={getattr(run.infra, key)} must be >= 1")
+    world = run.infra.nodes * run.infra.tasks_per_node
+    if world > 1 and run.infra.name == "basic":
+        raise ValueError(
+            f"infra.tasks_per_node={run.infra.tasks_per_node} x infra.nodes={run.infra.nodes} needs a "
+            "submitit launcher (infra=local or infra=slurm); infra=basic runs each point in this process"
+        )
     model = derive_model(run, vocab_size)
     train_cfg = dataclasses.replace(run.train, tokens=training_tokens(run, model))
-    plan = plan_training(model, run.optim, train_cfg)
+    plan = plan_training(model, run.optim, train_cfg, world_size=world)
     identity = {
         "model": dataclasses.asdict(model),
         "data": dataclasses.asdict(run.data),
@@ -319,12 +326,64 @@ def run_point(
     cwd: Path | None = None,
     retry_failed: bool | None = None,
     stop_requested: Callable[[], bool] | None = _stop_requested,
-) -> PointResult:
+) -> PointResult | None:
     """Train one sweep point and record it (files + MLflow child run), idempotently: a DONE point is
     skipped, a partial one resumes from its latest checkpoint in the same MLflow run, a FAILED one is
     retried only with retry_failed (default: $MOE_RETRY_FAILED). Raises after recording a failure;
-    TrainingInterrupted after a checkpoint when stop_requested() turned True (preemption)."""
+    TrainingInterrupted after a checkpoint when stop_requested() turned True (preemption).
+    A job of several tasks trains the point data-parallel: rank 0 records it and returns the result,
+    the other ranks train alongside and return None (studies.ranks)."""
     run = load_run_config(cfg)
+    with ranks.point_process_group(run.train.device) as env:
+        if env.world_size != run.infra.nodes * run.infra.tasks_per_node:
+            raise ValueError(
+                f"the job has {env.world_size} tasks but infra.nodes={run.infra.nodes} x "
+                f"infra.tasks_per_node={run.infra.tasks_per_node} were asked for"
+            )
+        if not env.is_main:
+            return _follow_point(run, cwd, stop_requested)
+        told: list[tuple[str, Any]] = []
+
+        def tell(decision: tuple[str, Any]) -> None:
+            told.append(decision)
+            ranks.share(decision)
+
+        try:
+            return _lead_point(run, parent_run_id, cwd, retry_failed, stop_requested, tell)
+        except BaseException as exc:
+            if not told:  # the other ranks are waiting for a decision: let them stop too
+                ranks.share(("error", f"{type(exc).__name__}: {exc}"))
+            raise
+
+
+def _follow_point(run: RunConfig, cwd: Path | None, stop_requested: Callable[[], bool] | None) -> None:
+    """A rank other than 0: prepare the same data, wait for rank 0's decision, train alongside it."""
+    point = build_point(run, cwd=cwd)
+    torch.set_num_threads(run.infra.threads)
+    prepared = prepare_data(run.data)
+    if prepared.vocab_size != point.model.vocab_size:
+        point = build_point(run, cwd=cwd, vocab_size=prepared.vocab_size)
+    action, detail = ranks.share(None)
+    if action == "error":
+        raise RuntimeError(f"rank 0 stopped before training: {detail}")
+    if action != "train":  # skip or refuse: rank 0 reports it
+        return None
+    ckpt_dir = point.run_dir / "checkpoints"
+    state = load_checkpoint(checkpoint_path(ckpt_dir, detail)) if detail else None
+    train(point.model, prepared, run.optim, point.train, tracking.FanOut(), progress=None,
+          checkpoint_dir=ckpt_dir, resume=state, stop_requested=stop_requested)  # fmt: skip
+    return None
+
+
+def _lead_point(
+    run: RunConfig,
+    parent_run_id: str | None,
+    cwd: Path | None,
+    retry_failed: bool | None,
+    stop_requested: Callable[[], bool] | None,
+    tell: Callable[[tuple[str, Any]], None],
+) -> PointResult:
+    """Rank 0 (or the only rank): decide, record and train; `tell` passes the decision to other ranks."""
     point = build_point(run, cwd=cwd)
     torch.set_num_threads(run.infra.threads)
     prepared = prepare_data(run.data)
@@ -337,6 +396,8 @@ def run_point(
     retry = retry_failed_from_env() if retry_failed is None else retry_failed
     plan = lifecycle(run_dir, retry)
     print(f"[{point.variant}] run {point.run_key}: {plan.detail}", flush=True)
+    if plan.action in ("skip", "refuse"):
+        tell((plan.action, 0))
     if plan.action == "skip":
         return _done_result(point, tags, acct)
     if plan.action == "refuse":
@@ -360,13 +421,16 @@ def run_point(
     summary: dict[str, Any] = {
         "run_key": point.run_key, "variant": point.variant, "tags": tags, "params": acct,
         "mlflow_run_id": run_id, "parent_run_id": parent_run_id, "resumed_from": start,
+        "ranks": point.plan.world_size,
         "data": {"fingerprint": prepared.fingerprint, "unigram_entropy": entropy,
                  "n_train_tokens": prepared.n_train_tokens, "n_val_tokens": prepared.n_val_tokens},
     }  # fmt: skip
     print(f"[{point.variant}] run {point.run_key}: {acct['acct.params_total']:,} params "
           f"({acct['acct.params_active']:,} active), {point.plan.steps} steps of {point.plan.batch_tokens} "
-          f"tokens -> {run_dir}" + (f" (resuming after step {start})" if start else ""), flush=True)  # fmt: skip
+          f"tokens" + (f" on {point.plan.world_size} ranks" if point.plan.world_size > 1 else "")
+          + f" -> {run_dir}" + (f" (resuming after step {start})" if start else ""), flush=True)  # fmt: skip
 
+    tell(("train", start))
     t0 = time.perf_counter()
     try:
         result = train(

@@ -55,6 +55,8 @@ def main(cfg: DictConfig) -> dict:
         # In-process sweep: keep going; the end-of-sweep callback reports the failure and exits non-zero.
         traceback.print_exc()
         return record
+    if result is None:  # a rank other than 0 of a data-parallel point: rank 0 writes the record
+        return {}
     record = dataclasses.asdict(result)
     write_job_record(job_dir, record)
     return record

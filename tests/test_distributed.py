@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from moe.config import ModelConfig, MoEConfig
 from moe.data import DataConfig, prepare_data
@@ -144,3 +145,41 @@ def test_a_stop_on_one_rank_checkpoints_every_rank_and_the_resumed_run_ends_wher
     tail = [e for e in history(unbroken[0]["events"], "train/loss") if e[0] > 5]
     assert history(resumed[0]["events"], "train/loss") == tail
     assert resumed[0]["result"]["final_val_loss"] == unbroken[0]["result"]["final_val_loss"]
+
+
+def study_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MOE_JOBS": "1", "MOE_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "studies.run", "-m", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_point_with_two_tasks_trains_data_parallel_through_submitit_and_matches_one_task(shrunk, tmp_path):
+    # micro-batches of 8 sequences: 2 accumulated by one task, or one on each of two tasks
+    common = [o for o in shrunk if not o.startswith("paths.root=")] + [
+        "granularity=4",
+        "train.micro_batch_tokens=256",
+    ]
+    finals = {}
+    for tasks in (1, 2):
+        root = tmp_path / f"tasks{tasks}"
+        proc = study_run([*common, f"infra.tasks_per_node={tasks}", f"paths.root={root}"], tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (summary_path,) = root.glob("default/runs/*/summary.json")
+        summary = json.loads(summary_path.read_text())
+        assert summary["status"] == "DONE" and summary["ranks"] == tasks
+        finals[tasks] = summary["final"]
+        client = MlflowClient(f"sqlite:///{root / 'default' / 'mlflow.db'}")
+        history_ = client.get_metric_history(summary["mlflow_run_id"], "train/loss")
+        assert len(history_) == 10  # rank 0 alone logged: no duplicate points
+    assert finals[2]["val/loss"] == pytest.approx(finals[1]["val/loss"], rel=1e-5)
+    assert finals[2]["train/loss"] == pytest.approx(finals[1]["train/loss"], rel=1e-5)
+
+
+def test_basic_launcher_rejects_several_tasks_naming_the_keys(compose):
+    from studies.config import load_run_config
+    from studies.point import build_point
+
+    cfg = compose(["infra=basic", "infra.tasks_per_node=2"])
+    with pytest.raises(ValueError, match="infra.tasks_per_node=2 .* needs a submitit launcher"):
+        build_point(load_run_config(cfg))
