@@ -63,7 +63,9 @@ class MoEConfig:
     d_expert: int | None = None
     """Hidden size of one coarse (G=1) expert; None means model.d_ff."""
     router: RouterKind = "token_choice"
-    """token_choice (each token picks experts) or expert_choice (each expert picks tokens)."""
+    """token_choice (each token picks experts) or expert_choice (each expert picks tokens). Expert choice
+    ranks all tokens of the micro-batch, so a token's routing depends on later tokens of its sequence (as
+    in the training setups that used it): fine for training-loss studies, not for causal decoding."""
     score: ScoreFn = "softmax"
     """Score function over router logits."""
     order: RouterOrder = "before_topk"
