@@ -5,6 +5,7 @@ Needs root and Debian's packages (up.sh installs them with apt-get); skipped oth
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ import cloudpickle
 import pytest
 import submitit
 from mlflow.tracking import MlflowClient
+
+from studies.point import run_point
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts" / "slurm"
@@ -162,7 +165,7 @@ def test_slurm_profile_selects_submitit_slurm_and_passes_its_keys(compose):
     assert launcher.cpus_per_task == 4, "cpus_per_task follows infra.threads"
     assert launcher.additional_parameters == {"constraint": "h100"}
     assert list(launcher.setup) == ["module load cuda"]
-    assert (launcher.max_num_timeout, launcher.signal_delay_s) == (0, 120)
+    assert (launcher.max_num_timeout, launcher.signal_delay_s) == (3, 120)
 
 
 @pytest.mark.slow
@@ -255,3 +258,71 @@ def test_granularity_sweep_runs_through_sbatch_into_mlflow(cluster, shrunk, tmp_
     children = [r for r in runs if r.data.tags.get("kind") == "point"]
     assert sorted(c.data.tags["variant"] for c in children) == ["moe-E8-k2-G1", "moe-E8-k2-G8"]
     assert [c.info.status for c in children] == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_time_limited_sweep_point_is_requeued_resumes_and_matches_the_uninterrupted_run(
+    cluster, compose, shrunk, tmp_path, one_thread
+):
+    """The path a user relies on: USR2 before the time limit -> checkpoint at a step boundary -> submitit
+    requeues (max_num_timeout, default 3) -> the same sbatch job resumes the point into its MLflow run."""
+    overrides = [
+        *shrunk,
+        "granularity=8",
+        "tokens=61440",
+        "train.log_every=1",
+        "train.eval_every=20",
+        "train.checkpoint_every=1000",  # the only checkpoint is the one the signal asks for
+    ]
+    reference = run_point(compose([*overrides, f"paths.root={tmp_path / 'ref'}"]), cwd=tmp_path)
+
+    db = tmp_path / "store.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # timeout_min below submitit's 10-minute margin: it counts any USR2 as the time-limit warning, which
+    # is what SLURM sends signal_delay_s before --time (the test sends it earlier, at a known step).
+    args = [*overrides, "infra=slurm", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
+            "hydra.callbacks.study.report=false", f"tracking.uri=sqlite:///{db}"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "studies.run", "-m", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    run_dir = tmp_path / "outputs" / "default" / "runs" / reference.run_key
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    try:
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 10):
+            assert proc.poll() is None and time.monotonic() < deadline, "the job never got going"
+            time.sleep(0.1)
+        (job_dir,) = [p for p in tmp_path.glob("outputs/default/multirun/*/.submitit/*") if p.is_dir()]
+        job_id = job_dir.name  # submitit submits a one-point sweep as a plain job, not an array
+        # How SLURM delivers --signal=USR2@signal_delay_s (and submitit's own SlurmJob._interrupt(timeout=True))
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "1/1 points done" in out, out[-3000:]
+
+    expected = ["REQUEUED", "COMPLETED"]
+    assert wait_for_sacct(job_id, expected, attempts=True) == expected
+    logs = "".join(p.read_text() for p in job_dir.glob("*_log.*"))
+    assert "checkpointing at the end of this step" in logs
+    assert "this job is timed-out" in logs and f"Requeued job {job_id} (2 remaining timeouts)" in logs, logs
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "DONE" and summary["resumed_from"] >= 10, "the requeued job must resume"
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]  # noqa: E731
+    assert strip(metrics.read_text().splitlines()) == strip(
+        (Path(reference.run_dir) / "metrics.jsonl").read_text().splitlines()
+    ), "the resumed history must be the uninterrupted one, bitwise (one thread, CPU fp32)"
+    assert summary["final"]["val/loss"] == reference.val_loss
+    assert summary["final"]["train/loss"] == reference.train_loss
+
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    (child,) = [r for r in runs if r.data.tags.get("kind") == "point"]
+    assert child.info.run_id == summary["mlflow_run_id"] and child.info.status == "FINISHED"
+    assert child.data.tags["resumed_from_step"] == str(summary["resumed_from"])
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 121)), "one value per step in the one MLflow run"
+    assert child.data.metrics["val/loss"] == reference.val_loss
