@@ -296,7 +296,7 @@ def _stop_requested() -> bool:
 def _mlflow_run(
     point: Point, uri: str, tags: dict[str, str], parent_run_id: str | None,
     jsonl: tracking.ResumedJsonlLogger, resume_step: int,
-) -> tuple[str, bool, tracking.SkipLogged, tracking.MlflowLogger]:  # fmt: skip
+) -> tuple[str | None, bool, Any, tracking.MlflowLogger | tracking.OfflineRun]:  # fmt: skip
     """(run id, whether it is new, metrics logger, MLflow logger) for the point: the run named in mlflow_run_id is reopened,
     so a resumed point continues its own run; the logger drops steps the run already holds and the
     kept metrics.jsonl lines it misses are sent first (the kill may have beaten the last flush)."""
@@ -304,10 +304,17 @@ def _mlflow_run(
     run_id = id_file.read_text().strip() if id_file.exists() else None
     reopened = tracking.reopen_run(uri, run_id) if run_id else False
     if reopened is False:
-        run_id = tracking.start_run(
-            uri, point.run.study.name, point.study_dir / "mlartifacts",
-            run_name=f"{point.variant}-s{point.run.seed}-{point.run_key}", tags=tags, parent_run_id=parent_run_id,
-        )  # fmt: skip
+        try:
+            run_id = tracking.start_run(
+                uri, point.run.study.name, point.study_dir / "mlartifacts",
+                run_name=f"{point.variant}-s{point.run.seed}-{point.run_key}", tags=tags,
+                parent_run_id=parent_run_id,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - an unreachable tracker must not stop training
+            print(f"[{point.variant}] MLflow at {uri} unreachable ({type(exc).__name__}: {str(exc)[:200]}); "
+                  f"training without it: run `python -m studies.sync {point.study_dir}` afterwards", flush=True)  # fmt: skip
+            offline = tracking.OfflineRun()
+            return None, False, offline, offline
         id_file.write_text(run_id + "\n")
     mlf = tracking.MlflowLogger(uri, run_id, point.run.tracking.flush_every_s)
     floor = {} if reopened is False else tracking.logged_steps(uri, run_id, jsonl.keys)
@@ -490,7 +497,9 @@ def _done_result(point: Point, tags: dict[str, str], acct: dict[str, float]) -> 
     )  # fmt: skip
 
 
-def _finish(mlf: tracking.MlflowLogger, uri: str, run_id: str, run_dir: Path, ok: bool) -> None:
+def _finish(
+    mlf: tracking.MlflowLogger | tracking.OfflineRun, uri: str, run_id: str | None, run_dir: Path, ok: bool
+) -> None:
     mlf.flush()
     mlf.log_artifacts(run_dir / name for name in ("config.yaml", "metrics.jsonl", "summary.json"))
     tracking.end_run(uri, run_id, ok)

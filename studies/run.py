@@ -44,7 +44,8 @@ def main(cfg: DictConfig) -> dict:
     try:
         result = run_point(cfg, parent_run_id=os.environ.get(PARENT_ENV), cwd=Path(hc.runtime.cwd))
     except TrainingInterrupted as exc:
-        write_job_record(job_dir, {"status": "PREEMPTED", "error": str(exc), "job": job_dir.name})
+        record = {"status": "PREEMPTED", "error": str(exc), "job": job_dir.name, **point_identity(cfg)}
+        write_job_record(job_dir, record)
         raise
     except Exception as exc:
         record = {"status": "FAILED", "error": f"{type(exc).__name__}: {exc}", "job": job_dir.name}

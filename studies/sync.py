@@ -144,6 +144,11 @@ def _create_run(client: MlflowClient, uri: str, study: str, study_dir: Path, run
     )
     tags = {"kind": "point", "study": study, **(summary.get("tags") or {}), "run_key": run_dir.name,
             "synced_from": "studies.sync"}  # fmt: skip
+    if summary.get("parent_run_id"):  # the sweep's run, if this store has it
+        try:
+            tags["mlflow.parentRunId"] = client.get_run(summary["parent_run_id"]).info.run_id
+        except MlflowException:
+            pass
     run_id = client.create_run(
         exp, run_name=f"{tags.get('variant', 'point')}-{run_dir.name}", tags=tags
     ).info.run_id

@@ -125,9 +125,11 @@ def start_run(
     return client.create_run(exp, run_name=run_name, tags=all_tags).info.run_id
 
 
-def end_run(tracking_uri: str, run_id: str, ok: bool) -> bool:
-    """Mark the run FINISHED or FAILED; False (with a warning) if MLflow is unreachable: the run's
-    status.json holds the outcome and `python -m studies.sync` sets it later."""
+def end_run(tracking_uri: str, run_id: str | None, ok: bool) -> bool:
+    """Mark the run FINISHED or FAILED; False (with a warning) if MLflow is unreachable or the point has
+    no run: the run's status.json holds the outcome and `python -m studies.sync` sets it later."""
+    if run_id is None:
+        return False
     status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
     try:
         open_client(tracking_uri).set_terminated(run_id, status=status)
@@ -179,6 +181,28 @@ class _Op:
 def _permanent(exc: Exception) -> bool:
     """A rejected request (bad value, run gone or finished) fails the same way on every retry."""
     return isinstance(exc, MlflowException) and exc.error_code in PERMANENT_ERRORS
+
+
+class OfflineRun:
+    """Stands in for MlflowLogger when MLflow could not be reached as a point started: training goes on
+    with metrics.jsonl and summary.json, and `python -m studies.sync` creates the MLflow run afterwards."""
+
+    run_id = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_artifacts(self, paths: Iterable[Path]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 class MlflowLogger:
@@ -424,8 +448,10 @@ def reopen_run(tracking_uri: str, run_id: str) -> bool | None:
         return None
 
 
-def mark_run_killed(tracking_uri: str, run_id: str) -> None:
+def mark_run_killed(tracking_uri: str, run_id: str | None) -> None:
     """KILLED, not RUNNING forever: the run was stopped (preempted, interrupted) and can be resumed."""
+    if run_id is None:
+        return
     try:
         MlflowClient(tracking_uri).set_terminated(run_id, status=RunStatus.to_string(RunStatus.KILLED))
     except Exception as exc:  # noqa: BLE001 - status.json holds the truth

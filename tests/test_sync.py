@@ -228,3 +228,25 @@ def test_server_killed_mid_run_training_completes_and_sync_backfills_mlflow_exac
                                env=repo_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
         assert again.returncode == 0 and "0 changed, 0 metric values added" in again.stdout, again.stdout
         assert_same_values(histories(client, run_id, {k for k, _ in local}), local)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_point_starting_while_mlflow_is_down_trains_and_sync_creates_its_run_later(
+    compose, shrunk, tmp_path
+):
+    down = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    result = run_point(compose([*shrunk, "granularity=2", f"tracking.uri={down}"]))
+    assert result.status == "DONE" and result.mlflow_run_id is None
+    study_dir = tmp_path / "outputs" / "default"
+    run_dir = study_dir / "runs" / result.run_key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "DONE" and summary["mlflow_run_id"] is None
+    local = read_metrics(run_dir / "metrics.jsonl")
+    assert ("val/loss", 20) in local and len({s for _, s in local}) == 10  # every logged step kept on disk
+
+    store = f"sqlite:///{tmp_path / 'later.db'}"  # MLflow back (here: a store the sync writes to)
+    (synced,) = sync_study(study_dir, store)
+    assert synced.created and synced.metrics_added == len(local) and synced.status_set == "FINISHED"
+    run = MlflowClient(store).get_run(synced.run_id)
+    assert run.data.tags["run_key"] == result.run_key and run.data.params["axis.granularity"] == "2"
+    assert_same_values(histories(MlflowClient(store), synced.run_id, {k for k, _ in local}), local)
