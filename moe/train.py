@@ -17,6 +17,7 @@ Shape suffixes: B = sequences in a micro-batch, S = sequence length.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -74,6 +75,15 @@ class TrainingInterrupted(Exception):
 
 class Logger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+# Buffers (RoPE tables, balancing biases) agree on every rank by construction: no per-forward broadcast.
+# torch 2.13 renamed the switch; older releases only know broadcast_buffers.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 class _Quiet:
@@ -188,7 +198,7 @@ def train(
     net: torch.nn.Module = model
     if world > 1:  # a router that may get no gradient leaves a parameter unused in some steps
         unused = model_cfg.moe is not None and model_cfg.moe.allow_no_router_grad
-        net = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=unused)
+        net = DistributedDataParallel(model, find_unused_parameters=unused, **_NO_BUFFER_SYNC)
     forward = torch.compile(net) if train.compile else net
     opt = build_optimizer(model, optim)
     flops_tok = flops_per_token(model_cfg).train
