@@ -261,6 +261,28 @@ def test_granularity_sweep_runs_through_sbatch_into_mlflow(cluster, shrunk, tmp_
 
 
 @pytest.mark.slow
+def test_a_point_on_two_slurm_tasks_trains_data_parallel_into_one_mlflow_run(cluster, shrunk, tmp_path):
+    db = tmp_path / "store.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [*shrunk, "granularity=8", "infra=slurm", "infra.tasks_per_node=2", "hydra.launcher.mem_gb=2",
+            f"tracking.uri=sqlite:///{db}"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "studies.run", "-m", *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    (sweep_dir,) = (tmp_path / "outputs" / "default" / "multirun").iterdir()
+    (sbatch_script,) = (sweep_dir / ".submitit").glob(".submission_file_*.sh")
+    assert "#SBATCH --ntasks-per-node=2" in sbatch_script.read_text().splitlines()
+    (summary_path,) = (tmp_path / "outputs" / "default" / "runs").glob("*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "DONE" and summary["ranks"] == 2  # both srun tasks joined one group
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 10  # rank 0 alone logged
+
+
+@pytest.mark.slow
 def test_time_limited_sweep_point_is_requeued_resumes_and_matches_the_uninterrupted_run(
     cluster, compose, shrunk, tmp_path, one_thread
 ):
