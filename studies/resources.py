@@ -3,7 +3,9 @@
 Small models on CPU scale better across processes than across threads (each torch thread adds sync
 overhead on tiny matmuls), so the default gives every job one thread and runs one job per core, up to
 `MAX_JOBS`; above that, the extra cores become threads. Jobs are also capped by memory.
-Registered as OmegaConf resolvers (`${moe.jobs:}`, `${moe.threads:}`) used by conf/infra/.
+A data-parallel point (infra.tasks_per_node > 1) is one job of several processes: its tasks count
+against the cores and the memory. Registered as OmegaConf resolvers (`${moe.jobs:TASKS}`,
+`${moe.threads:TASKS}`, TASKS defaulting to 1) used by conf/infra/.
 Environment overrides: MOE_JOBS, MOE_THREADS.
 """
 
@@ -32,27 +34,31 @@ def available_memory_gib() -> float | None:
         return None
 
 
-def concurrent_jobs(cpus: int | None = None, memory_gib: float | None = None) -> int:
-    """How many sweep points run at once."""
+def concurrent_jobs(cpus: int | None = None, memory_gib: float | None = None, tasks: int = 1) -> int:
+    """How many sweep points run at once, each a job of `tasks` processes."""
     if os.environ.get("MOE_JOBS"):
         return max(1, int(os.environ["MOE_JOBS"]))
     cpus = cpus if cpus is not None else available_cpus()
-    jobs = min(cpus, MAX_JOBS)
+    jobs = min(cpus // tasks, MAX_JOBS)
     memory_gib = memory_gib if memory_gib is not None else available_memory_gib()
     if memory_gib is not None:
-        jobs = min(jobs, max(1, int(memory_gib // MEM_PER_JOB_GIB)))
+        jobs = min(jobs, int(memory_gib // (MEM_PER_JOB_GIB * tasks)))
     return max(1, jobs)
 
 
-def threads_per_job(cpus: int | None = None, jobs: int | None = None) -> int:
-    """torch intra-op threads for each concurrent job: the cores split evenly between the jobs."""
+def threads_per_job(cpus: int | None = None, jobs: int | None = None, tasks: int = 1) -> int:
+    """torch intra-op threads for each task of each concurrent job: the cores split evenly between them."""
     if os.environ.get("MOE_THREADS"):
         return max(1, int(os.environ["MOE_THREADS"]))
     cpus = cpus if cpus is not None else available_cpus()
-    jobs = jobs if jobs is not None else concurrent_jobs(cpus)
-    return max(1, cpus // jobs)
+    jobs = jobs if jobs is not None else concurrent_jobs(cpus, tasks=tasks)
+    return max(1, cpus // (jobs * tasks))
 
 
 def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("moe.jobs", lambda: concurrent_jobs(), replace=True)
-    OmegaConf.register_new_resolver("moe.threads", lambda: threads_per_job(), replace=True)
+    OmegaConf.register_new_resolver(
+        "moe.jobs", lambda tasks=1: concurrent_jobs(tasks=int(tasks)), replace=True
+    )
+    OmegaConf.register_new_resolver(
+        "moe.threads", lambda tasks=1: threads_per_job(tasks=int(tasks)), replace=True
+    )

@@ -27,6 +27,24 @@ def test_jobs_times_threads_never_exceeds_the_cores(cpus, memory_gib, jobs, thre
     assert got_jobs * got_threads <= cpus
 
 
+@pytest.mark.parametrize(
+    ("cpus", "tasks", "jobs", "threads"), [(2, 2, 1, 1), (16, 2, 8, 1), (16, 4, 4, 1), (3, 4, 1, 1)]
+)
+def test_a_data_parallel_point_counts_its_tasks_against_the_cores(cpus, tasks, jobs, threads, monkeypatch):
+    monkeypatch.delenv("MOE_JOBS", raising=False)
+    monkeypatch.delenv("MOE_THREADS", raising=False)
+    got_jobs = concurrent_jobs(cpus, 512.0, tasks=tasks)
+    assert (got_jobs, threads_per_job(cpus, got_jobs, tasks=tasks)) == (jobs, threads)
+
+
+def test_local_infra_with_two_tasks_runs_half_the_jobs(monkeypatch, compose):
+    monkeypatch.delenv("MOE_JOBS", raising=False)
+    monkeypatch.delenv("MOE_THREADS", raising=False)
+    one, two = compose(hydra=True), compose(["infra.tasks_per_node=2"], hydra=True)
+    assert two.hydra.launcher.tasks_per_node == 2 and two.infra.threads == two.hydra.launcher.cpus_per_task
+    assert two.hydra.sweeper.max_batch_size == max(1, one.hydra.sweeper.max_batch_size // 2)
+
+
 def test_environment_overrides_the_derived_values(monkeypatch):
     monkeypatch.setenv("MOE_JOBS", "3")
     monkeypatch.setenv("MOE_THREADS", "5")
