@@ -61,7 +61,8 @@ def distributed_env(device: str = "auto", timeout_s: float = 600.0) -> Iterator[
     device: auto (cuda when available), cpu or cuda; each rank takes cuda:LOCAL_RANK. Inside, `train`
     sees the group and trains data-parallel."""
     rank, world, local = read_env()
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    # cuda asked for on a machine without it: train() raises the config error, recorded like any failure
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
     dev = torch.device("cuda", local % max(torch.cuda.device_count(), 1)) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
