@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from dist_worker import ListLogger  # tests/ is on sys.path (as for conftest)
 from mlflow.tracking import MlflowClient
 
 from moe.config import ModelConfig, MoEConfig
@@ -29,14 +30,6 @@ FAST = TrainConfig(
     tokens=128 * 24, batch_tokens=128, micro_batch_tokens=64, eval_every=8, eval_tokens=512, log_every=1,
     progress_every=0, checkpoint_every=0,
 )  # fmt: skip
-
-
-class ListLogger:
-    def __init__(self):
-        self.events: list[tuple[int, dict[str, float]]] = []
-
-    def log_metrics(self, metrics, step):
-        self.events.append((step, dict(metrics)))
 
 
 def history(events, key):
