@@ -40,6 +40,7 @@ RouterOrder = Literal["before_topk", "before_topk_renorm", "after_topk"]
 Backend = Literal["auto", "reference", "grouped"]
 Activation = Literal["swiglu", "gelu"]
 InitScheme = Literal["normal", "fan_in"]
+ExpertChoiceScope = Literal["position", "batch"]
 
 ROUTER_KINDS = ("token_choice", "expert_choice")
 SCORE_FNS = ("softmax", "sigmoid")
@@ -47,6 +48,7 @@ ROUTER_ORDERS = ("before_topk", "before_topk_renorm", "after_topk")
 BACKENDS = ("auto", "reference", "grouped")
 ACTIVATIONS = ("swiglu", "gelu")
 INIT_SCHEMES = ("normal", "fan_in")
+EXPERT_CHOICE_SCOPES = ("position", "batch")
 
 # grouped_mm wants 16-byte aligned strides: hidden sizes a multiple of 8 cover fp32 and bf16.
 GROUPED_ALIGN = 8
@@ -63,9 +65,12 @@ class MoEConfig:
     d_expert: int | None = None
     """Hidden size of one coarse (G=1) expert; None means model.d_ff."""
     router: RouterKind = "token_choice"
-    """token_choice (each token picks experts) or expert_choice (each expert picks tokens). Expert choice
-    ranks all tokens of the micro-batch, so a token's routing depends on later tokens of its sequence (as
-    in the training setups that used it): fine for training-loss studies, not for causal decoding."""
+    """token_choice (each token picks experts) or expert_choice (each expert picks tokens)."""
+    expert_choice_scope: ExpertChoiceScope = "position"
+    """Which tokens an expert-choice expert ranks. position: the tokens at one position across the
+    micro-batch's sequences (as llm-random does), so no token's routing depends on later tokens of its own
+    sequence and the loss is a causal LM loss. batch: all tokens of the micro-batch at once, which lets a
+    token's routing see its sequence's future (kept for ablations; reports flag it)."""
     score: ScoreFn = "softmax"
     """Score function over router logits."""
     order: RouterOrder = "before_topk"
@@ -91,6 +96,13 @@ class MoEConfig:
     """Scale each shared expert's output by sigmoid(x . w_j)."""
     output_norm: bool = False
     """LayerNorm on the MoE output (reported crucial for G > 1 in 2402.07871)."""
+    output_norm_eps: float = 1e-12
+    """eps of the output LayerNorm. The MoE output's variance at init is ~1e-7..1e-9 for the presets, so
+    torch's default 1e-5 would dominate it and the "norm" would act as a fixed gain (PAPERS.md §6)."""
+    routed_scale: float | None = None
+    """Multiplier on the gated sum of routed expert outputs. None: `routed_scale_used`, which makes a
+    fine-grained layer built by splitting a G=1 layer compute the G=1 function (PAPERS.md §6). 1.0 turns
+    the compensation off (an ablation)."""
     backend: Backend = "auto"
     """Expert compute: reference (per-expert loop), grouped (grouped_mm) or auto."""
 
@@ -104,6 +116,24 @@ class MoEConfig:
     def k_routed(self) -> int:
         """Fine experts per token, k*G."""
         return self.top_k * self.granularity
+
+    @property
+    def routed_scale_used(self) -> float:
+        """The routed-output scale in effect: `routed_scale`, or by default G, except 1 for unnormalised
+        sigmoid scores.
+
+        Cutting a G=1 expert into G hidden slices with its router row repeated G times gives each slice
+        1/G of the coarse gate for softmax scores (before or after top-k, renormalised or not: the
+        probability mass of one coarse expert is shared by G equal logits) and for renormalised sigmoid
+        scores (G equal scores share the normalisation). Sigmoid before top-k gives each slice the coarse
+        gate unchanged. Multiplying by G in the first cases restores the G=1 output exactly, the same role
+        as DeepSeek-V3's routed_scaling_factor and Megatron-Core's moe_router_topk_scaling_factor."""
+        if self.routed_scale is not None:
+            return float(self.routed_scale)
+        unnormalised_sigmoid = self.score == "sigmoid" and (
+            self.router == "expert_choice" or self.order == "before_topk"
+        )
+        return 1.0 if unnormalised_sigmoid else float(self.granularity)
 
 
 @dataclass

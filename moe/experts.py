@@ -254,9 +254,10 @@ class Experts(nn.Module):
                 x_TD, r.token_A, gate_A, offs_N, w1, w3, w2, self.activation, gate_hidden, chunks
             )
 
-    def reset_parameters(self, init: InitScheme, std: float, out_std: float) -> None:
-        """Input projections N(0, std) (fan-in d_model), output N(0, out_std) (fan-in F)."""
+    def reset_parameters(self, init: InitScheme, std: float, out_std: float, out_fan_in: int | None = None) -> None:
+        """Input projections N(0, std) (fan-in d_model), output N(0, out_std) (fan-in `out_fan_in`,
+        default F)."""
         init_weight_(self.w1, init, std, self.d_model)
         if self.w3 is not None:
             init_weight_(self.w3, init, std, self.d_model)
-        init_weight_(self.w2, init, out_std, self.d_hidden)
+        init_weight_(self.w2, init, out_std, out_fan_in or self.d_hidden)

@@ -102,3 +102,30 @@ def _dense(base: ModelConfig, m: MoEConfig, d_expert: int, dense: str | None) ->
             "which is not an integer; change model.first_dense_layers or the sizes"
         )
     return replace(base, d_ff=hidden_sum // base.n_layers, first_dense_layers=0, moe=None)
+
+
+def split_state_dict(state: dict, base: ModelConfig, granularity: int) -> dict:
+    """Weights of `derive(base, granularity=G)` cut from a G=1 model's state dict `state`.
+
+    Coarse expert e becomes fine experts e*G .. e*G+G-1: w1/w3 columns and w2 rows in G hidden slices, its
+    router row (and selection bias) repeated G times; every other tensor is copied. With the default
+    moe.routed_scale the split model computes the G=1 model's function (PAPERS.md §6), which
+    tests/test_fair_granularity.py checks for the logits and gradients of whole models.
+    """
+    if base.moe is None or base.moe.granularity != 1:
+        raise ValueError("split_state_dict needs a G=1 MoE base config (model.moe.granularity=1)")
+    derive(base, granularity=granularity)  # validates G against the sizes
+    G, out = granularity, {}
+    for name, t in state.items():
+        leaf = name.rsplit(".", 2)
+        if name.endswith(("ffn.experts.w1", "ffn.experts.w3")):  # (E, D, F) -> (E*G, D, F/G)
+            E, D, F_ = t.shape
+            out[name] = t.reshape(E, D, G, F_ // G).permute(0, 2, 1, 3).reshape(E * G, D, F_ // G).clone()
+        elif name.endswith("ffn.experts.w2"):  # (E, F, D) -> (E*G, F/G, D)
+            E, F_, D = t.shape
+            out[name] = t.reshape(E * G, F_ // G, D).clone()
+        elif leaf[-2:] == ["router", "weight"] or leaf[-2:] == ["router", "expert_bias"]:
+            out[name] = t.repeat_interleave(G, dim=0)
+        else:
+            out[name] = t.clone()
+    return out

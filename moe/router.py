@@ -2,7 +2,8 @@
 
 Shape legend:
   T = tokens (batch*seq), D = d_model, N = routed experts (E*G), K = experts per token (k*G),
-  A = kept token->expert assignments, C = capacity (assignments an expert may keep).
+  A = kept token->expert assignments, C = capacity (assignments an expert may keep),
+  B = sequences in the micro-batch, S = positions (T = B*S, token t = b*S + s).
 
 Every routing (token choice, expert choice, with or without capacity dropping) becomes one `Routing`:
 assignments grouped by expert in expert order, each with its token index and gate weight, and a count
@@ -39,6 +40,8 @@ class Routing:
     """fp32 softmax over all experts (Switch P_i and the entropy diagnostic)."""
     top1_T: Tensor
     """Detached largest gate weight each token received (0 for a token whose assignments all dropped)."""
+    gate_sum_T: Tensor
+    """Detached sum of the gate weights each token received (0 for a token with no kept assignment)."""
     dropped_frac: Tensor
     """Detached 0-dim: token choice, fraction of assignments dropped; expert choice, fraction of
     tokens that no expert picked."""
@@ -73,6 +76,15 @@ def drop_over_capacity(
     return token_A[keep_A], gate_A[keep_A], counts_N.clamp(max=cap)
 
 
+@torch.no_grad()
+def per_token_gates(token_A: Tensor, gate_A: Tensor, n_tokens: int) -> tuple[Tensor, Tensor]:
+    """Largest and summed kept gate weight per token (0 for a token with no kept assignment)."""
+    g_A = gate_A.detach()
+    zeros_T = torch.zeros(n_tokens, device=g_A.device, dtype=g_A.dtype)
+    top1_T = zeros_T.scatter_reduce(0, token_A, g_A, "amax", include_self=True)
+    return top1_T, zeros_T.index_add(0, token_A, g_A)
+
+
 class Router(nn.Module):
     """Linear router over N = E*G experts with token- or expert-choice selection.
 
@@ -87,7 +99,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(moe.n_routed, d_model))
         self.register_buffer("expert_bias", torch.zeros(moe.n_routed, dtype=torch.float32))
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def forward(self, x_TD: Tensor, n_seq: int = 1) -> Routing:
+        """Route the T tokens of `n_seq` sequences of equal length (token t = b*S + s)."""
         cfg = self.cfg
         if self.training and cfg.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - cfg.jitter, 1 + cfg.jitter)
@@ -96,7 +109,7 @@ class Router(nn.Module):
         probs_TN = torch.softmax(logits_TN, dim=-1)
         scores_TN = probs_TN if cfg.score == "softmax" else torch.sigmoid(logits_TN)
         if cfg.router == "expert_choice":
-            return self._expert_choice(logits_TN, probs_TN, scores_TN)
+            return self._expert_choice(logits_TN, probs_TN, scores_TN, n_seq)
         return self._token_choice(logits_TN, probs_TN, scores_TN)
 
     def _token_choice(self, logits_TN: Tensor, probs_TN: Tensor, scores_TN: Tensor) -> Routing:
@@ -120,31 +133,45 @@ class Router(nn.Module):
         if cfg.capacity_factor is not None:
             cap = capacity(cfg.capacity_factor, T, self.k_routed, self.n_routed)
             token_A, gate_A, counts_N = drop_over_capacity(token_A, gate_A, routed_N, cap)
-            with torch.no_grad():
-                top1_T = torch.zeros(T, device=gate_A.device).scatter_reduce_(
-                    0, token_A, gate_A.detach(), "amax", include_self=True
-                )
-                dropped = 1.0 - token_A.shape[0] / max(1, T * self.k_routed)
-                dropped_frac = torch.tensor(dropped, device=gate_A.device)
+            top1_T, gate_sum_T = per_token_gates(token_A, gate_A, T)
+            dropped = 1.0 - token_A.shape[0] / max(1, T * self.k_routed)
+            dropped_frac = torch.tensor(dropped, device=gate_A.device)
         else:
-            top1_T = gate_TK.detach().amax(dim=-1)
+            top1_T, gate_sum_T = gate_TK.detach().amax(dim=-1), gate_TK.detach().sum(dim=-1)
             dropped_frac = torch.zeros((), device=gate_A.device)
-        return Routing(token_A, gate_A, counts_N, routed_N, logits_TN, probs_TN, top1_T, dropped_frac)
+        return Routing(
+            token_A, gate_A, counts_N, routed_N, logits_TN, probs_TN, top1_T, gate_sum_T, dropped_frac
+        )
 
-    def _expert_choice(self, logits_TN: Tensor, probs_TN: Tensor, scores_TN: Tensor) -> Routing:
-        T = logits_TN.shape[0]
+    def _expert_choice(self, logits_TN: Tensor, probs_TN: Tensor, scores_TN: Tensor, n_seq: int) -> Routing:
+        T, N = logits_TN.shape
         cf = 1.0 if self.cfg.capacity_factor is None else self.cfg.capacity_factor
-        cap = capacity(cf, T, self.k_routed, self.n_routed)
-        gate_NC, token_NC = scores_TN.t().topk(cap, dim=-1)  # each expert picks its top-C tokens
-        token_A, gate_A = token_NC.reshape(-1), gate_NC.reshape(-1)
-        counts_N = torch.full((self.n_routed,), cap, dtype=torch.int64, device=token_A.device)
+        if self.cfg.expert_choice_scope == "batch":
+            cap = capacity(cf, T, self.k_routed, N)
+            gate_NC, token_NC = scores_TN.t().topk(cap, dim=-1)  # each expert picks its top-C tokens
+            token_A, gate_A = token_NC.reshape(-1), gate_NC.reshape(-1)
+            per_expert = cap
+        else:
+            # One ranking per position s over the B tokens at s: token (b, s) competes only with
+            # tokens at the same position of other sequences, none of which is in its own future.
+            if T % n_seq:
+                raise ValueError(f"{T} tokens do not split into {n_seq} sequences")
+            S = T // n_seq
+            cap = capacity(cf, n_seq, self.k_routed, N)
+            scores_SNB = scores_TN.view(n_seq, S, N).permute(1, 2, 0)
+            gate_SNC, seq_SNC = scores_SNB.topk(cap, dim=-1)
+            pos_S11 = torch.arange(S, device=seq_SNC.device).view(S, 1, 1)
+            token_NSC = (seq_SNC * S + pos_S11).permute(1, 0, 2)  # grouped by expert
+            token_A, gate_A = token_NSC.reshape(-1), gate_SNC.permute(1, 0, 2).reshape(-1)
+            per_expert = S * cap
+        counts_N = torch.full((N,), per_expert, dtype=torch.int64, device=token_A.device)
+        top1_T, gate_sum_T = per_token_gates(token_A, gate_A, T)
         with torch.no_grad():
-            top1_T = torch.zeros(T, device=gate_A.device).scatter_reduce_(
-                0, token_A, gate_A.detach(), "amax", include_self=True
-            )
             picked_T = torch.zeros(T, device=gate_A.device).index_fill_(0, token_A, 1.0)
             dropped_frac = 1.0 - picked_T.mean()
-        return Routing(token_A, gate_A, counts_N, counts_N, logits_TN, probs_TN, top1_T, dropped_frac)
+        return Routing(
+            token_A, gate_A, counts_N, counts_N, logits_TN, probs_TN, top1_T, gate_sum_T, dropped_frac
+        )
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: Tensor) -> None:
@@ -156,27 +183,44 @@ class Router(nn.Module):
         self.expert_bias.add_(rate * torch.sign(load_N.mean() - load_N).to(self.expert_bias.dtype))
 
 
-def balancing_losses(r: Routing) -> tuple[Tensor, Tensor]:
-    """Unscaled fp32 (Switch aux, z) losses: N * sum_i f_i P_i and mean_T logsumexp(logits)^2.
+def balancing_losses(r: Routing, granularity: int = 1) -> tuple[Tensor, Tensor]:
+    """Unscaled fp32 (Switch aux, z) losses: N * sum_i f_i P_i and mean_T (logsumexp(logits) - ln G)^2.
 
     f_i = fraction of token->expert assignments (before dropping) routed to expert i; P_i = mean
     softmax probability of expert i over tokens. N = E*G routed experts, so uniform routing gives 1.
+    Both are unchanged when a G=1 router is split into G equal rows per expert: f and P shrink by G while
+    N grows by G, and the G repeated logits raise logsumexp by exactly ln G, which the z term removes.
     """
     n_routed = r.probs_TN.shape[1]
     f_N = r.routed_N.float() / r.routed_N.sum().clamp_min(1)
     aux = n_routed * torch.sum(f_N * r.probs_TN.mean(dim=0))
-    z = torch.logsumexp(r.logits_TN, dim=-1).square().mean()
+    z = (torch.logsumexp(r.logits_TN, dim=-1) - math.log(granularity)).square().mean()
     return aux, z
 
 
 @torch.no_grad()
-def routing_stats(r: Routing, aux: Tensor, z: Tensor) -> dict[str, Tensor]:
-    """Detached 0-dim diagnostics named as in docs/outputs.md."""
-    load_N = r.counts_N.float()
+def routing_stats(r: Routing, aux: Tensor, z: Tensor, k_routed: int) -> dict[str, Tensor]:
+    """Detached 0-dim diagnostics named as in docs/outputs.md.
+
+    Raw values (top1_mass, entropy) depend on G even for a uniform router (1/(E*G), ln(E*G)); the
+    `_norm` versions read the same at every G: entropy / ln N (1 = uniform), and the top-1 share of each
+    token's gate mass rescaled so that an even split over its k*G experts reads 0 and all mass on one
+    expert reads 1. Imbalance uses the loads before capacity dropping (what the router asked for)."""
+    load_N = r.routed_N.float()
+    n_routed = r.probs_TN.shape[1]
+    entropy = torch.special.entr(r.probs_TN).sum(dim=-1).mean()
+    # Mean over tokens that kept an assignment, without data-dependent shapes (torch.compile).
+    got_T = (r.gate_sum_T > 0).float()
+    share_T = r.top1_T / r.gate_sum_T.clamp_min(1e-30)
+    share = (share_T * got_T).sum() / got_T.sum().clamp_min(1)
+    share_norm = (k_routed * share - 1) / (k_routed - 1) if k_routed > 1 else torch.ones_like(share)
     return {
         "top1_mass": r.top1_T.float().mean(),
+        "top1_share": share.float(),
+        "top1_share_norm": share_norm.float(),
         "imbalance": load_N.max() / load_N.mean().clamp_min(1e-9),
-        "entropy": torch.special.entr(r.probs_TN).sum(dim=-1).mean(),
+        "entropy": entropy,
+        "entropy_norm": entropy / math.log(n_routed) if n_routed > 1 else torch.ones_like(entropy),
         "dropped_frac": r.dropped_frac.float(),
         "empty_experts": (r.counts_N == 0).sum().float(),
         "aux_loss": aux.detach(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from moe.config import (
     ACTIVATIONS,
     BACKENDS,
+    EXPERT_CHOICE_SCOPES,
     GROUPED_ALIGN,
     INIT_SCHEMES,
     ROUTER_KINDS,
@@ -110,6 +111,12 @@ def _validate_moe(m: MoEConfig, cfg: ModelConfig) -> None:
     _one_of("moe.score", m.score, SCORE_FNS)
     _one_of("moe.order", m.order, ROUTER_ORDERS)
     _one_of("moe.backend", m.backend, BACKENDS)
+    _one_of("moe.expert_choice_scope", m.expert_choice_scope, EXPERT_CHOICE_SCOPES)
+    _positive_real("moe.output_norm_eps", m.output_norm_eps)
+    if m.routed_scale is not None:
+        _positive_real("moe.routed_scale", m.routed_scale)
+        if m.routed_scale == float("inf"):
+            raise ValueError(f"moe.routed_scale={m.routed_scale!r} must be finite")
     if m.backend == "grouped" and d_fine % GROUPED_ALIGN:
         raise ValueError(
             f"moe.backend='grouped' needs the fine expert size moe.d_expert/moe.granularity="

@@ -91,7 +91,7 @@ def test_one_expert_top1_with_gate_one_equals_feedforward(backend, activation):
 def _routing(expert_TK: torch.Tensor, gate_TK: torch.Tensor, n: int) -> Routing:
     token_A, gate_A, counts_N = sort_by_expert(expert_TK, gate_TK, n)
     unused = torch.zeros(0)
-    return Routing(token_A, gate_A, counts_N, counts_N, unused, unused, unused, unused)
+    return Routing(token_A, gate_A, counts_N, counts_N, unused, unused, unused, unused, unused)
 
 
 @pytest.mark.parametrize("backend", ["reference", "grouped"])
@@ -206,8 +206,11 @@ def test_aux_loss_is_coefficient_weighted_sum_of_unscaled_losses():
     assert aux.loss.requires_grad and aux.loss.dtype == torch.float32
     assert set(aux.stats) == {
         "top1_mass",
+        "top1_share",
+        "top1_share_norm",
         "imbalance",
         "entropy",
+        "entropy_norm",
         "dropped_frac",
         "empty_experts",
         "aux_loss",

@@ -78,18 +78,18 @@ def test_capacity_keeps_each_experts_first_tokens_and_reports_dropped_fraction()
     assert routing.counts_N.tolist() == [2, 0, 0, 0]
     assert routing.token_A.tolist() == [0, 1]
     assert routing.routed_N.tolist() == [8, 0, 0, 0]
-    stats = routing_stats(routing, *balancing_losses(routing))
+    stats = routing_stats(routing, *balancing_losses(routing), 1)
     assert stats["dropped_frac"].item() == pytest.approx(6 / 8)
     assert stats["empty_experts"].item() == 3
     # top-1 mass counts dropped tokens as 0
     assert stats["top1_mass"].item() == pytest.approx(2 / 8 * torch.softmax(logits[0], -1)[0].item())
 
 
-def test_expert_choice_experts_pick_their_highest_scoring_tokens():
+def test_expert_choice_over_the_batch_experts_pick_their_highest_scoring_tokens():
     torch.manual_seed(0)
     logits = torch.randn(12, 4)
     # capacity = ceil(1.0 * 12 * 1 / 4) = 3 tokens per expert
-    routing = _router(4, top_k=1, router="expert_choice")(logits)
+    routing = _router(4, top_k=1, router="expert_choice", expert_choice_scope="batch")(logits)
     probs = torch.softmax(logits, -1)
     assert routing.counts_N.tolist() == [3, 3, 3, 3]
     for e in range(4):
@@ -97,12 +97,27 @@ def test_expert_choice_experts_pick_their_highest_scoring_tokens():
         assert set(picked.tolist()) == set(probs[:, e].topk(3).indices.tolist())
         torch.testing.assert_close(routing.gate_A[3 * e : 3 * e + 3], probs[picked, e])
     unpicked = 12 - len(set(routing.token_A.tolist()))
-    stats = routing_stats(routing, *balancing_losses(routing))
+    stats = routing_stats(routing, *balancing_losses(routing), 1)
     assert stats["dropped_frac"].item() == pytest.approx(unpicked / 12)
     best = torch.zeros(12)
     for t, g in zip(routing.token_A.tolist(), routing.gate_A.tolist(), strict=True):
         best[t] = max(best[t].item(), g)
     assert stats["top1_mass"].item() == pytest.approx(best.mean().item(), rel=1e-6)
+
+
+def test_expert_choice_by_position_ranks_only_tokens_at_the_same_position():
+    torch.manual_seed(0)
+    B, S, N = 8, 3, 4
+    logits = torch.randn(B * S, N)
+    # capacity per position = ceil(1.0 * 8 * 1 / 4) = 2 of the 8 tokens at that position
+    routing = _router(N, top_k=1, router="expert_choice")(logits, n_seq=B)
+    probs_BSN = torch.softmax(logits, -1).view(B, S, N)
+    assert routing.counts_N.tolist() == [S * 2] * N
+    for e in range(N):
+        picked = routing.token_A[e * S * 2 : (e + 1) * S * 2].tolist()
+        for s in range(S):
+            want = {b * S + s for b in probs_BSN[:, s, e].topk(2).indices.tolist()}
+            assert {t for t in picked if t % S == s} == want
 
 
 def test_aux_and_z_loss_equal_hand_computed_values():
@@ -115,7 +130,7 @@ def test_aux_and_z_loss_equal_hand_computed_values():
     assert aux.item() == pytest.approx(2 * p0, rel=1e-6)
     lse = [math.log(math.e + 1), math.log(math.e**2 + math.e)]
     assert z.item() == pytest.approx((lse[0] ** 2 + lse[1] ** 2) / 2, rel=1e-6)
-    stats = routing_stats(routing, aux, z)
+    stats = routing_stats(routing, aux, z, 1)
     assert stats["imbalance"].item() == pytest.approx(2.0)
     p = torch.softmax(logits, -1)
     assert stats["entropy"].item() == pytest.approx(-(p * p.log()).sum(-1).mean().item(), rel=1e-6)
@@ -135,10 +150,10 @@ def test_bias_balancing_moves_skewed_load_toward_uniform():
     n = 8
     r = _router(n, top_k=2, bias_update_rate=0.005)
     logits = torch.randn(512, n) * 0.5 + torch.linspace(1.0, 0.0, n)  # experts 0,1 favoured
-    first = routing_stats(routing := r(logits), *balancing_losses(routing))["imbalance"].item()
+    first = routing_stats(routing := r(logits), *balancing_losses(routing), r.k_routed)["imbalance"].item()
     for _ in range(100):
         r.update_bias(r(logits).counts_N)
-    last = routing_stats(routing := r(logits), *balancing_losses(routing))["imbalance"].item()
+    last = routing_stats(routing := r(logits), *balancing_losses(routing), r.k_routed)["imbalance"].item()
     assert first > 2.0
     assert last < 1.3
 
