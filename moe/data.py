@@ -29,6 +29,7 @@ from torch import Tensor
 
 from moe.corpus import (
     BPE_MIN_FREQUENCY,
+    CORPUS_VERSION,
     DTYPES,
     EOD_TOKEN,
     FORMAT_VERSION,
@@ -36,12 +37,12 @@ from moe.corpus import (
     Document,
     cap_chars,
     dtype_for_vocab,
+    embedded_corpus,
     hash_documents,
     open_shard,
     read_meta,
     read_token_folder,
     split_documents,
-    stdlib_documents,
     stdlib_root,
     text_files,
     text_folder_documents,
@@ -60,7 +61,7 @@ SOURCES = ("stdlib", "text", "tokens")
 @dataclass
 class DataConfig:
     source: Literal["stdlib", "text", "tokens"] = "stdlib"
-    """stdlib: embedded corpus from this Python installation; text: folder of .txt/.md/.jsonl; tokens: pre-tokenized shards."""
+    """stdlib: embedded corpus (standard library + EMBEDDED_PACKAGES sources); text: folder of .txt/.md/.jsonl; tokens: pre-tokenized shards."""
     path: str | None = None
     """Folder for the text and tokens sources; must be None for stdlib."""
     vocab_size: int = 8192
@@ -69,6 +70,10 @@ class DataConfig:
     """Fraction of documents held out for validation, chosen by a hash of each document's name."""
     max_chars: int | None = None
     """Cap on corpus size in characters (deterministic subset); None uses everything."""
+    tokenizer_chars: int | None = None
+    """Cap on the training-split characters the BPE is trained on (deterministic subset); None uses all."""
+    allow_repeat: bool = False
+    """Permit a token budget larger than one epoch of the training split (see check_budget)."""
     cache_dir: str | None = None
     """Where prepared shards live; None means $MOE_CACHE_DIR or ~/.cache/moe-scaling."""
 
@@ -117,6 +122,8 @@ def _check_fields(cfg: DataConfig) -> None:
         raise ValueError(f"data.val_fraction={cfg.val_fraction} must be in (0, 0.5]")
     if cfg.max_chars is not None and cfg.max_chars <= 0:
         raise ValueError(f"data.max_chars={cfg.max_chars} must be positive or None")
+    if cfg.tokenizer_chars is not None and cfg.tokenizer_chars <= 0:
+        raise ValueError(f"data.tokenizer_chars={cfg.tokenizer_chars} must be positive or None")
     if cfg.source != "tokens" and not MIN_VOCAB <= cfg.vocab_size <= MAX_VOCAB:
         raise ValueError(
             f"data.vocab_size={cfg.vocab_size} must be in [{MIN_VOCAB}, {MAX_VOCAB}] "
@@ -142,7 +149,7 @@ def _load_documents(cfg: DataConfig) -> list[Document]:
         root = stdlib_root()
         if not root.is_dir():
             raise ValueError(f"data.source=stdlib: the standard library folder {root} does not exist")
-        docs = stdlib_documents(root)
+        docs = list(embedded_corpus().documents)
         where = f"data.source=stdlib ({root})"
     else:
         folder = _existing_folder(cfg)
@@ -211,6 +218,8 @@ def _fingerprint(cfg: DataConfig, train: list[Document], val: list[Document]) ->
     h = hashlib.sha256()
     settings = {
         "format": FORMAT_VERSION,
+        "corpus": CORPUS_VERSION,
+        "tokenizer_chars": cfg.tokenizer_chars,
         "vocab_size": cfg.vocab_size,
         "specials": SPECIAL_TOKENS,
         "min_frequency": BPE_MIN_FREQUENCY,
@@ -226,7 +235,8 @@ def _build(cfg: DataConfig, train: list[Document], val: list[Document], out: Pat
     """Write tokenizer.json, train.bin, val.bin into `out`, then meta.json last (it marks completion)."""
     dtype = dtype_for_vocab(cfg.vocab_size)
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer([text for _, text in train], cfg.vocab_size)
+    tokenizer_docs = cap_chars(train, cfg.tokenizer_chars)
+    tokenizer = train_tokenizer([text for _, text in tokenizer_docs], cfg.vocab_size)
     t1 = time.perf_counter()
     tokenizer.save(str(out / "tokenizer.json"))
     n_train = write_shard(tokenizer, train, out / "train.bin", dtype)
@@ -245,6 +255,8 @@ def _build(cfg: DataConfig, train: list[Document], val: list[Document], out: Pat
         "n_val_docs": len(val),
         "n_train_chars": sum(len(t) for _, t in train),
         "n_val_chars": sum(len(t) for _, t in val),
+        "n_tokenizer_chars": sum(len(t) for _, t in tokenizer_docs),
+        **_provenance(cfg),
         "val_unigram_entropy_nats": unigram_entropy(out / "val.bin", dtype),
         "tokenizer_train_s": round(t1 - t0, 3),
         "encode_s": round(t2 - t1, 3),
@@ -252,6 +264,19 @@ def _build(cfg: DataConfig, train: list[Document], val: list[Document], out: Pat
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _write_json(out / "meta.json", meta)
+
+
+def _provenance(cfg: DataConfig) -> dict:
+    """Where an embedded corpus came from: the interpreter and the package versions that were read.
+    Informational only; the fingerprint hashes the content itself."""
+    if cfg.source != "stdlib":
+        return {}
+    corpus = embedded_corpus()
+    return {
+        "python_version": corpus.python,
+        "packages": dict(corpus.packages),
+        "missing_packages": list(corpus.missing),
+    }
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -330,11 +355,45 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[Tens
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
-class TokenLoader:
-    """Random windows of seq_len+1 tokens from a memory-mapped shard.
+def epochs_for(n_train_tokens: int, seq_len: int, tokens: int) -> float:
+    """Epochs that a run of `tokens` training tokens sees of a shard of `n_train_tokens`: one epoch is
+    W = (n_train_tokens - 1) // seq_len windows, each predicting seq_len tokens (TokenLoader's windows)."""
+    windows = _windows_per_epoch(n_train_tokens, seq_len)
+    return tokens / (windows * seq_len)
 
-    Batch `step` of rank `rank` depends only on (seed, rank, step), never on earlier batches, so the
-    state is one counter and resume is exact; ranks draw independent streams."""
+
+def _windows_per_epoch(n_tokens: int, seq_len: int) -> int:
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be positive")
+    windows = (n_tokens - 1) // seq_len
+    if windows < 1:
+        raise ValueError(f"a shard of {n_tokens} tokens holds no window of seq_len+1={seq_len + 1} tokens")
+    return windows
+
+
+def check_budget(prepared: PreparedData, seq_len: int, tokens: int, allow_repeat: bool) -> float:
+    """Epochs of the training split that `tokens` training tokens take; raises ValueError when that is
+    more than one epoch and repetition was not allowed (data.allow_repeat)."""
+    windows = _windows_per_epoch(prepared.n_train_tokens, seq_len)
+    epochs = tokens / (windows * seq_len)
+    if tokens > windows * seq_len and not allow_repeat:
+        raise ValueError(
+            f"train.tokens={tokens} is {epochs:.2f} epochs of the {prepared.n_train_tokens:,} training tokens "
+            f"of data {prepared.fingerprint} (one epoch = {windows:,} windows of seq_len={seq_len}): set "
+            f"data.allow_repeat=true to repeat data, or use a larger corpus (data.max_chars=...)"
+        )
+    return epochs
+
+
+class TokenLoader:
+    """Windows of seq_len+1 tokens from a memory-mapped shard, each seen once per epoch.
+
+    The shard is cut into W windows starting at multiples of seq_len (neighbours share one token, so
+    every token is predicted once per epoch). Stream position p is window perm_e[p % W] of epoch
+    e = p // W, where perm_e is a permutation drawn from (seed, e); batch m is positions
+    [m*B, (m+1)*B). Batch m thus depends only on (seed, m): the state is one counter and resume is
+    exact. rank and world_size are checked and recorded only: data-parallel ranks take their share
+    of the one stream with seek(), so no window is repeated across ranks either."""
 
     def __init__(
         self, path: Path, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
@@ -353,16 +412,42 @@ class TokenLoader:
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.step = 0
+        self._windows_per_epoch = _windows_per_epoch(len(self.tokens), seq_len)
+        self._perms: dict[int, np.ndarray] = {}  # at most two epochs: a batch may straddle a boundary
 
-    def _generator(self) -> torch.Generator:
-        # sha256 mixes (seed, rank, step) so nearby seeds or ranks give unrelated streams
-        key = hashlib.sha256(f"{self.seed}/{self.rank}/{self.step}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+    @property
+    def windows_per_epoch(self) -> int:
+        """W: the non-overlapping windows of the shard, each drawn once per epoch."""
+        return self._windows_per_epoch
+
+    @property
+    def epochs_seen(self) -> float:
+        """Windows drawn so far (batches before `step`) divided by windows_per_epoch."""
+        return self.step * self.batch_size / self._windows_per_epoch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            # sha256 mixes (seed, epoch) so nearby seeds or epochs give unrelated orders
+            key = hashlib.sha256(f"{self.seed}/epoch/{epoch}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+            if len(self._perms) >= 2:
+                del self._perms[min(self._perms)]
+            self._perms[epoch] = torch.randperm(self._windows_per_epoch, generator=gen).numpy()
+        return self._perms[epoch]
+
+    def window_indices(self, step: int) -> np.ndarray:
+        """The window numbers (0 .. W-1) of batch `step`, in batch order."""
+        positions_B = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
+        epoch_B, slot_B = np.divmod(positions_B, self._windows_per_epoch)
+        windows_B = np.empty_like(positions_B)
+        for epoch in np.unique(epoch_B):
+            mine = epoch_B == epoch
+            windows_B[mine] = self._permutation(int(epoch))[slot_B[mine]]
+        return windows_B
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """(x_BS, y_BS) int64 with y_BS[:, i] = x_BS[:, i + 1] in the stream."""
-        high = len(self.tokens) - self.seq_len  # exclusive bound for a window start
-        starts_B = torch.randint(0, high, (self.batch_size,), generator=self._generator()).numpy()
+        starts_B = self.window_indices(self.step) * self.seq_len
         self.step += 1
         return _windows(self.tokens, starts_B, self.seq_len)
 
@@ -381,10 +466,11 @@ class TokenLoader:
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
             "n_tokens": len(self.tokens),
+            "sampling": "epochs",
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "rank", "world_size", "seq_len", "batch_size", "n_tokens"):
+        for key in ("seed", "rank", "world_size", "seq_len", "batch_size", "n_tokens", "sampling"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:
                 raise ValueError(f"loader state has {key}={state.get(key)} but this loader has {key}={mine}")

@@ -12,14 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch.testing import assert_close
 
-from moe.corpus import cap_chars, split_documents, stdlib_documents
+from moe.corpus import EMBEDDED_PACKAGES, cap_chars, embedded_corpus, split_documents, stdlib_documents
 from moe.data import (
     MAX_VOCAB,
     MIN_VOCAB,
     DataConfig,
     TokenLoader,
+    check_budget,
+    epochs_for,
     load_tokenizer,
     prepare_data,
     unigram_entropy,
@@ -114,6 +117,31 @@ def test_stdlib_corpus_excludes_tests_site_packages_and_generated_tables():
     assert "stdlib/encodings/utf_8.py" in names
 
 
+def test_embedded_corpus_adds_named_package_sources_without_tests_or_generated_files():
+    corpus = embedded_corpus()
+    names = [name for name, _ in corpus.documents]
+    assert names == sorted(names)
+    assert set(stdlib_documents()) <= set(corpus.documents)
+    found = dict(corpus.packages)
+    assert set(found) | set(corpus.missing) == {name for name, _ in EMBEDDED_PACKAGES}
+    assert "torch" in found and found["torch"].startswith("2.")  # the README install has torch
+    assert "site/torch/nn/modules/linear.py" in names
+    site = [n for n in names if n.startswith("site/")]
+    assert {n.split("/")[1] for n in site} == set(found)
+    for bad in ("/test/", "/tests/", "/testing/", "/_vendor/", "__pycache__", "_pb2.py", "/version.py"):
+        assert not any(bad in n for n in site), bad
+    assert "site/torch/_inductor/fx_passes/serialized_patterns/_sfdp_pattern_1.py" not in names  # @generated
+    assert "site/torch/sparse/_triton_ops_meta.py" not in names  # a table of tuned numbers
+
+
+def test_missing_package_is_recorded_not_fatal():
+    corpus = embedded_corpus((("submitit", "submitit"), ("no_such_package_xyz", "no-such-package-xyz")))
+    assert corpus.missing == ("no_such_package_xyz",)
+    assert [name for name, _ in corpus.packages] == ["submitit"]
+    assert any(n.startswith("site/submitit/") for n, _ in corpus.documents)
+    assert not any(n.startswith("site/no_such") for n, _ in corpus.documents)
+
+
 # Building and caching ----------------------------------------------------------------------------
 
 
@@ -138,6 +166,18 @@ def test_shards_decode_back_to_the_documents_separated_by_eod(small):
     assert len(pieces) == meta["n_val_docs"]
     decoded = "".join(tok.decode(p[:-1].tolist()) for p in pieces)
     assert len(decoded) == meta["n_val_chars"]
+
+
+def test_tokenizer_chars_changes_the_tokenizer_but_not_the_documents(small, tmp_path):
+    full, _ = small
+    subset = prepare_data(small_cfg(tmp_path, tokenizer_chars=50_000))
+    assert subset.fingerprint != full.fingerprint
+    meta, full_meta = read_meta(subset), read_meta(full)
+    assert meta["n_tokenizer_chars"] == 50_000 < full_meta["n_tokenizer_chars"] == full_meta["n_train_chars"]
+    for key in ("n_train_docs", "n_val_docs", "n_train_chars", "n_val_chars"):
+        assert meta[key] == full_meta[key], key
+    decoded = load_tokenizer(subset).decode(shard(subset)[:2000].tolist())  # still lossless
+    assert decoded == load_tokenizer(full).decode(shard(full)[:2000].tolist())[: len(decoded)]
 
 
 def test_second_prepare_reuses_the_cache_without_rebuilding(small):
@@ -246,18 +286,52 @@ def test_tokens_source_uses_uint32_above_65536(tmp_path):
 # Loader and validation batches ----------------------------------------------------------------------
 
 
-def test_loader_batches_are_shifted_windows_of_the_shard(small):
+def test_loader_batches_are_shifted_windows_at_multiples_of_seq_len(small):
     prepared, _ = small
     tokens = torch.from_numpy(shard(prepared, "train").astype(np.int64))
-    x_BS, y_BS = TokenLoader(prepared.train_path, seq_len=32, batch_size=8, seed=0).next_batch()
+    loader = TokenLoader(prepared.train_path, seq_len=32, batch_size=8, seed=0)
+    windows_B = loader.window_indices(0)
+    x_BS, y_BS = loader.next_batch()
     assert x_BS.shape == y_BS.shape == (8, 32) and x_BS.dtype == torch.int64
-    assert_close(x_BS[:, 1:], y_BS[:, :-1])
-    windows = tokens.unfold(0, 33, 1)
-    for row in torch.cat([x_BS, y_BS[:, -1:]], dim=1):
-        assert (windows == row).all(dim=1).any()
+    for w, x_S, y_S in zip(windows_B.tolist(), x_BS, y_BS, strict=True):
+        assert_close(x_S, tokens[w * 32 : w * 32 + 32])
+        assert_close(y_S, tokens[w * 32 + 1 : w * 32 + 33])
+    assert loader.windows_per_epoch == (len(tokens) - 1) // 32
 
 
-def test_loader_is_deterministic_per_seed_and_rank(small):
+def test_loader_visits_every_window_once_per_epoch(small):
+    prepared, _ = small
+    # batch_size 7 does not divide W, so batches straddle the epoch boundaries
+    loader = TokenLoader(prepared.train_path, seq_len=64, batch_size=7, seed=5)
+    W = loader.windows_per_epoch
+    n_batches = 3 * W // 7 + 1
+    tokens = shard(prepared, "train")
+    starts = []
+    for _ in range(n_batches):
+        x_BS, _ = loader.next_batch()
+        starts.extend(x_BS[:, 0].tolist())
+    seen = np.concatenate([loader.window_indices(m) for m in range(n_batches)])
+    assert [tokens[w * 64] for w in seen] == starts  # window_indices is what next_batch served
+    for epoch in range(3):
+        assert sorted(seen[epoch * W : (epoch + 1) * W].tolist()) == list(range(W))
+    assert not np.array_equal(seen[:W], seen[W : 2 * W])  # each epoch has its own order
+    assert not np.array_equal(seen[:W], np.arange(W))  # and it is shuffled
+
+
+def test_epochs_seen_counts_windows_drawn(small):
+    prepared, _ = small
+    loader = TokenLoader(prepared.train_path, seq_len=64, batch_size=8, seed=0)
+    assert loader.epochs_seen == 0.0
+    for _ in range(3):
+        loader.next_batch()
+    assert loader.epochs_seen == pytest.approx(24 / loader.windows_per_epoch)
+    loader.seek(loader.windows_per_epoch)  # W batches of 8 windows = 8 epochs
+    assert loader.epochs_seen == pytest.approx(8.0)
+    # epochs_for agrees: tokens predicted = windows * seq_len
+    assert epochs_for(prepared.n_train_tokens, 64, 24 * 64) == pytest.approx(24 / loader.windows_per_epoch)
+
+
+def test_loader_stream_depends_only_on_seed_not_rank(small):
     prepared, _ = small
 
     def batches(**kw):
@@ -266,10 +340,11 @@ def test_loader_is_deterministic_per_seed_and_rank(small):
 
     assert_close(batches(seed=1), batches(seed=1))
     assert not torch.equal(batches(seed=1), batches(seed=2))
-    assert not torch.equal(batches(seed=1, rank=0, world_size=2), batches(seed=1, rank=1, world_size=2))
+    # ranks take their share of one stream with seek(), so their streams must not differ
+    assert_close(batches(seed=1, rank=0, world_size=2), batches(seed=1, rank=1, world_size=2))
 
 
-def test_loader_resumes_exactly_from_state_dict(small):
+def test_batch_m_is_the_same_after_seek_and_resume(small):
     prepared, _ = small
     loader = TokenLoader(prepared.train_path, seq_len=16, batch_size=4, seed=3)
     for _ in range(5):
@@ -281,8 +356,33 @@ def test_loader_resumes_exactly_from_state_dict(small):
     for (x, y), (rx, ry) in zip(expected, [resumed.next_batch() for _ in range(4)], strict=True):
         assert_close(rx, x)
         assert_close(ry, y)
+    # seek jumps straight to batch 7 (even across an epoch: batch W of 4 windows is in epoch 4)
+    sought = TokenLoader(prepared.train_path, seq_len=16, batch_size=4, seed=3)
+    sought.seek(7)
+    assert_close(sought.next_batch()[0], expected[2][0])
+    far = sought.windows_per_epoch + 3
+    sought.seek(far)
+    after_far = sought.next_batch()[0]
+    loader.seek(far)
+    assert_close(loader.next_batch()[0], after_far)
     with pytest.raises(ValueError, match="seed"):
         TokenLoader(prepared.train_path, seq_len=16, batch_size=4, seed=4).load_state_dict(state)
+
+
+def test_check_budget_refuses_more_than_one_epoch_unless_allowed(small):
+    prepared, _ = small
+    one_epoch = (prepared.n_train_tokens - 1) // 64 * 64
+    assert check_budget(prepared, 64, one_epoch, allow_repeat=False) == 1.0
+    assert check_budget(prepared, 64, one_epoch // 2, allow_repeat=False) == pytest.approx(0.5, abs=1e-3)
+    too_many = 3 * one_epoch
+    with pytest.raises(ValueError) as err:
+        check_budget(prepared, 64, too_many, allow_repeat=False)
+    message = str(err.value)
+    for part in (f"train.tokens={too_many}", "3.00 epochs", f"{prepared.n_train_tokens:,}",
+                 prepared.fingerprint, "data.allow_repeat=true", "data.max_chars"):  # fmt: skip
+        assert part in message, part
+    assert check_budget(prepared, 64, too_many, allow_repeat=True) == pytest.approx(3.0)
+    assert epochs_for(prepared.n_train_tokens, 64, too_many) == pytest.approx(3.0)
 
 
 def test_validation_batches_are_the_first_windows_and_identical_across_calls(small):
@@ -364,6 +464,7 @@ BAD = {
     "val_fraction_zero": (lambda p: DataConfig(val_fraction=0.0), r"data.val_fraction=0.0 .*\(0, 0.5\]"),
     "val_fraction_above_half": (lambda p: DataConfig(val_fraction=0.6), "data.val_fraction=0.6"),
     "max_chars_zero": (lambda p: DataConfig(max_chars=0), "data.max_chars=0"),
+    "tokenizer_chars_negative": (lambda p: DataConfig(tokenizer_chars=-1), "data.tokenizer_chars=-1"),
     "unknown_source": (lambda p: DataConfig(source="web"), "data.source='web'"),
     "path_with_stdlib": (lambda p: DataConfig(path=str(p)), "data.path=.*data.source=stdlib"),
 }
@@ -389,15 +490,31 @@ def test_loader_rejects_a_shard_shorter_than_one_window(tmp_path):
 # Full default corpus -------------------------------------------------------------------------------
 
 
+def default_cfg(cache: Path) -> DataConfig:
+    """The data config of conf/data/stdlib.yaml (the default corpus), on a private cache."""
+    fields = yaml.safe_load((Path(__file__).parents[1] / "conf" / "data" / "stdlib.yaml").read_text())
+    return DataConfig(**{**fields, "cache_dir": str(cache)})
+
+
 @pytest.mark.slow
-def test_full_stdlib_corpus_prepares_in_under_a_minute(tmp_path):
+def test_default_corpus_has_12m_training_tokens_records_packages_and_rebuilds_identically(tmp_path):
     t0 = time.perf_counter()
-    prepared = prepare_data(DataConfig(cache_dir=str(tmp_path)))
+    prepared = prepare_data(default_cfg(tmp_path / "a"))
     elapsed = time.perf_counter() - t0
     meta = read_meta(prepared)
-    print(f"\nfull stdlib corpus: {elapsed:.1f} s, meta={json.dumps(meta)}")
+    print(f"\ndefault corpus: {elapsed:.1f} s, {prepared.fingerprint}, meta={json.dumps(meta)}")
     assert elapsed < 60
-    assert prepared.vocab_size == meta["tokenizer_vocab_size"] == 8192
-    assert meta["n_train_chars"] > 5_000_000 and prepared.n_val_tokens > 50_000
+    assert prepared.n_train_tokens >= 12_000_000 and prepared.n_val_tokens > 200_000
+    assert prepared.vocab_size == meta["tokenizer_vocab_size"] == 2048
+    assert meta["python_version"].startswith("3.")
+    assert set(meta["packages"]) | set(meta["missing_packages"]) == {name for name, _ in EMBEDDED_PACKAGES}
+    assert meta["packages"]["torch"].startswith("2.")
+    # the preset studies' largest budget (8M tokens) fits in one epoch at their sequence lengths
+    assert check_budget(prepared, 256, 8_000_000, allow_repeat=False) < 1.0
+    # a second fresh build (another cache) is byte-identical under the same fingerprint
+    again = prepare_data(default_cfg(tmp_path / "b"))
+    assert again.fingerprint == prepared.fingerprint
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (again.train_path.parent / name).read_bytes() == (prepared.train_path.parent / name).read_bytes()
     # a context-free model's loss is the unigram entropy; it must be well above 0 and below log(V)
-    assert 4.0 < unigram_entropy(prepared.val_path) < math.log(8192)
+    assert 4.0 < unigram_entropy(prepared.val_path) < math.log(2048)
