@@ -214,12 +214,19 @@ def _tokens_fingerprint(folder: Path) -> str:
 # Building ----------------------------------------------------------------------------------------
 
 
+def _tokenizer_cap(cfg: DataConfig, train: list[Document]) -> int | None:
+    """data.tokenizer_chars if it binds, else None: a cap above the training split changes nothing,
+    so it must not change the fingerprint either."""
+    cap = cfg.tokenizer_chars
+    return cap if cap is not None and cap < sum(len(t) for _, t in train) else None
+
+
 def _fingerprint(cfg: DataConfig, train: list[Document], val: list[Document]) -> str:
     h = hashlib.sha256()
     settings = {
         "format": FORMAT_VERSION,
         "corpus": CORPUS_VERSION,
-        "tokenizer_chars": cfg.tokenizer_chars,
+        "tokenizer_chars": _tokenizer_cap(cfg, train),
         "vocab_size": cfg.vocab_size,
         "specials": SPECIAL_TOKENS,
         "min_frequency": BPE_MIN_FREQUENCY,
@@ -235,7 +242,7 @@ def _build(cfg: DataConfig, train: list[Document], val: list[Document], out: Pat
     """Write tokenizer.json, train.bin, val.bin into `out`, then meta.json last (it marks completion)."""
     dtype = dtype_for_vocab(cfg.vocab_size)
     t0 = time.perf_counter()
-    tokenizer_docs = cap_chars(train, cfg.tokenizer_chars)
+    tokenizer_docs = cap_chars(train, _tokenizer_cap(cfg, train))
     tokenizer = train_tokenizer([text for _, text in tokenizer_docs], cfg.vocab_size)
     t1 = time.perf_counter()
     tokenizer.save(str(out / "tokenizer.json"))

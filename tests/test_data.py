@@ -176,6 +176,8 @@ def test_tokenizer_chars_changes_the_tokenizer_but_not_the_documents(small, tmp_
     assert meta["n_tokenizer_chars"] == 50_000 < full_meta["n_tokenizer_chars"] == full_meta["n_train_chars"]
     for key in ("n_train_docs", "n_val_docs", "n_train_chars", "n_val_chars"):
         assert meta[key] == full_meta[key], key
+    # a cap above the training split binds nothing and keeps the fingerprint
+    assert prepare_data(small_cfg(tmp_path, tokenizer_chars=10**9)).fingerprint == full.fingerprint
     decoded = load_tokenizer(subset).decode(shard(subset)[:2000].tolist())  # still lossless
     assert decoded == load_tokenizer(full).decode(shard(full)[:2000].tolist())[: len(decoded)]
 
