@@ -40,6 +40,17 @@ class SyntheticStudy:
     """Validation interval in steps."""
     failed: int = 0
     """Extra runs written as FAILED (excluded by the loaders)."""
+    lr: float = 3e-3
+    """optim.lr of the variants not in `learning_rates`."""
+    learning_rates: dict[str, dict[float, float]] = field(default_factory=dict)
+    """Variant -> {optim.lr: multiplier of its speed-up}: that variant is run at each of these LRs."""
+    seeds_of: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Variant -> its seeds, overriding `seeds` (to leave a seed out of one arm)."""
+    seed_offset: float = 0.0
+    """Std of a per-seed constant added to every val loss of that seed in all variants: as in real runs,
+    the seed moves the absolute loss while the difference between variants at one seed stays put."""
+    params: dict[str, dict[str, object]] = field(default_factory=dict)
+    """Variant -> extra params logged on its runs (e.g. {"data.epochs": 2.0})."""
 
 
 def granularity_of(variant: str) -> int:
@@ -66,11 +77,26 @@ def write_study(
             spec.name, artifact_location=(study_dir / "artifacts").resolve().as_uri()
         )
         parent = client.create_run(exp, tags={"kind": "sweep", "study": spec.name}).info.run_id
-    points = [(v, b, s) for v in spec.speedups for b in spec.token_budgets for s in spec.seeds]
-    points += [(next(iter(spec.speedups)), spec.token_budgets[0], 100 + i) for i in range(spec.failed)]
-    for i, (variant, budget, sd) in enumerate(points):
+    points = [
+        (v, b, s, lr)
+        for v in spec.speedups
+        for b in spec.token_budgets
+        for s in spec.seeds_of.get(v, spec.seeds)
+        for lr in spec.learning_rates.get(v, {spec.lr: 1.0})
+    ]
+    first = next(iter(spec.speedups))
+    points += [(first, spec.token_budgets[0], 100 + i, spec.lr) for i in range(spec.failed)]
+    # Drawn only when asked for, so studies without offsets keep their noise stream.
+    offsets = {
+        s: rng.normal(0, spec.seed_offset) if spec.seed_offset else 0.0
+        for s in sorted({p[2] for p in points})
+    }
+    for i, (variant, budget, sd, lr) in enumerate(points):
         failed = i >= len(points) - spec.failed
-        key = hashlib.sha1(f"{variant}/{budget}/{sd}".encode()).hexdigest()[:10]
+        # The LR enters the key only for swept variants, so single-LR studies keep their keys.
+        ident = f"{variant}/{budget}/{sd}" + (f"/{lr:g}" if variant in spec.learning_rates else "")
+        key = hashlib.sha1(ident.encode()).hexdigest()[:10]
+        speedup = spec.speedups[variant] * spec.learning_rates.get(variant, {}).get(lr, 1.0)
         steps = budget // spec.batch_tokens
         tags = {
             "kind": "point",
@@ -93,6 +119,8 @@ def write_study(
             "acct.flops_per_token_train": spec.flops_per_token,
             "acct.steps": steps,
             "acct.batch_tokens": spec.batch_tokens,
+            "optim.lr": lr,
+            **spec.params.get(variant, {}),
         }
         last = steps // 2 if failed else steps
         lines = []
@@ -102,10 +130,11 @@ def write_study(
                 "step": t,
                 "tokens": tok,
                 "flops": tok * spec.flops_per_token,
-                "train/loss": E + A * (spec.speedups[variant] * t) ** -alpha + rng.normal(0, 0.05),
+                "train/loss": E + A * (speedup * t) ** -alpha + rng.normal(0, 0.05),
             }
             if t % spec.eval_every == 0 or t == last:
-                row["val/loss"] = E + A * (spec.speedups[variant] * t) ** -alpha + rng.normal(0, spec.noise)
+                val = E + A * (speedup * t) ** -alpha + offsets[sd]
+                row["val/loss"] = val + rng.normal(0, spec.noise)
                 row["router/top1_mass"] = 0.9 - 0.4 * t / steps
                 row["router/imbalance"] = 1.0 + 1.0 / np.sqrt(t)
             lines.append(row)
@@ -136,9 +165,14 @@ def write_study(
             _log_mlflow(client, exp, parent, tags, acct, lines, failed)
     if client is not None:
         client.set_terminated(parent, status="FINISHED")
+    best = {
+        v: sp * max(spec.learning_rates.get(v, {spec.lr: 1.0}).values()) for v, sp in spec.speedups.items()
+    }
+    base = next((best[v] for v in best if granularity_of(v) == 1), 1.0)
     return {
         "parent_run_id": parent,
-        "savings": {v: 1.0 - 1.0 / s for v, s in spec.speedups.items() if granularity_of(v) != 1},
+        # each variant at its best LR against the G=1 variant at its best LR
+        "savings": {v: 1.0 - base / b for v, b in best.items() if granularity_of(v) != 1},
     }
 
 
