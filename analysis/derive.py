@@ -118,3 +118,16 @@ def final_losses(curve: pd.DataFrame) -> pd.DataFrame:
         .rename(columns={"value": "final", "smooth": "final_smooth"})
         .reset_index(drop=True)
     )
+
+
+LR = "optim.lr"
+"""The learning-rate param: runs of one variant at different values are points of an LR grid, not seeds."""
+
+
+def run_finals(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Final smoothed loss per run with what identifies it: run_key, model, tokens (the budget tag),
+    variant, seed, lr (`optim.lr`, NaN where not logged) and final_smooth."""
+    tags = runs[["run_key", "model", "tokens", "variant", "seed"]].copy()
+    tags["lr"] = pd.to_numeric(runs[LR], errors="coerce") if LR in runs else np.nan
+    f = final_losses(curve)[["run_key", "final_smooth"]]
+    return tags.merge(f, on="run_key", how="inner").reset_index(drop=True)

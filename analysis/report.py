@@ -1,6 +1,7 @@
 """Study report: load -> derive -> fit -> figures + report.md in <study dir>/report/.
 
     python -m analysis.report --study-dir DIR [--tracking-uri URI --study NAME] [--baseline VARIANT]
+        [--best-lr | --no-best-lr]
 
 `studies.run` calls `write_report` at the end of a sweep (see studies/callbacks.py).
 """
@@ -18,11 +19,14 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
+from analysis.checks import ROUTED_SCALE, Check, comparability_checks, per_variant
 from analysis.curves import fit_loss_curve
-from analysis.derive import Smoothing, curves, final_losses
+from analysis.derive import LR, Smoothing, curves, final_losses, run_finals
 from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
 from analysis.load import Study, load_study
+from analysis.paired import paired_differences
 from analysis.savings import pick_baselines, step_savings
+from analysis.tuning import LrTuning, best_lr_runs, lr_tuning, use_best_lr
 
 log = logging.getLogger(__name__)
 # Histories the report reads; per-layer router stats stay in MLflow (one query per run x key).
@@ -45,16 +49,21 @@ def md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
 
 
 def final_table(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Final smoothed validation loss per (model, tokens, variant): mean, std and count over seeds."""
+    """Final smoothed validation loss per (model, tokens, variant): mean, std and count over seeds, with
+    the variant's `optim.lr` and `moe.routed_scale_used` values as text ("" where not logged)."""
     f = final_losses(curve).merge(
         runs[["run_key", "model", "tokens", "variant", "seed"]].rename(columns={"tokens": "budget"}),
         on="run_key",
     )
     g = f.groupby(["model", "budget", "variant"], dropna=False)["final_smooth"]
     out = g.agg(["mean", "std", "count"]).reset_index()
-    return out.rename(
+    out = out.rename(
         columns={"budget": "tokens", "mean": "val_loss", "std": "val_loss_std", "count": "seeds"}
     )
+    for name, col in ((LR, "lr"), (ROUTED_SCALE, "routed_scale")):
+        vals = per_variant(runs, name).rename(columns={name: col})
+        out = out.merge(vals, on=["model", "tokens", "variant"], how="left")
+    return out
 
 
 def law_data(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
@@ -89,8 +98,14 @@ def write_report(
     parent_run_id: str | None = None,
     smoothing: Smoothing | None = None,
     n_boot: int = 1000,
+    best_lr: bool | None = None,
 ) -> Path:
-    """Load the study, write study_dir/report/report.md and PNGs, log them on parent_run_id, print a table."""
+    """Load the study, write study_dir/report/report.md and PNGs, log them on parent_run_id, print a table.
+
+    best_lr: compare each variant at its own best `optim.lr` (savings, final and paired tables use only
+    those runs). None = on when some variant has several LRs; True refuses a variant with one LR; False
+    refuses a variant with several (runs at different LRs are not seeds). See analysis/tuning.py.
+    """
     study_dir = Path(study_dir)
     smoothing = smoothing or Smoothing()
     s: Study = load_study(study_dir, tracking_uri=tracking_uri, study=study, metrics=REPORT_METRICS)
@@ -103,7 +118,14 @@ def write_report(
     out = study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     curve = curves(s.metrics, s.runs, "val/loss", smoothing)
-    finals = final_table(curve, s.runs)
+    per_run = run_finals(curve, s.runs)
+    tuning = lr_tuning(per_run)
+    at_best = use_best_lr(tuning, best_lr)  # refuses a mode that would mislead, before any fitting
+    runs = best_lr_runs(s.runs, tuning) if at_best else s.runs
+    per_run = per_run[per_run["run_key"].isin(runs["run_key"])]
+    curve = curve[curve["run_key"].isin(runs["run_key"])]
+    checks = comparability_checks(s.runs)
+    finals = final_table(curve, runs)
 
     fits: dict[str, LawFit] = {}
     fit_rows = []
@@ -114,28 +136,33 @@ def write_report(
             fit_rows.append({"run_key": key, **f.coefficients, "rmse_log": f.rmse_log, "error": ""})
         except (ValueError, FitError) as e:
             fit_rows.append({"run_key": key, "error": str(e)})
-    fit_table = pd.DataFrame(fit_rows).merge(s.runs[["run_key", "variant", "seed"]], on="run_key")
+    fit_table = pd.DataFrame(fit_rows).merge(runs[["run_key", "variant", "seed"]], on="run_key")
 
     try:
-        savings = step_savings(curve, s.runs, baseline=baseline, n_boot=n_boot)
+        savings = step_savings(curve, runs, baseline=baseline, n_boot=n_boot)
+        paired = paired_differences(per_run, pick_baselines(runs, baseline))
         savings_note = ""
     except ValueError as e:
         if baseline is not None:
             raise
-        savings, savings_note = pd.DataFrame(), str(e)
+        savings, paired, savings_note = pd.DataFrame(), pd.DataFrame(), str(e)
 
-    data = law_data(curve, s.runs)
+    data = law_data(curve, runs)
     laws = {"chinchilla": _try_law(fit_chinchilla, data, {"params": 2, "tokens": 2})}
     g_data = data.dropna(subset=["granularity"])
     laws["finegrained"] = _try_law(fit_finegrained, g_data, {"params": 2, "tokens": 2, "granularity": 2})
 
     figures = _figures(out, curve, s, fits, savings, data, laws)
-    text = _markdown(s, finals, savings, savings_note, fit_table, laws, figures, smoothing)
+    fair = _fairness_sections(checks, tuning, at_best)
+    text = _markdown(s, fair, finals, savings, savings_note, paired, fit_table, laws, figures, smoothing)
     report = out / "report.md"
     report.write_text(text)
     finals.to_csv(out / "final_losses.csv", index=False)
+    tuning.grid.to_csv(out / "lr_grid.csv", index=False)
     if not savings.empty:
         savings.to_csv(out / "savings.csv", index=False)
+    if not paired.empty:
+        paired.to_csv(out / "paired.csv", index=False)
     (out / "laws.json").write_text(
         json.dumps(
             {
@@ -193,7 +220,56 @@ def _figures(out, curve, s, fits, savings, data, laws) -> list[str]:
     return names
 
 
-def _markdown(s, finals, savings, savings_note, fit_table, laws, figures, smoothing) -> str:
+def _fairness_sections(checks: list[Check], tuning: LrTuning, at_best: bool) -> list[str]:
+    """Comparability checks, then the LR grid when the comparison is at each variant's best LR."""
+    lines = ["## Comparability checks", ""]
+    for c in checks:
+        params = ", ".join(f"`{p}`" for p in c.params)
+        lines += [f"- **{c.name}** ({params}): {c.summary}"]
+        if not c.offenders.empty:
+            lines += ["", md_table(c.offenders), ""]
+    lines += [""]
+    if not at_best:
+        lr = tuning.best["lr"].dropna()
+        where = (
+            f"`{LR}` = {', '.join(sorted({format(v, 'g') for v in lr}))}" if len(lr) else f"`{LR}` not logged"
+        )
+        return lines + [f"Learning rate: one per variant ({where}); no best-LR selection.", ""]
+    grid = tuning.grid.assign(chosen=np.where(tuning.grid["best"], "best", "")).drop(columns="best")
+    best = tuning.best[["model", "tokens", "variant", "lr", "n_lrs", "note"]]
+    lines += [
+        f"## Learning-rate grid (`{LR}`)",
+        "",
+        "Savings, final losses and paired differences below use each variant at its own best LR "
+        "(lowest mean final smoothed val loss over seeds); runs at other LRs are left out of them. "
+        "A best LR at the edge of its grid is not bracketed: a better one may lie outside.",
+        "",
+        md_table(grid),
+        "",
+        md_table(best),
+        "",
+    ]
+    return lines
+
+
+def _paired_section(paired: pd.DataFrame, note: str) -> list[str]:
+    lines = ["## Paired differences by seed (variant - baseline final smoothed val loss)", ""]
+    if paired.empty:
+        return lines + [f"Not measured: {note}", ""]
+    t = paired.copy()
+    for c in ("ci_lo", "ci_hi"):
+        t[c] = [format(v, ".4g") if np.isfinite(v) else "n/a" for v in t[c]]
+    return lines + [
+        "Only seeds both arms ran are paired; negative favours the variant; interval: 95% Student t over "
+        "the paired differences (n/a with fewer than 2 pairs); favour_variant = pairs where the variant's "
+        "loss is lower.",
+        "",
+        md_table(t),
+        "",
+    ]
+
+
+def _markdown(s, fair, finals, savings, savings_note, paired, fit_table, laws, figures, smoothing) -> str:
     lines = [
         f"# Study report: {s.name}",
         "",
@@ -203,6 +279,7 @@ def _markdown(s, finals, savings, savings_note, fit_table, laws, figures, smooth
     ]
     if not s.excluded.empty:
         lines += ["## Excluded runs (unfinished or failed)", "", md_table(s.excluded), ""]
+    lines += fair
     lines += ["## Final validation loss (smoothed, mean over seeds)", "", md_table(finals), ""]
     lines += ["## Step savings to reach the baseline's final loss", ""]
     if savings.empty:
@@ -232,6 +309,7 @@ def _markdown(s, finals, savings, savings_note, fit_table, laws, figures, smooth
             md_table(savings[[c for c in cols if c in savings]]),
             "",
         ]
+    lines += _paired_section(paired, savings_note)
     lines += ["## Loss-curve fits L(t) = E + A t^-alpha", "", md_table(fit_table), ""]
     lines += ["## Scaling-law fits", ""]
     for name, (fit, err) in laws.items():
@@ -257,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoothing", choices=("loglinear", "ema", "median", "none"), default="loglinear")
     p.add_argument("--window", type=int, default=5, help="smoothing window in logged points")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates over seeds")
+    p.add_argument(
+        "--best-lr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"compare each variant at its own best {LR} (default: when some variant has several LRs)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     path = write_report(
@@ -267,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         parent_run_id=a.parent_run_id,
         smoothing=Smoothing(method=a.smoothing, window=a.window),
         n_boot=a.n_boot,
+        best_lr=a.best_lr,
     )
     print(f"report: {path}")
     return 0

@@ -1,0 +1,160 @@
+"""Comparability checks: params that make a comparison unfair, made visible (../shared/PAPERS.md §6).
+
+Each check reads params the training side logs; a param an older store lacks makes the check
+"unknown" for those runs, never an error.
+  data.epochs                 > 1 means the run saw some tokens more than once.
+  moe.router, moe.expert_choice_scope
+                              expert choice with scope "batch" lets a token's selection depend on later
+                              tokens of its own sequence (not causal); "position" is causal.
+  moe.routed_scale_used       effective routed-output scale; within one (model, tokens) comparison every
+                              arm must follow one convention: the same constant, or = G for all.
+  data.fingerprint            the data a run trained on; arms of one comparison must share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from analysis.derive import LR
+
+EPOCHS = "data.epochs"
+ROUTER = "moe.router"
+EC_SCOPE = "moe.expert_choice_scope"
+ROUTED_SCALE = "moe.routed_scale_used"
+FINGERPRINT = "data.fingerprint"
+IDENT = ["model", "tokens", "variant", "seed", "run_key"]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparability check over a study's runs."""
+
+    name: str
+    """What is checked, in words."""
+    params: tuple[str, ...]
+    """The params it reads."""
+    status: Literal["ok", "flagged", "unknown"]
+    """flagged: offenders found; unknown: none found but some runs lack the params."""
+    summary: str
+    """One sentence: what was found."""
+    offenders: pd.DataFrame
+    """The offending runs (model, tokens, variant, seed, run_key, lr, and the params read)."""
+
+
+def param(runs: pd.DataFrame, name: str, *, numeric: bool = False) -> pd.Series:
+    """A param column, NaN where not logged (or the whole column when no run logged it)."""
+    if name not in runs:
+        return pd.Series(np.nan, index=runs.index, dtype=float if numeric else object)
+    col = runs[name]
+    return pd.to_numeric(col, errors="coerce") if numeric else col.where(col.notna(), np.nan)
+
+
+def comparability_checks(runs: pd.DataFrame) -> list[Check]:
+    """All four checks, in a fixed order."""
+    return [repeated_data(runs), batch_expert_choice(runs), routed_scale_mix(runs), fingerprint_mix(runs)]
+
+
+def _check(name, params, runs, bad, unknown, found, clean) -> Check:
+    n_unknown = int(unknown.sum())
+    unknown_note = f"{', '.join(params)} not logged for {n_unknown} of {len(runs)} runs (unknown)"
+    if bad.any():
+        status, summary = "flagged", found + (f"; {unknown_note}" if n_unknown else "")
+    elif n_unknown:
+        status, summary = "unknown", f"none found, but {unknown_note}"
+    else:
+        status, summary = "ok", clean
+    cols = IDENT + ([LR] if LR in runs else []) + [p for p in params if p in runs]
+    order = ["model", "tokens", "variant"] + ([LR] if LR in runs else []) + ["seed"]
+    offenders = runs.loc[bad, cols].sort_values(order).reset_index(drop=True)
+    return Check(name, tuple(params), status, summary, offenders)
+
+
+def repeated_data(runs: pd.DataFrame) -> Check:
+    epochs = param(runs, EPOCHS, numeric=True)
+    bad = epochs > 1
+    return _check(
+        "runs that repeated data",
+        (EPOCHS,),
+        runs,
+        bad,
+        epochs.isna(),
+        f"{int(bad.sum())} runs saw some tokens more than once ({EPOCHS} > 1)",
+        f"ok: every run saw each token at most once ({EPOCHS} <= 1)",
+    )
+
+
+def batch_expert_choice(runs: pd.DataFrame) -> Check:
+    router, scope = param(runs, ROUTER), param(runs, EC_SCOPE)
+    ec = router == "expert_choice"
+    bad = ec & (scope == "batch")
+    return _check(
+        "expert choice routed over the whole batch (not causal)",
+        (ROUTER, EC_SCOPE),
+        runs,
+        bad,
+        router.isna() | (ec & scope.isna()),
+        f"{int(bad.sum())} expert-choice runs chose tokens over the whole batch ({EC_SCOPE}=batch): "
+        f"a token's routing depends on later tokens of its sequence",
+        "ok: no run used expert choice over the whole batch",
+    )
+
+
+def _per_group(runs, same) -> pd.Series:
+    """True on every run of a (model, tokens) group where `same(group)` is False."""
+    bad = pd.Series(False, index=runs.index)
+    for _, g in runs.groupby(["model", "tokens"], dropna=False):
+        if not same(g):
+            bad[g.index] = True
+    return bad
+
+
+def routed_scale_mix(runs: pd.DataFrame) -> Check:
+    scale = param(runs, ROUTED_SCALE, numeric=True)
+    gran = pd.to_numeric(runs["granularity"], errors="coerce").astype(float)
+
+    def one_convention(g):
+        s = scale[g.index].dropna()
+        # a constant (1 = no scaling) for every arm, or = G for every arm (auto for softmax routers)
+        return s.nunique() <= 1 or bool(np.allclose(s, gran[s.index]))
+
+    bad = _per_group(runs, one_convention)
+    return _check(
+        "arms with different routed-output scale conventions",
+        (ROUTED_SCALE,),
+        runs,
+        bad,
+        scale.isna(),
+        f"{int(bad.sum())} runs are in comparisons whose arms mix {ROUTED_SCALE} conventions "
+        f"(neither one constant nor = G for every arm)",
+        f"ok: within each comparison {ROUTED_SCALE} is one constant or = G for every arm",
+    )
+
+
+def fingerprint_mix(runs: pd.DataFrame) -> Check:
+    fp = param(runs, FINGERPRINT)
+    bad = _per_group(runs, lambda g: fp[g.index].dropna().nunique() <= 1)
+    return _check(
+        "arms trained on different data",
+        (FINGERPRINT,),
+        runs,
+        bad,
+        fp.isna(),
+        f"{int(bad.sum())} runs are in comparisons whose arms trained on different {FINGERPRINT}",
+        f"ok: within each comparison every run has the same {FINGERPRINT}",
+    )
+
+
+def per_variant(runs: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The distinct values of param `name` per (model, tokens, variant), as text ("" if not logged)."""
+
+    def text(s):
+        vals = sorted({format(float(v), "g") if isinstance(v, (int, float)) else str(v) for v in s.dropna()})
+        return ", ".join(vals)
+
+    df = runs[["model", "tokens", "variant"]].assign(value=param(runs, name))
+    out = df.groupby(["model", "tokens", "variant"], dropna=False)["value"].agg(text).reset_index()
+    return out.rename(columns={"value": name})

@@ -1,0 +1,62 @@
+"""Seed-paired differences of final loss: variant - baseline at the same seed.
+
+Between seeds the absolute final loss moves by about 0.1 while the G=8 - G=1 difference at one seed is
+stable, so the paired difference is the honest unit of comparison. Only seeds that both arms ran are
+paired; the interval is Student t over the paired differences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+
+def paired_differences(
+    per_run: pd.DataFrame, baselines: dict[tuple, str], *, ci: float = 0.95
+) -> pd.DataFrame:
+    """One row per (model, tokens, variant != baseline) from `derive.run_finals` rows.
+
+    Columns: baseline, n_pairs, seeds (paired seeds), unpaired (seeds only one arm has), mean_diff
+    (variant - baseline; negative favours the variant), ci_lo, ci_hi (NaN with < 2 pairs),
+    favour_variant (pairs where the variant's loss is lower).
+    """
+    if not 0 < ci < 1:
+        raise ValueError(f"ci={ci} must be in (0, 1)")
+    rows = []
+    for (model, tokens), base in sorted(baselines.items(), key=str):
+        g = per_run[(per_run["model"] == model) & (per_run["tokens"] == tokens)]
+        b = _by_seed(g[g["variant"] == base])
+        for variant, gv in g.groupby("variant", sort=True):
+            if variant == base:
+                continue
+            v = _by_seed(gv)
+            common = v.index.intersection(b.index).sort_values()
+            d = (v[common] - b[common]).to_numpy(dtype=float)
+            n = d.size
+            lo = hi = np.nan
+            if n >= 2:
+                half = stats.t.ppf((1 + ci) / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
+                lo, hi = d.mean() - half, d.mean() + half
+            rows.append(
+                {
+                    "model": model,
+                    "tokens": tokens,
+                    "variant": variant,
+                    "baseline": base,
+                    "n_pairs": n,
+                    "seeds": ",".join(str(s) for s in common),
+                    "unpaired": ",".join(str(s) for s in v.index.symmetric_difference(b.index).sort_values()),
+                    "mean_diff": d.mean() if n else np.nan,
+                    "ci_lo": lo,
+                    "ci_hi": hi,
+                    "favour_variant": int((d < 0).sum()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _by_seed(g: pd.DataFrame) -> pd.Series:
+    """Final smoothed loss per seed (a seed run twice is averaged); runs without a seed are left out."""
+    g = g.dropna(subset=["seed"])
+    return g.groupby(g["seed"].astype(int))["final_smooth"].mean()
