@@ -6,8 +6,12 @@ Each check reads params the training side logs; a param an older store lacks mak
   moe.router, moe.expert_choice_scope
                               expert choice with scope "batch" lets a token's selection depend on later
                               tokens of its own sequence (not causal); "position" is causal.
-  moe.routed_scale_used       effective routed-output scale; within one (model, tokens) comparison every
-                              arm must follow one convention: the same constant, or = G for all.
+  moe.routed_scale_used, moe.routed_scale
+                              effective routed-output scale, and the one set (None = auto: G, or 1 for
+                              unnormalised sigmoid scores). Within one (model, tokens) comparison every arm
+                              must follow one convention: auto for all, or the same fixed value. Without
+                              moe.routed_scale (older stores) the convention is read off the value: = G, or
+                              a constant. A G=1 (or dense) arm at scale 1 fits every convention.
   data.fingerprint            the data a run trained on; arms of one comparison must share it.
 """
 
@@ -25,6 +29,7 @@ EPOCHS = "data.epochs"
 ROUTER = "moe.router"
 EC_SCOPE = "moe.expert_choice_scope"
 ROUTED_SCALE = "moe.routed_scale_used"
+ROUTED_SCALE_SET = "moe.routed_scale"
 FINGERPRINT = "data.fingerprint"
 IDENT = ["model", "tokens", "variant", "seed", "run_key"]
 
@@ -58,7 +63,7 @@ def comparability_checks(runs: pd.DataFrame) -> list[Check]:
     return [repeated_data(runs), batch_expert_choice(runs), routed_scale_mix(runs), fingerprint_mix(runs)]
 
 
-def _check(name, params, runs, bad, unknown, found, clean) -> Check:
+def _check(name, params, runs, bad, unknown, found, clean, extra=()) -> Check:
     n_unknown = int(unknown.sum())
     unknown_note = f"{', '.join(params)} not logged for {n_unknown} of {len(runs)} runs (unknown)"
     if bad.any():
@@ -67,7 +72,7 @@ def _check(name, params, runs, bad, unknown, found, clean) -> Check:
         status, summary = "unknown", f"none found, but {unknown_note}"
     else:
         status, summary = "ok", clean
-    cols = IDENT + ([LR] if LR in runs else []) + [p for p in params if p in runs]
+    cols = IDENT + ([LR] if LR in runs else []) + [p for p in params if p in runs] + list(extra)
     order = ["model", "tokens", "variant"] + ([LR] if LR in runs else []) + ["seed"]
     offenders = runs.loc[bad, cols].sort_values(order).reset_index(drop=True)
     return Check(name, tuple(params), status, summary, offenders)
@@ -112,25 +117,34 @@ def _per_group(runs, same) -> pd.Series:
     return bad
 
 
-def routed_scale_mix(runs: pd.DataFrame) -> Check:
-    scale = param(runs, ROUTED_SCALE, numeric=True)
+def scale_conventions(runs: pd.DataFrame) -> pd.Series:
+    """Routed-scale convention per run: "auto", "fixed <x>", "= G" (inferred), "any" (a G=1 or dense arm
+    at scale 1, which every convention gives) or NaN (not logged)."""
+    used = param(runs, ROUTED_SCALE, numeric=True)
     gran = pd.to_numeric(runs["granularity"], errors="coerce").astype(float)
+    fixed = used.map(lambda v: f"fixed {v:g}", na_action="ignore")
+    if ROUTED_SCALE_SET in runs:
+        set_ = pd.to_numeric(runs[ROUTED_SCALE_SET], errors="coerce")  # None / "None" -> NaN = auto
+        label = set_.map(lambda v: f"fixed {v:g}", na_action="ignore").fillna("auto")
+    else:
+        label = fixed.where(used != gran, "= G")
+    label = label.where(~((gran.isna() | (gran == 1)) & (used == 1)), "any")
+    return label.where(used.notna(), np.nan)
 
-    def one_convention(g):
-        s = scale[g.index].dropna()
-        # a constant (1 = no scaling) for every arm, or = G for every arm (auto for softmax routers)
-        return s.nunique() <= 1 or bool(np.allclose(s, gran[s.index]))
 
-    bad = _per_group(runs, one_convention)
+def routed_scale_mix(runs: pd.DataFrame) -> Check:
+    label = scale_conventions(runs)
+    bad = _per_group(runs, lambda g: label[g.index].dropna().pipe(lambda s: s[s != "any"]).nunique() <= 1)
     return _check(
         "arms with different routed-output scale conventions",
-        (ROUTED_SCALE,),
-        runs,
+        (ROUTED_SCALE, ROUTED_SCALE_SET),
+        runs.assign(convention=label),
         bad,
-        scale.isna(),
-        f"{int(bad.sum())} runs are in comparisons whose arms mix {ROUTED_SCALE} conventions "
-        f"(neither one constant nor = G for every arm)",
-        f"ok: within each comparison {ROUTED_SCALE} is one constant or = G for every arm",
+        label.isna(),
+        f"{int(bad.sum())} runs are in comparisons whose arms mix routed-scale conventions "
+        f"(auto vs a fixed {ROUTED_SCALE_SET}, or different fixed values)",
+        f"ok: within each comparison every arm follows one routed-scale convention ({ROUTED_SCALE})",
+        extra=("convention",),
     )
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 from analysis import plots
 from analysis.checks import ROUTED_SCALE, Check, comparability_checks, per_variant
 from analysis.curves import fit_loss_curve
-from analysis.derive import LR, Smoothing, curves, final_losses, run_finals
+from analysis.derive import FLOPS_PER_TOKEN, LR, Smoothing, curves, final_losses, run_finals
 from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
 from analysis.load import Study, load_study
 from analysis.paired import paired_differences
@@ -30,6 +30,10 @@ from analysis.tuning import LrTuning, best_lr_runs, lr_tuning, use_best_lr
 
 log = logging.getLogger(__name__)
 # Histories the report reads; per-layer router stats stay in MLflow (one query per run x key).
+FLOP_CONVENTION = (
+    "moe.accounting: router counted as a matmul, 6 FLOPs per router parameter per token; "
+    "analysis.plan's compute-optimal planning defaults to the paper's 14"
+)
 REPORT_METRICS = ("val/loss", "train/loss", "router/top1_mass", "router/imbalance", "tokens", "flops")
 
 
@@ -304,7 +308,8 @@ def _markdown(s, fair, finals, savings, savings_note, paired, fit_table, laws, f
         ]
         lines += [
             "savings = 1 - steps_variant / steps_baseline; interval: bootstrap over seeds "
-            "(empty with one seed); extrapolated = reached only by the fitted curve.",
+            "(empty with one seed); extrapolated = reached only by the fitted curve. "
+            f"FLOPs are the runs' {FLOPS_PER_TOKEN} ({FLOP_CONVENTION}).",
             "",
             md_table(savings[[c for c in cols if c in savings]]),
             "",

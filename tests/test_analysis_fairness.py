@@ -97,6 +97,10 @@ def test_best_lr_savings_use_each_variants_own_best_lr(swept):
         "| tiny | 204800 | moe-E8-k2-G8 | 0.01 | 3 | not bracketed: best is the highest LR of the grid |"
         in text
     )
+    assert (
+        "FLOPs are the runs' acct.flops_per_token_train (moe.accounting: router counted as a matmul, 6 "
+        in text
+    )
     grid = pd.read_csv(path.parent / "lr_grid.csv")
     assert len(grid) == 6 and grid["best"].sum() == 2
 
@@ -237,6 +241,23 @@ def test_batch_scoped_expert_choice_is_flagged_and_position_scope_is_not():
     assert c.status == "ok"
     c = batch_expert_choice(_runs(**{"moe.router": ["expert_choice"] * 4}))  # scope not logged: unknown
     assert c.status == "unknown"
+
+
+def test_auto_routed_scale_for_every_arm_is_one_convention_and_a_fixed_one_among_auto_is_flagged():
+    # auto gives G for softmax and 1 for unnormalised sigmoid: both are the auto convention
+    runs = _runs(
+        **{"moe.routed_scale_used": [1.0, 1.0, 8.0, 1.0], "moe.routed_scale": [None, "None", None, None]}
+    )
+    assert routed_scale_mix(runs).status == "ok"
+    g1_fixed = _runs(
+        **{"moe.routed_scale_used": [1.0, 1.0, 8.0, 8.0], "moe.routed_scale": [1.0, 1.0, None, None]}
+    )
+    assert routed_scale_mix(g1_fixed).status == "ok"  # at G=1 a fixed 1 is what auto gives
+    mixed = _runs(
+        **{"moe.routed_scale_used": [1.0, 1.0, 8.0, 1.0], "moe.routed_scale": [None, None, None, 1.0]}
+    )
+    c = routed_scale_mix(mixed)  # G8 seed 1 is the routed_scale=1 ablation, compared with auto arms
+    assert c.status == "flagged" and c.offenders["convention"].tolist() == ["any", "any", "auto", "fixed 1"]
 
 
 def test_routed_scale_of_one_convention_is_ok_and_a_mix_is_flagged():
