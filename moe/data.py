@@ -382,12 +382,13 @@ def check_budget(prepared: PreparedData, seq_len: int, tokens: int, allow_repeat
     """Epochs of the training split that `tokens` training tokens take; raises ValueError when that is
     more than one epoch and repetition was not allowed (data.allow_repeat)."""
     windows = _windows_per_epoch(prepared.n_train_tokens, seq_len)
-    epochs = tokens / (windows * seq_len)
+    epochs = epochs_for(prepared.n_train_tokens, seq_len, tokens)
     if tokens > windows * seq_len and not allow_repeat:
         raise ValueError(
             f"train.tokens={tokens} is {epochs:.2f} epochs of the {prepared.n_train_tokens:,} training tokens "
             f"of data {prepared.fingerprint} (one epoch = {windows:,} windows of seq_len={seq_len}): set "
-            f"data.allow_repeat=true to repeat data, or use a larger corpus (data.max_chars=...)"
+            f"data.allow_repeat=true to repeat data, or use a larger corpus (raise data.max_chars, or "
+            "data.source=text with more text)"
         )
     return epochs
 
