@@ -299,7 +299,7 @@ def train(
             now = time.perf_counter()
             tok_s = window_tokens / max(now - window_t - eval_s, 1e-9)
             metrics = {"train/loss": train_loss, "lr": lr, "tokens": tokens, "flops": flops_tok * tokens,
-                       "tokens_per_s": tok_s}  # fmt: skip
+                       "tokens_per_s": tok_s, "data/epochs": loader.epochs_seen}  # fmt: skip
             if layers:
                 metrics.update(router_metrics(out.router, layers))
             logger.log_metrics(metrics, step)

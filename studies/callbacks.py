@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe.accounting import count_params_of_module
 from moe.corpus import read_meta
-from moe.data import validate_data_config
+from moe.data import PreparedData, check_budget, prepare_data, validate_data_config
 from moe.model import Transformer
 from moe.train import OptimConfig
 from studies import tracking
@@ -117,17 +117,21 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
         )
 
 
-def validate_point(run: RunConfig, cwd: Path | None = None, data_seen: set[str] | None = None) -> Point:
+def validate_point(
+    run: RunConfig, cwd: Path | None = None, data_seen: dict[str, PreparedData] | None = None
+) -> Point:
     """Everything checkable before a job starts: derivation and accounting (build_point), optimiser,
-    the model built on the meta device (its numel must match the accounting), the data (once per
-    distinct data config in `data_seen`) and a writable study directory. ValueError naming the key."""
+    the model built on the meta device (its numel must match the accounting), the data (prepared once
+    per distinct data config in `data_seen`, into the cache the jobs then read) and that the budget fits
+    in one epoch of it unless data.allow_repeat, and a writable study directory. ValueError naming the key."""
     point = build_point(run, cwd=cwd)
     check_optim(run.optim)
     key = repr(run.data)
-    if data_seen is None or key not in data_seen:
+    seen = {} if data_seen is None else data_seen
+    if key not in seen:
         validate_data_config(run.data)
-        if data_seen is not None:
-            data_seen.add(key)
+        seen[key] = prepare_data(run.data)
+    check_budget(seen[key], point.model.seq_len, point.train.tokens, run.data.allow_repeat)
     if run.data.source == "tokens":  # the shards bring their own vocabulary
         point = build_point(
             run, cwd=cwd, vocab_size=read_meta(Path(run.data.path).expanduser())["vocab_size"]
@@ -145,11 +149,15 @@ def validate_points(points: list[list[str]], config_name: str | None, cwd: Path 
     """Compose every point (override lists, with Hydra initialised) and validate it; one ValueError lists
     every bad point by its overrides. Explicit tracking URIs are checked once each. Returns the count."""
     common = set.intersection(*(set(p) for p in points)) if points else set()
-    errors, data_seen, uris = [], set(), {}
+    errors, data_seen, uris = [], {}, {}
+    lr_grids: dict[tuple, set[float]] = {}
+    best_lr = None
     for overrides in points:
         try:
             run = load_run_config(compose(config_name=config_name, overrides=overrides))
-            validate_point(run, cwd, data_seen)
+            point = validate_point(run, cwd, data_seen)
+            best_lr = run.study.best_lr
+            lr_grids.setdefault((point.variant, run.model.name, point.train.tokens), set()).add(run.optim.lr)
             if run.tracking.uri and run.tracking.uri not in uris:
                 try:
                     check_tracking_uri(run.tracking.uri)
@@ -163,7 +171,20 @@ def validate_points(points: list[list[str]], config_name: str | None, cwd: Path 
             errors.append(f"  {varying}: {type(exc).__name__}: {exc}")
     if errors:
         raise ValueError(f"{len(errors)} of {len(points)} sweep points are invalid:\n" + "\n".join(errors))
+    if best_lr:
+        check_lr_grids(lr_grids)
     return len(points)
+
+
+def check_lr_grids(lr_grids: dict[tuple, set[float]]) -> None:
+    """study.best_lr=true needs at least two learning rates per (variant, model, tokens)."""
+    for (variant, model, tokens), lrs in sorted(lr_grids.items()):
+        if len(lrs) < 2:
+            raise ValueError(
+                f"study.best_lr=true but optim.lr has one value ({min(lrs):g}) for variant {variant} at "
+                f"model={model} tokens={tokens}: a best-LR comparison needs at least 2 learning rates "
+                "(sweep -m optim.lr=1e-3,3e-3,1e-2)"
+            )
 
 
 def validate_sweep(config: DictConfig, config_name: str | None) -> int:
@@ -273,6 +294,7 @@ class StudyCallback(Callback):
             path = write_report(
                 study_dir_of(config), tracking_uri=uri, study=config.study.name,
                 baseline=config.study.baseline, parent_run_id=self.parent_run_id,
+                best_lr=config.study.get("best_lr"),
             )  # fmt: skip
             print(f"Report: {path}")
         except Exception:  # noqa: BLE001 - any analysis error must not fail a finished sweep

@@ -102,6 +102,9 @@ class StudyConfig:
     """What the study asks, shown in reports."""
     baseline: str | None = None
     """Variant label the analysis measures savings against (e.g. moe-E8-k2-G1); None: no savings."""
+    best_lr: bool | None = None
+    """Compare each variant at its own best optim.lr (analysis.tuning). None: when a variant has several
+    learning rates; true with a one-point grid is refused."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from moe.accounting import count_params, flops_per_token
 from moe.checkpoint import checkpoint_path, latest_step, load_checkpoint, load_latest
 from moe.config import ModelConfig, MoEConfig, replace
 from moe.corpus import read_meta
-from moe.data import prepare_data, unigram_entropy
+from moe.data import check_budget, prepare_data, unigram_entropy
 from moe.matched import derive
 from moe.train import NonFiniteLossError, TrainConfig, TrainingInterrupted, TrainPlan, plan_training, train
 from moe.validate import validate_model_config
@@ -146,6 +146,8 @@ class Point:
             "acct.params_non_embedding": params.non_embedding,
             "acct.params_active_non_embedding": params.active_non_embedding,
             "acct.flops_per_token_train": flops_per_token(self.model).train,
+            # The routed-output scale in effect (moe.routed_scale is None when derived from G).
+            "moe.routed_scale_used": self.model.moe.routed_scale_used if self.model.moe else 1.0,
             "acct.steps": self.plan.steps,
             "acct.batch_tokens": self.plan.batch_tokens,
         }
@@ -370,6 +372,7 @@ def _follow_point(run: RunConfig, cwd: Path | None, stop_requested: Callable[[],
     prepared = prepare_data(run.data)
     if prepared.vocab_size != point.model.vocab_size:
         point = build_point(run, cwd=cwd, vocab_size=prepared.vocab_size)
+    check_budget(prepared, point.model.seq_len, point.train.tokens, run.data.allow_repeat)
     action, detail = ranks.share(None)
     if action == "error":
         raise RuntimeError(f"rank 0 stopped before training: {detail}")
@@ -396,6 +399,7 @@ def _lead_point(
     prepared = prepare_data(run.data)
     if prepared.vocab_size != point.model.vocab_size:  # data.source=tokens brings its own vocabulary
         point = build_point(run, cwd=cwd, vocab_size=prepared.vocab_size)
+    epochs = check_budget(prepared, point.model.seq_len, point.train.tokens, run.data.allow_repeat)
 
     run_dir = point.run_dir
     tags = point.tags()
@@ -419,14 +423,15 @@ def _lead_point(
     uri = run.tracking.uri or tracking.default_tracking_uri(point.study_dir)
     run_id, new_run, mlf_logger, mlf = _mlflow_run(point, uri, tags, parent_run_id, jsonl, start)
     entropy = unigram_entropy(prepared.val_path, prepared.dtype)
+    data_params = {"data.fingerprint": prepared.fingerprint, "data.unigram_entropy": entropy,
+                   "data.n_train_tokens": prepared.n_train_tokens, "data.epochs": round(epochs, 4)}  # fmt: skip
     if new_run:
-        mlf.log_params(
-            {**point.params(), "data.fingerprint": prepared.fingerprint, "data.unigram_entropy": entropy}
-        )
+        mlf.log_params({**point.params(), **data_params})
     if start or plan.action != "start":
         mlf.set_tags({"resumed_from_step": str(start), "lifecycle_action": plan.action})
     summary: dict[str, Any] = {
-        "run_key": point.run_key, "variant": point.variant, "tags": tags, "params": acct,
+        "run_key": point.run_key, "variant": point.variant, "tags": tags,
+        "params": {**point.params(), **data_params},
         "mlflow_run_id": run_id, "parent_run_id": parent_run_id, "resumed_from": start,
         "ranks": point.plan.world_size,
         "data": {"fingerprint": prepared.fingerprint, "unigram_entropy": entropy,
