@@ -96,7 +96,10 @@ def test_batched_lbfgs_reaches_the_same_optimum_as_scipy_per_start():
     ref = [
         minimize(one, x, jac=True, method="L-BFGS-B", options={"gtol": 1e-10, "ftol": 1e-15}).fun for x in x0
     ]
-    assert res.converged.all()
+    # A start may stop on a failed line search (converged False); that is fine only at the optimum itself
+    # (seen with numpy 2.4: the start had reached scipy's value to 1e-12).
+    stalled = ~res.converged
+    assert (res.fun[stalled] <= min(ref) * (1 + 1e-6)).all(), (res.fun, res.converged)
     assert min(res.fun) <= min(ref) * (1 + 1e-6)
 
 
