@@ -22,10 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
 from filelock import FileLock
-from torch import Tensor
 
 from moe.corpus import (
     BPE_MIN_FREQUENCY,
@@ -39,7 +36,6 @@ from moe.corpus import (
     dtype_for_vocab,
     embedded_corpus,
     hash_documents,
-    open_shard,
     read_meta,
     read_token_folder,
     split_documents,
@@ -352,153 +348,8 @@ def load_tokenizer(prepared: PreparedData):
     return Tokenizer.from_file(str(prepared.tokenizer_path))
 
 
-# Batches ----------------------------------------------------------------------------------------
-# B = batch size, S = sequence length
+# Batches live in moe.loader; re-exported here, where callers have always found them.
+from moe.loader import TokenLoader, check_budget, epochs_for, validation_batches  # noqa: E402
 
-
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[Tensor, Tensor]:
-    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
-    w = torch.from_numpy(tokens[idx].astype(np.int64))
-    return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
-
-def epochs_for(n_train_tokens: int, seq_len: int, tokens: int) -> float:
-    """Epochs that a run of `tokens` training tokens sees of a shard of `n_train_tokens`: one epoch is
-    W = (n_train_tokens - 1) // seq_len windows, each predicting seq_len tokens (TokenLoader's windows)."""
-    windows = _windows_per_epoch(n_train_tokens, seq_len)
-    return tokens / (windows * seq_len)
-
-
-def _windows_per_epoch(n_tokens: int, seq_len: int) -> int:
-    if seq_len < 1:
-        raise ValueError(f"seq_len={seq_len} must be positive")
-    windows = (n_tokens - 1) // seq_len
-    if windows < 1:
-        raise ValueError(f"a shard of {n_tokens} tokens holds no window of seq_len+1={seq_len + 1} tokens")
-    return windows
-
-
-def check_budget(prepared: PreparedData, seq_len: int, tokens: int, allow_repeat: bool) -> float:
-    """Epochs of the training split that `tokens` training tokens take; raises ValueError when that is
-    more than one epoch and repetition was not allowed (data.allow_repeat)."""
-    windows = _windows_per_epoch(prepared.n_train_tokens, seq_len)
-    epochs = epochs_for(prepared.n_train_tokens, seq_len, tokens)
-    if tokens > windows * seq_len and not allow_repeat:
-        raise ValueError(
-            f"train.tokens={tokens} is {epochs:.2f} epochs of the {prepared.n_train_tokens:,} training tokens "
-            f"of data {prepared.fingerprint} (one epoch = {windows:,} windows of seq_len={seq_len}): set "
-            f"data.allow_repeat=true to repeat data, or use a larger corpus (raise data.max_chars, or "
-            "data.source=text with more text)"
-        )
-    return epochs
-
-
-class TokenLoader:
-    """Windows of seq_len+1 tokens from a memory-mapped shard, each seen once per epoch.
-
-    The shard is cut into W windows starting at multiples of seq_len (neighbours share one token, so
-    every token is predicted once per epoch). Stream position p is window perm_e[p % W] of epoch
-    e = p // W, where perm_e is a permutation drawn from (seed, e); batch m is positions
-    [m*B, (m+1)*B). Batch m thus depends only on (seed, m): the state is one counter and resume is
-    exact. rank and world_size are checked and recorded only: data-parallel ranks take their share
-    of the one stream with seek(), so no window is repeated across ranks either."""
-
-    def __init__(
-        self, path: Path, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-    ):
-        if seq_len < 1 or batch_size < 1:
-            raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.path = Path(path)
-        meta = read_meta(self.path.parent)
-        self.tokens = open_shard(self.path, meta["dtype"])
-        if len(self.tokens) < seq_len + 1:
-            raise ValueError(
-                f"{self.path} holds {len(self.tokens)} tokens, fewer than seq_len+1={seq_len + 1}"
-            )
-        self.seq_len, self.batch_size = seq_len, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.step = 0
-        self._windows_per_epoch = _windows_per_epoch(len(self.tokens), seq_len)
-        self._perms: dict[int, np.ndarray] = {}  # at most two epochs: a batch may straddle a boundary
-
-    @property
-    def windows_per_epoch(self) -> int:
-        """W: the non-overlapping windows of the shard, each drawn once per epoch."""
-        return self._windows_per_epoch
-
-    @property
-    def epochs_seen(self) -> float:
-        """Windows drawn so far (batches before `step`) divided by windows_per_epoch."""
-        return self.step * self.batch_size / self._windows_per_epoch
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            # sha256 mixes (seed, epoch) so nearby seeds or epochs give unrelated orders
-            key = hashlib.sha256(f"{self.seed}/epoch/{epoch}".encode()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-            if len(self._perms) >= 2:
-                del self._perms[min(self._perms)]
-            self._perms[epoch] = torch.randperm(self._windows_per_epoch, generator=gen).numpy()
-        return self._perms[epoch]
-
-    def window_indices(self, step: int) -> np.ndarray:
-        """The window numbers (0 .. W-1) of batch `step`, in batch order."""
-        positions_B = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
-        epoch_B, slot_B = np.divmod(positions_B, self._windows_per_epoch)
-        windows_B = np.empty_like(positions_B)
-        for epoch in np.unique(epoch_B):
-            mine = epoch_B == epoch
-            windows_B[mine] = self._permutation(int(epoch))[slot_B[mine]]
-        return windows_B
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """(x_BS, y_BS) int64 with y_BS[:, i] = x_BS[:, i + 1] in the stream."""
-        starts_B = self.window_indices(self.step) * self.seq_len
-        self.step += 1
-        return _windows(self.tokens, starts_B, self.seq_len)
-
-    def seek(self, step: int) -> None:
-        """Make batch number `step` of the stream the next one (data-parallel ranks pick their share)."""
-        if step < 0:
-            raise ValueError(f"step={step} must be >= 0")
-        self.step = step
-
-    def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
-            "n_tokens": len(self.tokens),
-            "sampling": "epochs",
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "rank", "world_size", "seq_len", "batch_size", "n_tokens", "sampling"):
-            mine = self.state_dict()[key]
-            if state.get(key) != mine:
-                raise ValueError(f"loader state has {key}={state.get(key)} but this loader has {key}={mine}")
-        self.step = int(state["step"])
-
-
-def validation_batches(
-    prepared: PreparedData, seq_len: int, batch_size: int, max_tokens: int | None
-) -> list[tuple[Tensor, Tensor]]:
-    """The first non-overlapping windows of the val shard, in order: identical for every sweep point
-    with the same data config. max_tokens caps the predicted tokens (windows * seq_len); the last batch
-    may be smaller than batch_size, so average the loss over tokens, not over batches."""
-    tokens = open_shard(prepared.val_path, prepared.dtype)
-    n_windows = (len(tokens) - 1) // seq_len
-    if max_tokens is not None:
-        n_windows = min(n_windows, max_tokens // seq_len)
-    if n_windows < 1:
-        raise ValueError(
-            f"validation needs seq_len+1={seq_len + 1} tokens; the val shard has {len(tokens)} and "
-            f"max_tokens={max_tokens} (raise data.val_fraction or the eval token budget)"
-        )
-    starts = np.arange(n_windows, dtype=np.int64) * seq_len
-    return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, n_windows, batch_size)]
+__all__ = ["DataConfig", "PreparedData", "TokenLoader", "check_budget", "epochs_for", "prepare_data",
+           "validation_batches", "validate_data_config", "load_tokenizer", "default_cache_dir"]
