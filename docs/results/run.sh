@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Reproduce the committed laptop results: bash docs/results/run.sh NAME [NAME ...]
+# Each NAME runs one sweep into outputs/results/ (its own study directory) and copies the report, the
+# command, the wall time and the git sha into docs/results/NAME/. A re-run skips finished points.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=outputs/results
+
+args_of() {
+    case "$1" in
+        default)         echo "-m granularity=1,8" ;;
+        lr_sweep)        echo "-m study=lr_sweep" ;;
+        lr_sweep_fan_in) echo "-m study=lr_sweep model.init=fan_in study.name=lr_sweep_fan_in optim.lr=0.001,0.003,0.01,0.03" ;;
+        granularity)     echo "-m study=granularity" ;;
+        token_budget)    echo "-m study=token_budget tokens=500000,1000000,4000000 seed=0,1,2" ;;
+        router_order)    echo "-m study=router_order" ;;
+        *) echo "unknown result name $1" >&2; exit 2 ;;
+    esac
+}
+
+for name in "$@"; do
+    args=$(args_of "$name")
+    study=$name  # each NAME is also its study.name
+    out=docs/results/$name
+    mkdir -p "$out" "$ROOT"
+    sha=$(git rev-parse --short HEAD)
+    dirty=$(git status --porcelain --untracked-files=no | grep -q . && echo " (uncommitted changes)" || true)
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    python -m studies.run $args paths.root=$ROOT 2>&1 | tee "$out/log.txt"
+    wall=$(( $(date +%s) - start ))
+    rm -rf "$out/report"
+    cp -r "$ROOT/$study/report" "$out/report"
+    cat > "$out/README.md" <<EOF
+# $name
+
+- command: \`python -m studies.run $args paths.root=$ROOT\`
+- git sha: \`$sha\`$dirty
+- wall time: ${wall} s on $(nproc) cores ($(uname -m)), started $(date -u -d @"$start" +%Y-%m-%dT%H:%MZ)
+- report: [report/report.md](report/report.md); sweep log: [log.txt](log.txt)
+EOF
+    echo "== $name: ${wall} s -> $out"
+done
