@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 d_ff=args.d_ff,
                 activation="swiglu",
                 moe=MoEConfig(
-                    num_experts=args.experts, granularity=G, top_k=args.top_k, backend=args.backend
+                    num_experts=args.experts, granularity=G, top_k=args.top_k, backend=args.backend,
+                    routed_scale=args.routed_scale,
                 ),
             )
             torch.manual_seed(0)
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--granularities", default="1,2,4,8,16")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "grouped"])
+    p.add_argument("--routed-scale", type=float, default=None,
+                   help="moe.routed_scale; default: derived from G (1.0 measures the uncompensated layer)")
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)

@@ -117,6 +117,12 @@ CASES = [
     ("truncated_token_shard", ["data=tokens", "data.path={tmp}/truncated"], ["train.bin", "not a multiple"]),
     ("token_count_mismatch", ["data=tokens", "data.path={tmp}/short"], ["train.bin holds", "n_train_tokens"]),
     ("token_id_above_vocab", ["data=tokens", "data.path={tmp}/badids"], ["val.bin", "vocab_size"]),
+    ("zero_routed_scale", ["model.moe.routed_scale=0"], ["moe.routed_scale=0"]),
+    ("negative_routed_scale", ["model.moe.routed_scale=-2.0"], ["moe.routed_scale=-2.0"]),
+    ("zero_output_norm_eps", ["model.moe.output_norm_eps=0"], ["moe.output_norm_eps=0"]),
+    ("unknown_expert_choice_scope", ["model.moe.expert_choice_scope=row"], ["expert_choice_scope", "row"]),
+    ("budget_beyond_one_epoch", ["data=tokens", "data.path={tmp}/good", "tokens=65536"],
+     ["train.tokens=65536", "epochs", "data.allow_repeat=true"]),
 ]  # fmt: skip
 
 
@@ -127,6 +133,7 @@ def make_files(tmp: Path) -> None:
     (tmp / "images").mkdir()
     (tmp / "images" / "cat.png").write_bytes(b"\x89PNG")
     train, val = good_tokens(tmp)
+    token_folder(tmp / "good", train, val)
     folder = token_folder(tmp / "nometa", train, val)
     (folder / "meta.json").unlink()
     folder = token_folder(tmp / "truncated", train, val)
@@ -160,6 +167,27 @@ def test_a_valid_sweep_passes_and_writes_nothing(shrunk, tmp_path):
         assert validate_points(points, "config", cwd=tmp_path) == 5
     nothing_written(tmp_path)
     assert not (tmp_path / "new").exists()
+
+
+def test_budget_beyond_one_epoch_passes_with_allow_repeat(shrunk, tmp_path):
+    train, val = good_tokens(tmp_path)
+    folder = token_folder(tmp_path / "tokens", train, val)
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        point = [*shrunk, "data=tokens", f"data.path={folder}", "tokens=65536", "data.allow_repeat=true"]
+        assert validate_points([point], "config", cwd=tmp_path) == 1
+    nothing_written(tmp_path)
+
+
+def test_best_lr_study_with_a_one_point_lr_grid_is_refused_before_any_job(shrunk, tmp_path):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        points = [[*shrunk, "study.best_lr=true", f"granularity={g}", "optim.lr=0.003"] for g in (1, 8)]
+        with pytest.raises(ValueError, match=r"study.best_lr=true but optim.lr has one value \(0.003\)"):
+            validate_points(points, "config", cwd=tmp_path)
+        grid = [[*shrunk, "study.best_lr=true", "granularity=1", f"optim.lr={lr}"] for lr in (0.003, 0.01)]
+        assert validate_points(grid, "config", cwd=tmp_path) == 2
+    nothing_written(tmp_path)
 
 
 def test_every_bad_point_is_listed_not_only_the_first(shrunk, tmp_path):

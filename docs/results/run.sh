@@ -9,7 +9,7 @@ ROOT=outputs/results
 args_of() {
     case "$1" in
         default)         echo "-m granularity=1,8" ;;
-        lr_sweep)        echo "-m study=lr_sweep" ;;
+        lr_sweep)        echo "-m study=lr_sweep model.init=normal" ;;  # the init before the tuned preset
         lr_sweep_fan_in) echo "-m study=lr_sweep model.init=fan_in study.name=lr_sweep_fan_in optim.lr=0.001,0.003,0.01,0.03" ;;
         granularity)     echo "-m study=granularity" ;;
         token_budget)    echo "-m study=token_budget tokens=500000,1000000,4000000 seed=0,1,2" ;;
