@@ -252,6 +252,9 @@ def format_plan(plans: Sequence[PointPlan], hw: Hardware) -> str:
         f"GPU-hours at {hw.describe()}.",
         "FLOPs per token: moe.accounting convention (matmuls x2, attention QK^T and AV non-causal at "
         "model.seq_len, router included, training = 3 x forward).",
+        "Router: 6 FLOPs per router parameter per token, as for any matmul weight (the real cost of the "
+        "router matmul); arXiv 2402.07871's compute model uses c_r = 14, which analysis.plan uses for "
+        "compute-optimal planning (ComputeModel.router_flops='matmul' switches it to 6).",
     ]
     pinned = sorted(
         {(p.model, p.vocab_size, p.data_vocab_size) for p in plans if p.vocab_size != p.data_vocab_size}
