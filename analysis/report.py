@@ -34,7 +34,14 @@ FLOP_CONVENTION = (
     "moe.accounting: router counted as a matmul, 6 FLOPs per router parameter per token; "
     "analysis.plan's compute-optimal planning defaults to the paper's 14"
 )
-REPORT_METRICS = ("val/loss", "train/loss", "router/top1_mass", "router/imbalance", "tokens", "flops")
+# Router stats normalised so a uniform router reads the same at every G (docs/outputs.md); per block for
+# the first/last MoE layer plot (names of blocks a model lacks are simply absent).
+ROUTER_STATS = ("top1_share_norm", "entropy_norm", "imbalance")
+REPORT_METRICS = (
+    "val/loss", "train/loss", "tokens", "flops",
+    *(f"router/{stat}" for stat in ROUTER_STATS),
+    *(f"router/layer{i}/top1_share_norm" for i in range(128)),
+)  # fmt: skip
 
 
 def md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
@@ -210,9 +217,16 @@ def _figures(out, curve, s, fits, savings, data, laws) -> list[str]:
         plots.plot_savings(ax, savings, title="step savings vs baseline")
         plots.save(fig, out / "savings.png")
         names.append("savings.png")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    plots.plot_router(axes[0], s.metrics, s.runs, stat="top1_mass", title="router top-1 gate mass")
-    plots.plot_router(axes[1], s.metrics, s.runs, stat="imbalance", title="router load imbalance")
+    layers = sorted(
+        {int(m.split("/")[1][5:]) for m in s.metrics["metric"].unique() if m.startswith("router/layer")}
+    )
+    ends = [layers[0], layers[-1]] if len(layers) > 1 else layers
+    fig, axes = plt.subplots(1, 2 + len(ends), figsize=(5.5 * (2 + len(ends)), 4.2))
+    for ax, i in zip(axes, ends, strict=False):
+        plots.plot_router(ax, s.metrics, s.runs, stat=f"layer{i}/top1_share_norm",
+                          title=f"block {i}: top-1 share (0 even over k*G, 1 one expert)")  # fmt: skip
+    plots.plot_router(axes[-2], s.metrics, s.runs, stat="entropy_norm", title="routing entropy / ln(E*G)")
+    plots.plot_router(axes[-1], s.metrics, s.runs, stat="imbalance", title="load imbalance before dropping")
     plots.save(fig, out / "router.png")
     names.append("router.png")
     for name, (fit, _) in laws.items():

@@ -137,6 +137,10 @@ def write_study(
                 row["val/loss"] = val + rng.normal(0, spec.noise)
                 row["router/top1_mass"] = 0.9 - 0.4 * t / steps
                 row["router/imbalance"] = 1.0 + 1.0 / np.sqrt(t)
+                row["router/entropy_norm"] = 0.8 + 0.15 * t / steps
+                for layer, early in ((0, 0.6), (3, 0.3)):  # the first block concentrates more early on
+                    row[f"router/layer{layer}/top1_share_norm"] = early * (1 - 0.5 * t / steps)
+                row["router/top1_share_norm"] = 0.45 * (1 - 0.5 * t / steps)
             lines.append(row)
         d = study_dir / "runs" / key
         d.mkdir(parents=True, exist_ok=True)
