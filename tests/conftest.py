@@ -23,7 +23,7 @@ SHRINK = [
     "model.d_ff=64",
     "model.seq_len=32",
     "data.vocab_size=512",
-    "data.max_chars=200000",
+    "data.max_chars=800000",  # ~280k training tokens: the longest test budget (204,800) fits one epoch
     "data.val_fraction=0.2",
     "train.batch_tokens=512",
     "train.eval_tokens=1024",
@@ -38,7 +38,7 @@ SHRINK = [
 def data_cache(tmp_path_factory) -> Path:
     """A data cache shared by every test of the session, prepared once."""
     cache = tmp_path_factory.mktemp("data-cache")
-    prepare_data(DataConfig(vocab_size=512, max_chars=200_000, val_fraction=0.2, cache_dir=str(cache)))
+    prepare_data(DataConfig(vocab_size=512, max_chars=800_000, val_fraction=0.2, cache_dir=str(cache)))
     return cache
 
 

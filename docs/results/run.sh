@@ -11,9 +11,10 @@ args_of() {
         default)         echo "-m granularity=1,8" ;;
         lr_sweep)        echo "-m study=lr_sweep model.init=normal" ;;  # the init before the tuned preset
         lr_sweep_fan_in) echo "-m study=lr_sweep model.init=fan_in study.name=lr_sweep_fan_in optim.lr=0.001,0.003,0.01,0.03" ;;
+        lr_sweep_2m)     echo "-m study=lr_sweep tokens=2000000 optim.lr=0.005,0.01,0.02 study.name=lr_sweep_2m" ;;
         granularity)     echo "-m study=granularity" ;;
-        token_budget)    echo "-m study=token_budget tokens=500000,1000000,4000000 seed=0,1,2" ;;
-        router_order)    echo "-m study=router_order" ;;
+        token_budget)    echo "-m study=token_budget tokens=500000,1000000,4000000 seed=0,1" ;;
+        router_order)    echo "-m study=router_order seed=0,1" ;;
         *) echo "unknown result name $1" >&2; exit 2 ;;
     esac
 }
