@@ -12,11 +12,14 @@ import math
 
 import pytest
 import torch
+from conftest import compose_config
 
 from moe.config import ModelConfig, MoEConfig, replace
 from moe.layer import MoELayer
 from moe.matched import derive, split_state_dict
 from moe.model import Transformer
+from studies.config import load_run_config
+from studies.point import derive_model
 
 G = 4
 
@@ -133,31 +136,34 @@ def test_non_positive_routed_scale_or_norm_eps_is_refused_naming_the_key(key, va
         Transformer(_base(**{key: value}))
 
 
-def _moe_output_rms(cfg: ModelConfig, granularity: int) -> float:
+def _moe_output_rms(overrides: list[str]) -> float:
+    """RMS at init of the first MoE block's output for the real composed preset."""
+    run = load_run_config(compose_config(overrides))
+    model_cfg = derive_model(run)
     torch.manual_seed(0)
-    model = Transformer(derive(cfg, granularity=granularity))
+    model = Transformer(model_cfg)
     block = model.blocks[model.moe_layer_indices[0]]
-    x = model.embed(torch.randint(0, cfg.vocab_size, (4, cfg.seq_len)))
+    x = model.embed(torch.randint(0, model_cfg.vocab_size, (4, model_cfg.seq_len)))
     y, _ = block.ffn(block.ffn_norm(x))
     return float(y.square().mean().sqrt())
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_output_norm_gives_unit_rms_at_every_granularity(preset):
-    sizes = {"tiny": dict(d_model=64, n_layers=4, n_heads=2, d_ff=256, seq_len=128),
-             "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, seq_len=256)}[preset]  # fmt: skip
-    cfg = ModelConfig(vocab_size=2048, **sizes, moe=MoEConfig(num_experts=8, top_k=2, output_norm=True))
-    rms = {g: _moe_output_rms(cfg, g) for g in (1, 8)}
+    rms = {g: _moe_output_rms([f"model={preset}", "model.moe.output_norm=true", f"granularity={g}"])
+           for g in (1, 8)}  # fmt: skip
     assert rms[1] == pytest.approx(1.0, abs=1e-3)
     assert rms[8] == pytest.approx(1.0, abs=1e-3)
     assert rms[8] / rms[1] == pytest.approx(1.0, abs=1e-3)
 
 
-def test_moe_output_scale_at_init_does_not_shrink_with_granularity():
-    cfg = ModelConfig(vocab_size=2048, d_model=64, n_layers=4, n_heads=2, d_ff=256, seq_len=128)
-    ratio = _moe_output_rms(cfg, 8) / _moe_output_rms(cfg, 1)
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_moe_output_scale_at_init_does_not_shrink_with_granularity(preset):
+    ratio = _moe_output_rms([f"model={preset}", "granularity=8"]) / _moe_output_rms([f"model={preset}"])
     # Independent inits differ by sampling noise only; the uncompensated layer read ~1/8.
     assert 0.7 < ratio < 1.4, ratio
+    unscaled = _moe_output_rms([f"model={preset}", "granularity=8", "model.moe.routed_scale=1.0"])
+    assert unscaled / _moe_output_rms([f"model={preset}"]) < 0.2
 
 
 def _causal_logits_unchanged_by_future(cfg: ModelConfig, train_mode: bool) -> float:
