@@ -12,6 +12,7 @@ args_of() {
         lr_sweep)        echo "-m study=lr_sweep model.init=normal" ;;  # the init before the tuned preset
         lr_sweep_fan_in) echo "-m study=lr_sweep model.init=fan_in study.name=lr_sweep_fan_in optim.lr=0.001,0.003,0.01,0.03" ;;
         lr_sweep_2m)     echo "-m study=lr_sweep tokens=2000000 optim.lr=0.005,0.01,0.02 study.name=lr_sweep_2m" ;;
+        probe_normal_init) echo "-m granularity=1,8 model.init=normal optim.lr=0.003 study.name=probe_normal_init" ;;
         granularity)     echo "-m study=granularity" ;;
         token_budget)    echo "-m study=token_budget tokens=500000,1000000,4000000 seed=0,1" ;;
         router_order)    echo "-m study=router_order seed=0,1" ;;
