@@ -54,7 +54,7 @@ def test_mlflow_run_has_tags_params_metric_history_and_artifacts(finished):
         params["axis.granularity"] == "2" and params["axis.seed"] == "3" and params["axis.variant"] == "moe"
     )
     assert (
-        params["model.d_model"] == "32" and params["moe.granularity"] == "2" and params["optim.lr"] == "0.003"
+        params["model.d_model"] == "32" and params["moe.granularity"] == "2" and params["optim.lr"] == "0.01"
     )
     assert int(params["acct.steps"]) == 20 and int(params["acct.batch_tokens"]) == 512
     for key in ("acct.params_total", "acct.params_active", "acct.params_non_embedding",
