@@ -143,8 +143,9 @@ def _moe_output_rms(overrides: list[str]) -> float:
     torch.manual_seed(0)
     model = Transformer(model_cfg)
     block = model.blocks[model.moe_layer_indices[0]]
-    x = model.embed(torch.randint(0, model_cfg.vocab_size, (4, model_cfg.seq_len)))
-    y, _ = block.ffn(block.ffn_norm(x))
+    with torch.no_grad():
+        x = model.embed(torch.randint(0, model_cfg.vocab_size, (4, model_cfg.seq_len)))
+        y, _ = block.ffn(block.ffn_norm(x))
     return float(y.square().mean().sqrt())
 
 
