@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # Histories the report reads; per-layer router stats stay in MLflow (one query per run x key).
 FLOP_CONVENTION = (
     "moe.accounting: router counted as a matmul, 6 FLOPs per router parameter per token; "
-    "analysis.plan's compute-optimal planning defaults to the paper's 14"
+    "analysis.compute_optimal's planning defaults to the paper's 14"
 )
 # Router stats normalised so a uniform router reads the same at every G (docs/outputs.md); per block for
 # the first/last MoE layer plot (names of blocks a model lacks are simply absent).

@@ -1,10 +1,10 @@
-"""analysis.plan's router-FLOP convention: stated, selectable, validated."""
+"""analysis.compute_optimal's router-FLOP convention: stated, selectable, validated."""
 
 import pytest
 from torch.testing import assert_close
 
 from analysis.laws import law_from_preset
-from analysis.plan import ComputeModel, compute_optimal
+from analysis.compute_optimal import ComputeModel, compute_optimal
 from moe.accounting import count_params, flops_per_token
 from moe.config import ModelConfig, MoEConfig
 
