@@ -20,11 +20,23 @@ if TYPE_CHECKING:
     from moe.data import PreparedData
 
 
-
-
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[Tensor, Tensor]:
-    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
-    w = torch.from_numpy(tokens[idx].astype(np.int64))
+def _windows(
+    tokens: np.ndarray, starts: np.ndarray, seq_len: int, vocab_size: int, path: Path
+) -> tuple[Tensor, Tensor]:
+    """(x, y) of the windows at `starts`. Every id is bound-checked here (one max over the batch,
+    ~1 us): validation samples only 64 slices of a shard, and an id the embedding cannot index would
+    otherwise fail mid-training as an IndexError that names neither the file nor the offset."""
+    idx_BS = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    w_BS = tokens[idx_BS].astype(np.int64)
+    if w_BS.size and int(w_BS.max()) >= vocab_size:
+        row, col = np.argwhere(w_BS >= vocab_size)[np.argmin(idx_BS[w_BS >= vocab_size])]
+        offset = int(idx_BS[row, col])
+        raise ValueError(
+            f"{path} has token id {int(w_BS[row, col])} >= vocab_size={vocab_size} (meta.json) at offset "
+            f"{offset} (token index; byte {offset * tokens.itemsize}): the shard does not match its "
+            "meta.json, so rebuild it or fix vocab_size"
+        )
+    w = torch.from_numpy(w_BS)
     return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
@@ -79,6 +91,7 @@ class TokenLoader:
         self.path = Path(path)
         meta = read_meta(self.path.parent)
         self.tokens = open_shard(self.path, meta["dtype"])
+        self.vocab_size = int(meta["vocab_size"])
         if len(self.tokens) < seq_len + 1:
             raise ValueError(
                 f"{self.path} holds {len(self.tokens)} tokens, fewer than seq_len+1={seq_len + 1}"
@@ -123,7 +136,7 @@ class TokenLoader:
         """(x_BS, y_BS) int64 with y_BS[:, i] = x_BS[:, i + 1] in the stream."""
         starts_B = self.window_indices(self.step) * self.seq_len
         self.step += 1
-        return _windows(self.tokens, starts_B, self.seq_len)
+        return _windows(self.tokens, starts_B, self.seq_len, self.vocab_size, self.path)
 
     def seek(self, step: int) -> None:
         """Make batch number `step` of the stream the next one (data-parallel ranks pick their share)."""
@@ -167,4 +180,7 @@ def validation_batches(
             f"max_tokens={max_tokens} (raise data.val_fraction or the eval token budget)"
         )
     starts = np.arange(n_windows, dtype=np.int64) * seq_len
-    return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, n_windows, batch_size)]
+    return [
+        _windows(tokens, starts[i : i + batch_size], seq_len, prepared.vocab_size, prepared.val_path)
+        for i in range(0, n_windows, batch_size)
+    ]
