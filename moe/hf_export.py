@@ -51,7 +51,9 @@ def unsupported_features(cfg: ModelConfig, state: dict[str, Tensor] | None = Non
     if m.output_norm:
         out.append("moe.output_norm=true (Qwen2-MoE has no LayerNorm on the MoE output)")
     if m.num_shared > 1 and m.shared_gate:
-        out.append(f"moe.shared_gate=true with moe.num_shared={m.num_shared} (Qwen2-MoE gates one shared expert)")
+        out.append(
+            f"moe.shared_gate=true with moe.num_shared={m.num_shared} (Qwen2-MoE gates one shared expert)"
+        )
     if state is not None and m.bias_update_rate > 0:
         if any(bool(v.abs().max() > 0) for k, v in state.items() if k.endswith("router.expert_bias")):
             out.append(
@@ -64,7 +66,9 @@ def unsupported_features(cfg: ModelConfig, state: dict[str, Tensor] | None = Non
 def check_exportable(cfg: ModelConfig, state: dict[str, Tensor] | None = None) -> None:
     bad = unsupported_features(cfg, state)
     if bad:
-        raise ValueError(f"cannot export to {ARCHITECTURE}: no transformers architecture expresses " + "; ".join(bad))
+        raise ValueError(
+            f"cannot export to {ARCHITECTURE}: no transformers architecture expresses " + "; ".join(bad)
+        )
 
 
 def _widths(cfg: ModelConfig) -> tuple[int, int]:
@@ -112,15 +116,24 @@ def qwen2_moe_config(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
 def qwen2_moe_state_dict(cfg: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our `Transformer.state_dict()` renamed and reshaped into Qwen2MoeForCausalLM's parameters."""
     check_exportable(cfg, state)
-    out: dict[str, Tensor] = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
+    out: dict[str, Tensor] = {
+        "model.embed_tokens.weight": state["embed.weight"],
+        "model.norm.weight": state["norm.weight"],
+    }
     out["lm_head.weight"] = state["embed.weight"] if cfg.tie_embeddings else state["lm_head.weight"]
     for i in range(cfg.n_layers):
         src, dst = f"blocks.{i}.", f"model.layers.{i}."
         out[dst + "input_layernorm.weight"] = state[src + "attn_norm.weight"]
         out[dst + "post_attention_layernorm.weight"] = state[src + "ffn_norm.weight"]
-        for ours, theirs, width in (("wq", "q_proj", cfg.n_heads), ("wk", "k_proj", cfg.kv_heads), ("wv", "v_proj", cfg.kv_heads)):
+        for ours, theirs, width in (
+            ("wq", "q_proj", cfg.n_heads),
+            ("wk", "k_proj", cfg.kv_heads),
+            ("wv", "v_proj", cfg.kv_heads),
+        ):
             out[dst + f"self_attn.{theirs}.weight"] = state[src + f"attn.{ours}.weight"]
-            out[dst + f"self_attn.{theirs}.bias"] = torch.zeros(width * cfg.head_dim, dtype=state["embed.weight"].dtype)
+            out[dst + f"self_attn.{theirs}.bias"] = torch.zeros(
+                width * cfg.head_dim, dtype=state["embed.weight"].dtype
+            )
         out[dst + "self_attn.o_proj.weight"] = state[src + "attn.wo.weight"]
         if not cfg.is_moe_layer(i):
             for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
@@ -137,7 +150,9 @@ def _moe_layer(cfg: ModelConfig, state: dict[str, Tensor], src: str) -> dict[str
     out = {
         "mlp.gate.weight": state[src + "router.weight"],
         # gate_up_proj (N, 2F, D): x @ gate_up.T, chunked into [gate | up]; down_proj (N, D, F).
-        "mlp.experts.gate_up_proj": torch.cat([w1_NDF.transpose(1, 2), w3_NDF.transpose(1, 2)], dim=1).contiguous(),
+        "mlp.experts.gate_up_proj": torch.cat(
+            [w1_NDF.transpose(1, 2), w3_NDF.transpose(1, 2)], dim=1
+        ).contiguous(),
         "mlp.experts.down_proj": (w2_NFD.transpose(1, 2) * scale).contiguous(),
     }
     dtype, D = w1_NDF.dtype, cfg.d_model

@@ -67,7 +67,11 @@ def read_finished_run(run_dir: Path) -> FinishedRun:
         raise ValueError(f"{run_dir} is not a run folder (outputs/<study>/runs/<run key>)")
     status = runfiles.read_status(run_dir)
     if status is None or status.get("status") != "DONE":
-        state = "never started (no status.json)" if status is None else f"{status['status']} at step {status.get('step')}"
+        state = (
+            "never started (no status.json)"
+            if status is None
+            else f"{status['status']} at step {status.get('step')}"
+        )
         raise ValueError(f"run {run_dir.name} is not DONE: {state} ({run_dir})")
     config = run_dir / runfiles.CONFIG
     if not config.is_file():
@@ -83,7 +87,9 @@ def load_weights(fin: FinishedRun, allow_earlier_checkpoint: bool = False) -> tu
     """(model state dict, its step) from the newest verified checkpoint of the point."""
     state = load_latest(fin.run_dir / runfiles.CHECKPOINTS)
     if state is None:
-        raise ValueError(f"run {fin.run_dir.name} has no usable checkpoint in {fin.run_dir / runfiles.CHECKPOINTS}")
+        raise ValueError(
+            f"run {fin.run_dir.name} has no usable checkpoint in {fin.run_dir / runfiles.CHECKPOINTS}"
+        )
     step = int(state["step"])
     if step != fin.step and not allow_earlier_checkpoint:
         raise ValueError(
@@ -99,7 +105,9 @@ def tokenizer_file(data: DataConfig, fingerprint: str | None) -> Path:
     if data.source == "tokens":
         path = Path(data.path).expanduser() / "tokenizer.json"
         if not path.is_file():
-            raise ValueError(f"data.path={data.path!r} ships no tokenizer.json: the export would have no tokenizer")
+            raise ValueError(
+                f"data.path={data.path!r} ships no tokenizer.json: the export would have no tokenizer"
+            )
         return path
     cache = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
     if fingerprint and (cache / fingerprint / "tokenizer.json").is_file():
@@ -119,7 +127,9 @@ def save_tokenizer(path: Path, out_dir: Path) -> int | None:
     from transformers import PreTrainedTokenizerFast
 
     eod = Tokenizer.from_file(str(path)).token_to_id(EOD_TOKEN)
-    special = {"eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN, "pad_token": EOD_TOKEN} if eod is not None else {}
+    special = (
+        {"eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN, "pad_token": EOD_TOKEN} if eod is not None else {}
+    )
     PreTrainedTokenizerFast(tokenizer_file=str(path), **special).save_pretrained(str(out_dir))
     return eod
 
@@ -195,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"exported run {res.run_key} (step {res.step}) to {res.out_dir}; max |logit diff| {res.max_logit_diff:.2e}")
+    print(
+        f"exported run {res.run_key} (step {res.step}) to {res.out_dir}; max |logit diff| {res.max_logit_diff:.2e}"
+    )
     print(json.dumps({"out_dir": str(res.out_dir), "step": res.step}))
     return 0
 

@@ -43,7 +43,9 @@ def trained_run(compose, shrunk, tmp_path: Path, overrides: list[str], done: boo
     run_dir.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create(point.resolved()), run_dir / runfiles.CONFIG)
     cfg = dataclasses.replace(point.train, checkpoint_every=12)
-    train(point.model, prepared, run.optim, cfg, _Quiet(), progress=None, checkpoint_dir=run_dir / "checkpoints")
+    train(
+        point.model, prepared, run.optim, cfg, _Quiet(), progress=None, checkpoint_dir=run_dir / "checkpoints"
+    )
     step = latest_step(run_dir / "checkpoints")
     runfiles.write_status(run_dir, "DONE" if done else "FAILED", step, None if done else "boom")
     runfiles.write_summary(run_dir, {"run_key": point.run_key, "variant": point.variant,
@@ -69,7 +71,9 @@ def test_exported_model_logits_equal_the_project_model(compose, shrunk, tmp_path
     out = tmp_path / "hf"
     res = export_run(run_dir, out)
     assert res.max_logit_diff <= 1e-5
-    assert {"config.json", "model.safetensors", "tokenizer.json", "export.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "export.json"} <= {
+        p.name for p in out.iterdir()
+    }
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(hf).__name__ == "Qwen2MoeForCausalLM"
     ours, fin = project_model(run_dir)
@@ -88,11 +92,15 @@ def test_exported_tokenizer_encodes_like_the_project_tokenizer(compose, shrunk, 
     ours = load_tokenizer(prepare_data(fin.run.data))
     theirs = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     text = "def f(x):\n    return x + 1  # héllo"
-    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text, add_special_tokens=False).ids
+    assert (
+        theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text, add_special_tokens=False).ids
+    )
     assert theirs.eos_token_id == ours.token_to_id("<|endoftext|>")
 
 
-def test_export_of_a_run_that_is_not_done_names_the_key_and_writes_nothing(compose, shrunk, tmp_path, one_thread):
+def test_export_of_a_run_that_is_not_done_names_the_key_and_writes_nothing(
+    compose, shrunk, tmp_path, one_thread
+):
     run_dir = trained_run(compose, shrunk, tmp_path, ["granularity=1"], done=False)
     with pytest.raises(ValueError, match=rf"run {run_dir.name} is not DONE: FAILED at step 12"):
         export_run(run_dir, tmp_path / "hf")
@@ -124,7 +132,9 @@ def test_configurations_qwen2_moe_cannot_express_are_refused_by_name(moe, featur
 
 
 def test_a_trained_selection_bias_is_refused_but_a_zero_one_is_not():
-    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_ff=64, moe=MoEConfig(bias_update_rate=1e-3))
+    cfg = ModelConfig(
+        vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_ff=64, moe=MoEConfig(bias_update_rate=1e-3)
+    )
     state = Transformer(cfg).state_dict()
     assert unsupported_features(cfg, state) == []
     state["blocks.0.ffn.router.expert_bias"][0] = 0.01

@@ -46,7 +46,9 @@ def test_loader_names_file_and_offset_of_an_out_of_range_id(tmp_path):
     prepared = prepare_data(DataConfig(source="tokens", path=str(_token_folder(tmp_path, bad_train=bad))))
     loader = TokenLoader(prepared.train_path, seq_len=64, batch_size=256, seed=0)
     n_batches = loader.windows_per_epoch // 256 + 1
-    with pytest.raises(ValueError, match=rf"train\.bin has token id 5000 >= vocab_size=1000 .* at offset {bad} "):
+    with pytest.raises(
+        ValueError, match=rf"train\.bin has token id 5000 >= vocab_size=1000 .* at offset {bad} "
+    ):
         for _ in range(n_batches):  # one epoch reads every window, so the bad id is reached
             loader.next_batch()
 
