@@ -15,7 +15,9 @@ Both backends compute out_T = sum over the token's kept assignments a of gate_a 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,9 @@ from torch import Tensor, nn
 from moe.config import GROUPED_ALIGN, Activation, Backend, InitScheme
 from moe.ffn import hidden, init_weight_
 from moe.router import Routing
+
+if TYPE_CHECKING:
+    from moe.parallel_ep import ExpertShard
 
 # Rows of the sorted (A, D) buffer the grouped backend handles at once on CPU. The gathered inputs,
 # expert outputs and their gradients are the layer's largest tensors (k*G rows per token); in slices
@@ -226,6 +231,9 @@ class Experts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
         self.w3 = nn.Parameter(torch.empty(n_experts, d_model, d_hidden)) if activation == "swiglu" else None
         self.w2 = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))
+        self.ep: ExpertShard | None = None
+        """Expert parallelism: the EP group this module holds a share of the experts of (moe.parallel_ep);
+        None: all N experts are here."""
 
     def resolved_backend(self, device: torch.device, dtype: torch.dtype) -> str:
         """The backend `forward` uses for inputs on `device` computed in `dtype`."""
@@ -240,19 +248,28 @@ class Experts(nn.Module):
         with torch.autocast(dev, enabled=False):
             # Explicit casts replace autocast so both backends see identical operand dtypes.
             x_TD, gate_A = x_TD.to(dtype), r.gate_A.to(dtype)
-            w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
-            w3 = self.w3.to(dtype) if self.w3 is not None else None
-            if self.resolved_backend(x_TD.device, dtype) == "reference":
-                return reference_experts(x_TD, r, gate_A, w1, w3, w2, self.activation)
-            offs_N = torch.cumsum(r.counts_N, 0).to(torch.int32)
-            gate_hidden = self.d_hidden < self.d_model
-            chunk_rows = self.chunk_rows if x_TD.device.type == "cpu" else None
-            if torch.compiler.is_compiling():  # slicing needs host-side counts: one graph, one slice
-                chunk_rows = None
-            chunks = row_chunks(r.counts_N, r.token_A.shape[0], chunk_rows)
-            return _GroupedMLP.apply(
-                x_TD, r.token_A, gate_A, offs_N, w1, w3, w2, self.activation, gate_hidden, chunks
-            )
+            if self.ep is not None:  # experts spread over an EP group: all-to-all to their ranks
+                from moe.parallel_ep import dispatch_combine
+
+                return dispatch_combine(x_TD, gate_A, r, self.ep, self._local)
+            return self._local(x_TD, dataclasses.replace(r, gate_A=gate_A))
+
+    def _local(self, x_TD: Tensor, r: Routing) -> Tensor:
+        """The experts held here on x_TD per the plan `r` (gate_A already in x_TD's dtype)."""
+        dtype = x_TD.dtype
+        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
+        w3 = self.w3.to(dtype) if self.w3 is not None else None
+        if self.resolved_backend(x_TD.device, dtype) == "reference":
+            return reference_experts(x_TD, r, r.gate_A, w1, w3, w2, self.activation)
+        offs_N = torch.cumsum(r.counts_N, 0).to(torch.int32)
+        gate_hidden = self.d_hidden < self.d_model
+        chunk_rows = self.chunk_rows if x_TD.device.type == "cpu" else None
+        if torch.compiler.is_compiling():  # slicing needs host-side counts: one graph, one slice
+            chunk_rows = None
+        chunks = row_chunks(r.counts_N, r.token_A.shape[0], chunk_rows)
+        return _GroupedMLP.apply(
+            x_TD, r.token_A, r.gate_A, offs_N, w1, w3, w2, self.activation, gate_hidden, chunks
+        )
 
     def reset_parameters(self, init: InitScheme, std: float, out_std: float, out_fan_in: int | None = None) -> None:
         """Input projections N(0, std) (fan-in d_model), output N(0, out_std) (fan-in `out_fan_in`,

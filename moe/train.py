@@ -10,14 +10,14 @@ what an uninterrupted one would (CPU fp32; throughput `tokens_per_s` is wall-clo
 Data parallel: inside a process group (moe.distributed.distributed_env) the same global batch is split
 across ranks by micro-batch, DDP averages gradients, and the step's loss and expert loads are summed
 over ranks, so every rank takes the same step and W ranks follow the single-process loss curve
-(docs/distributed.md). Rank 0 alone logs, prints and writes checkpoints.
+(docs/distributed.md). Rank 0 alone logs and prints; it writes the checkpoints, except in sharded
+layouts (`parallel`: FSDP2, expert parallelism; moe.parallel), where every rank writes its shards.
 Shape suffixes: B = sequences in a micro-batch, S = sequence length.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -26,18 +26,25 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from moe.accounting import flops_per_token
-from moe.checkpoint import capture_rng, restore_rng, save_checkpoint
+from moe.checkpoint import capture_rng, load_sharded, restore_rng, save_checkpoint, save_sharded
 from moe.config import ModelConfig
 from moe.data import PreparedData, TokenLoader, validation_batches
-from moe.distributed import active_world, all_reduce_sum, barrier
+from moe.distributed import active_world, all_reduce_sum, barrier, explains_rank_failures
 from moe.model import Transformer
+from moe.parallel import (
+    ParallelConfig,
+    eval_batches_per_rank,
+    full_state_tensors,
+    load_full_,
+    parallelize,
+    resolve_layout,
+)
 from moe.schedule import lr_at
 from moe.train_plan import Device, OptimConfig, TrainConfig, TrainPlan, plan_training
 
-__all__ = ["OptimConfig", "TrainConfig", "TrainPlan", "plan_training", "train", "TrainResult"]
+__all__ = ["OptimConfig", "ParallelConfig", "TrainConfig", "TrainPlan", "plan_training", "train", "TrainResult"]
 
 
 @dataclass(frozen=True)
@@ -77,15 +84,6 @@ class Logger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
-# Buffers (RoPE tables, balancing biases) agree on every rank by construction: no per-forward broadcast.
-# torch 2.13 renamed the switch; older releases only know broadcast_buffers.
-_NO_BUFFER_SYNC = (
-    {"forward_sync_buffers": False}
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-    else {"broadcast_buffers": False}
-)
-
-
 class _Quiet:
     """The logger of ranks other than 0."""
 
@@ -105,14 +103,18 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, own_group: list | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (decaying norm gains and biases only hurts); the fused
-    kernel on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    kernel on CUDA. `own_group` (EP experts: plain tensors among FSDP's DTensors) gets a group of its
+    own, as a foreach/fused step cannot mix the two."""
+    separate = {id(p) for p in own_group or []}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in separate]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    if own_group:
+        groups.append({"params": list(own_group), "weight_decay": optim.weight_decay})
     fused = all(p.is_cuda for p in params) or None
     return torch.optim.AdamW(
         groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused
@@ -137,20 +139,60 @@ def router_metrics(router: list, layer_indices: list[int]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list, device: torch.device, autocast) -> float:
+def evaluate(model: torch.nn.Module, batches: list, device: torch.device, autocast, forwards: int = 0,
+             filler: tuple | None = None) -> float:  # fmt: skip
     """Token-weighted mean LM cross-entropy over the fixed validation batches (each rank passes its
-    share; the sums are added over ranks)."""
+    share; the sums are added over ranks). forwards: run at least this many forwards, repeating a
+    batch (`filler` where this rank has none) with weight 0, so that every rank enters the collectives inside forward (FSDP, EP) alike."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x_BS, y_BS in batches:
+    padded = list(batches) + [None] * max(0, forwards - len(batches))
+    for batch in padded:
+        x_BS, y_BS = batch if batch is not None else (batches[0] if batches else filler)
         with autocast():
             out = model(x_BS.to(device), y_BS.to(device))
-        total += float(out.loss) * y_BS.numel()
-        count += y_BS.numel()
+        if batch is not None:
+            total += float(out.loss) * y_BS.numel()
+            count += y_BS.numel()
     model.train(was_training)
     total_count = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device))
     return float(total_count[0] / total_count[1])
+
+
+# Plan fields a resumed run may change: how the global batch is spread over ranks, not what it is.
+_LAYOUT_FIELDS = ("world_size", "accum")
+
+
+def _flat(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume(resume: Mapping[str, Any], plan: TrainPlan, model_cfg: ModelConfig) -> None:
+    """ValueError naming the key when a checkpoint was written by a run with a different model or
+    training plan. The world size and the split into micro-batches per rank may differ (resharding)."""
+    step = resume["step"]
+    if "model_config" in resume:  # checkpoints before the sharded format lack it
+        have = _flat(resume["model_config"], "model.")
+        want = _flat(asdict(model_cfg), "model.")
+        for key in sorted(set(have) | set(want)):
+            if have.get(key) != want.get(key):
+                raise ValueError(f"checkpoint of step {step} has {key}={have.get(key)!r}, this run "
+                                 f"{key}={want.get(key)!r}: it is a different model")  # fmt: skip
+    saved, now = dict(resume["plan"]), asdict(plan)
+    if saved.get("micro_batch_size") != now["micro_batch_size"]:
+        raise ValueError(
+            f"checkpoint of step {step} was written with {saved.get('micro_batch_size')} sequences per "
+            f"micro-batch, this run has {now['micro_batch_size']} (train.micro_batch_tokens): the data "
+            "position would not carry over"
+        )
+    for key in sorted(set(saved) | set(now)):
+        if key not in _LAYOUT_FIELDS and saved.get(key) != now.get(key):
+            raise ValueError(f"checkpoint of step {step} was written for plan {key}={saved.get(key)!r}, "
+                             f"this run has {key}={now.get(key)!r}")  # fmt: skip
 
 
 def format_eta(seconds: float) -> str:
@@ -158,6 +200,7 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+@explains_rank_failures
 def train(
     model_cfg: ModelConfig,
     data: PreparedData,
@@ -169,6 +212,7 @@ def train(
     checkpoint_dir: Path | None = None,
     resume: Mapping[str, Any] | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> TrainResult:
     """Train on `data` for `train.tokens` tokens, logging through `logger`.
 
@@ -176,16 +220,21 @@ def train(
     resume: a state from `moe.checkpoint.load_latest`; training continues after its step.
     stop_requested: polled after every step; when it returns True a checkpoint is written and
     TrainingInterrupted is raised (preemption). NaN/inf loss raises NonFiniteLossError.
-    Inside a process group every rank calls this with the same arguments; only rank 0 logs, prints and
-    writes checkpoints, and a stop request on any rank stops all of them."""
+    parallel: how the run is laid out over the process group's ranks (moe.parallel; None: DDP inside a
+    process group, else one process). A checkpoint of any layout resumes in any other.
+    Inside a process group every rank calls this with the same arguments; only rank 0 logs and prints,
+    and a stop request on any rank stops all of them."""
     # --- build ---------------------------------------------------------------------------------
     rank, world = active_world()
+    layout = resolve_layout(parallel, world, model_cfg)
     plan = plan_training(model_cfg, optim, train, world_size=world)
+    if resume is not None:
+        check_resume(resume, plan, model_cfg)
     device = resolve_device(train.device)
+    # sharded layouts: every rank writes its shards; otherwise rank 0 writes for all
+    checkpoint_dir_out = checkpoint_dir if rank == 0 or layout.sharded else None
     if rank:
-        logger, progress, checkpoint_dir_out = _QUIET, None, None
-    else:
-        checkpoint_dir_out = checkpoint_dir
+        logger, progress = _QUIET, None
     use_bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
 
     def autocast():
@@ -195,16 +244,17 @@ def train(
 
     torch.manual_seed(train.seed)
     model = Transformer(model_cfg).to(device)
-    net: torch.nn.Module = model
-    if world > 1:  # a router that may get no gradient leaves a parameter unused in some steps
-        unused = model_cfg.moe is not None and model_cfg.moe.allow_no_router_grad
-        net = DistributedDataParallel(model, find_unused_parameters=unused, **_NO_BUFFER_SYNC)
+    # a router that may get no gradient leaves a parameter unused in some steps (DDP must know)
+    unused = model_cfg.moe is not None and model_cfg.moe.allow_no_router_grad
+    par = parallelize(model, layout, device, bf16=use_bf16, find_unused=unused)
+    net = par.net
     forward = torch.compile(net) if train.compile else net
-    opt = build_optimizer(model, optim)
+    opt = build_optimizer(model, optim, par.expert_params)
     flops_tok = flops_per_token(model_cfg).train
     loader = TokenLoader(data.train_path, model_cfg.seq_len, plan.micro_batch_size, seed=train.seed)
-    val_batches = validation_batches(data, model_cfg.seq_len, plan.micro_batch_size, train.eval_tokens)
-    val_batches = val_batches[rank::world]
+    all_val = validation_batches(data, model_cfg.seq_len, plan.micro_batch_size, train.eval_tokens)
+    val_batches = all_val[rank::world]
+    val_forwards = eval_batches_per_rank(len(all_val), world) if layout.mode == "fsdp" else 0
     layers = list(model.moe_layer_indices)
     min_lr = optim.lr * optim.min_lr_ratio
     train_loss = val_loss = math.nan
@@ -212,11 +262,13 @@ def train(
     # --- resume --------------------------------------------------------------------------------
     start = 0
     if resume is not None:
-        if resume["plan"] != asdict(plan):
-            raise ValueError(f"checkpoint of step {resume['step']} was written for plan {resume['plan']}, "
-                             f"this run has {asdict(plan)}")  # fmt: skip
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
+        if "sharded" in resume:  # DCP: each rank reads its part, whatever layout wrote it
+            load_sharded(resume["sharded"], par.state_tensors(opt))
+        elif layout.sharded:
+            load_full_(par.state_tensors(opt), full_state_tensors(model, resume["model"], resume["optimizer"]))
+        else:
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
         loader.load_state_dict(resume["loader"])
         restore_rng(resume["rng"])  # last: building the model above consumed the generator
         start = int(resume["step"])
@@ -224,11 +276,15 @@ def train(
 
     def checkpoint(step: int) -> Path | None:
         path = None
-        if checkpoint_dir_out is not None:  # ranks hold identical states: rank 0 writes for all
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "loader": loader.state_dict(),
-                     "rng": capture_rng(), "last": {"train_loss": train_loss, "val_loss": val_loss},
-                     "plan": asdict(plan)}  # fmt: skip
-            path = save_checkpoint(checkpoint_dir_out, step, state, train.keep_last)
+        if checkpoint_dir_out is not None:
+            state = {"loader": loader.state_dict(), "rng": capture_rng(), "plan": asdict(plan),
+                     "last": {"train_loss": train_loss, "val_loss": val_loss},
+                     "model_config": asdict(model_cfg), "layout": asdict(layout)}  # fmt: skip
+            if layout.sharded:
+                path = save_sharded(checkpoint_dir_out, step, par.state_tensors(opt), state, train.keep_last)
+            else:  # ranks hold identical states: rank 0 writes for all
+                state.update(model=model.state_dict(), optimizer=opt.state_dict())
+                path = save_checkpoint(checkpoint_dir_out, step, state, train.keep_last)
         barrier()  # no rank leaves (e.g. on preemption) before the checkpoint exists
         return path
 
@@ -263,7 +319,7 @@ def train(
             loader.seek(base + rank * plan.accum + j)
             x_BS, y_BS = loader.next_batch()
             last = j == plan.accum - 1
-            with contextlib.nullcontext() if world == 1 or last else net.no_sync():  # all-reduce once
+            with par.accumulate(last):  # reduce gradients over ranks once, after the last
                 with autocast():
                     out = forward(x_BS.to(device, non_blocking=True), y_BS.to(device, non_blocking=True))
                 # aux_loss is already coefficient-weighted; 0 for dense models.
@@ -281,8 +337,9 @@ def train(
         first_bad = (bad_step == 0) & ~torch.isfinite(loss_sum)
         bad_step.masked_fill_(first_bad, step)
         bad_loss.copy_(torch.where(first_bad, loss_sum / plan.accum, bad_loss))
+        par.finish_gradients()
         if optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+            par.clip_grad_norm_(optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if layers:
@@ -309,7 +366,7 @@ def train(
         if (train.eval_every and step % train.eval_every == 0) or step == plan.steps:
             t_eval = time.perf_counter()
             check_finite()
-            val_loss = evaluate(model, val_batches, device, autocast)
+            val_loss = evaluate(model, val_batches, device, autocast, val_forwards, all_val[0])
             if not math.isfinite(val_loss):
                 raise NonFiniteLossError("val/loss", step, val_loss)
             logger.log_metrics({"val/loss": val_loss, "tokens": tokens}, step)
