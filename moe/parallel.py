@@ -103,14 +103,6 @@ class Layout:
 def resolve_layout(cfg: ParallelConfig | None, world: int, model_cfg: ModelConfig) -> Layout:
     """Check the layout against the world size and the model; ValueError naming `parallel.<key>`."""
     cfg = cfg or ParallelConfig()
-    if world % cfg.ep:
-        raise ValueError(f"parallel.ep={cfg.ep} does not divide the world size {world}")
-    dp = world // cfg.ep if cfg.dp_shard == -1 else cfg.dp_shard
-    if dp * cfg.ep != world:
-        raise ValueError(
-            f"parallel.dp_shard={cfg.dp_shard} x parallel.ep={cfg.ep} = {dp * cfg.ep} ranks, "
-            f"but the world size is {world}"
-        )
     if cfg.ep > 1:
         if model_cfg.moe is None:
             raise ValueError(f"parallel.ep={cfg.ep} needs an MoE model (model.moe is None)")
@@ -120,6 +112,14 @@ def resolve_layout(cfg: ParallelConfig | None, world: int, model_cfg: ModelConfi
                 f"parallel.ep={cfg.ep} does not divide the routed experts moe.num_experts * "
                 f"moe.granularity = {model_cfg.moe.num_experts} * {model_cfg.moe.granularity} = {n}"
             )
+    if world % cfg.ep:
+        raise ValueError(f"parallel.ep={cfg.ep} does not divide the world size {world}")
+    dp = world // cfg.ep if cfg.dp_shard == -1 else cfg.dp_shard
+    if dp * cfg.ep != world:
+        raise ValueError(
+            f"parallel.dp_shard={cfg.dp_shard} x parallel.ep={cfg.ep} = {dp * cfg.ep} ranks, "
+            f"but the world size is {world}"
+        )
     return Layout(cfg.mode, dp, cfg.ep, cfg.activation_checkpointing, cfg.reshard_after_forward)
 
 
