@@ -261,7 +261,7 @@ def save_sharded(directory: Path, step: int, tensors: Mapping[str, Any], state: 
         dcp.save(dict(tensors), checkpoint_id=str(path))
         if main:
             _atomic_write(path / TRAIN_STATE, lambda f: torch.save({"format": FORMAT, "step": step, **state}, f))
-    except Exception as exc:  # noqa: BLE001 - DCP wraps the per-rank errors; find a full disk among them
+    except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001 - DCP wraps the per-rank errors
         full = _disk_full(path / TRAIN_STATE, exc)
         if full is not None:
             raise full from exc
@@ -285,7 +285,7 @@ def load_sharded(path: Path, tensors: Mapping[str, Any]) -> None:
 
     try:
         dcp.load(dict(tensors), checkpoint_id=str(path))
-    except Exception as exc:  # noqa: BLE001 - a missing key or shape mismatch: say which checkpoint
+    except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001 - a missing key or shape mismatch: say which checkpoint
         raise CheckpointError(f"{Path(path).name}: DCP load failed ({type(exc).__name__}: {exc})") from exc
 
 
