@@ -83,6 +83,16 @@ class FitError(RuntimeError):
     """No start of a fit converged to a finite objective."""
 
 
+class NotIdentifiable(FitError):
+    """The data cannot pin the law's coefficients down: many coefficient vectors fit equally well."""
+
+
+# Rank tolerance of the Jacobian of the log-prediction (relative to its largest singular value). Fits
+# of real and exact-law data sit at 1e-3..1e-5 (1e-7 on a nearly flat loss curve); identical rows, or
+# points whose covariates move together, sit below 1e-30, as does a fit that switched a term off.
+IDENTIFIABLE_RTOL = 1e-10
+
+
 @dataclass(frozen=True)
 class LawFit:
     """A fitted law: named coefficients, objective, and bootstrap intervals."""
@@ -199,6 +209,12 @@ def fit_law(
         raise ValueError(f"law {spec.name!r} has {p} parameters but only {n} data points; need > {p}")
     if not 0.0 < ci < 1.0:
         raise ValueError(f"ci={ci} must be in (0, 1)")
+    if not delta > 0:
+        raise ValueError(f"delta={delta} must be > 0 (the Huber delta on log loss)")
+    if bootstrap < 0:
+        raise ValueError(f"bootstrap={bootstrap} must be >= 0 (replicates; 0 for none)")
+    if not 0.0 < bootstrap_frac <= 1.0:
+        raise ValueError(f"bootstrap_frac={bootstrap_frac} must be in (0, 1]")
     logy = np.log(y)
     x0 = starts_matrix(spec, starts if starts is not None else GRIDS[spec.name])
 
@@ -220,6 +236,7 @@ def fit_law(
         order = np.argsort(f_top)
         optima = pol.x[order]
         best, best_f = optima[0], float(f_top[order[0]])
+        _check_identifiable(spec, best, logx)
         resid = spec.log_predict(best, logx)[0] - logy
         intervals: dict[str, tuple[float, float]] = {}
         if bootstrap > 0:
@@ -238,6 +255,30 @@ def fit_law(
         theta=tuple(float(v) for v in best),
         intervals=intervals,
         n_bootstrap=bootstrap,
+    )
+
+
+def _check_identifiable(spec: LawSpec, theta_P: np.ndarray, logx_NC: np.ndarray) -> None:
+    """Raise NotIdentifiable when the log-prediction's Jacobian at the optimum is rank-deficient.
+
+    d log L_n / d theta_p = sum_j w_jn A_pjn, with w the softmax weights of the terms (lse.LawSpec)."""
+    P, J, N = len(spec.params), len(spec.terms), len(logx_NC)
+    A_PJN = spec.design(logx_NC).reshape(P, J, N)
+    T_JN = np.einsum("p,pjn->jn", theta_P, A_PJN)
+    w_JN = np.exp(T_JN - T_JN.max(axis=0))
+    w_JN /= w_JN.sum(axis=0)
+    s = np.linalg.svd(np.einsum("jn,pjn->np", w_JN, A_PJN), compute_uv=False)
+    rank = int((s > IDENTIFIABLE_RTOL * s[0]).sum())
+    if rank == P:
+        return
+    distinct = ", ".join(f"{len(np.unique(logx_NC[:, i]))} distinct {c}" for i, c in enumerate(spec.covariates))
+    rows = len(np.unique(logx_NC, axis=0))
+    coefs = ", ".join(f"{k} {v:.4g}" for k, v in spec.coefficients(theta_P).items())
+    raise NotIdentifiable(
+        f"law {spec.name!r} is not identifiable from these {N} points ({distinct}; {rows} distinct "
+        f"covariate rows): they pin down only {rank} of its {P} parameter combinations (Jacobian rank), so "
+        f"the best fit ({coefs}) is one of many equally good ones; add points that vary each of "
+        f"{', '.join(spec.covariates)}"
     )
 
 

@@ -7,14 +7,18 @@
 
 from __future__ import annotations
 
-import json
+import http.client
 import logging
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from studies import runfiles
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ class Study:
     """Metric histories of those runs: run_key, metric, step, value."""
     excluded: pd.DataFrame
     """Runs left out: run_key, variant, status, reason."""
+    notes: tuple[str, ...] = ()
+    """What the loader had to work around (a torn last line of a metrics.jsonl), for the report."""
 
 
 def _coerce(value):
@@ -61,7 +67,7 @@ def _coerce(value):
     return int(f) if f.is_integer() and "." not in value and "e" not in value.lower() else f
 
 
-def _finish(name, source, rows, metrics_rows, excluded_rows) -> Study:
+def _finish(name, source, rows, metrics_rows, excluded_rows, notes=()) -> Study:
     runs = pd.DataFrame(rows)
     for c in TAGS:
         if c not in runs:
@@ -77,17 +83,47 @@ def _finish(name, source, rows, metrics_rows, excluded_rows) -> Study:
     excluded = pd.DataFrame(excluded_rows, columns=["run_key", "variant", "status", "reason"])
     for _, r in excluded.iterrows():
         log.warning("study %s: run %s (%s) excluded: %s %s", name, r.run_key, r.variant, r.status, r.reason)
+    for note in notes:
+        log.warning("study %s: %s", name, note)
     return Study(
-        name=name, source=source, runs=runs.reset_index(drop=True), metrics=metrics, excluded=excluded
+        name=name,
+        source=source,
+        runs=runs.reset_index(drop=True),
+        metrics=metrics,
+        excluded=excluded,
+        notes=tuple(notes),
     )
+
+
+def check_tracking_server(tracking_uri: str, timeout: float = 3.0) -> None:
+    """An http(s) tracking URI must answer GET <uri>/health within `timeout` seconds (ValueError if not).
+
+    MLflow's own client retries a dead server for minutes before it fails; any HTTP answer (even an
+    error status from a proxy) shows a server is there. Other URIs (sqlite, file) are not checked."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        why = getattr(e, "reason", None) or e
+        raise ValueError(f"no MLflow tracking server answers at {url} within {timeout:g} s ({why})") from None
 
 
 def load_mlflow(tracking_uri: str, study: str, *, metrics=None, workers: int = 8) -> Study:
     """Point runs of experiment `study` and their metric histories (all, or the keys in `metrics`)."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(study)
+    check_tracking_server(tracking_uri)
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(study)
+    except MlflowException as e:
+        raise ValueError(f"tracking URI {tracking_uri!r}: {e.message}") from None
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
         raise ValueError(f"study {study!r} not found at tracking URI {tracking_uri!r}; experiments: {names}")
@@ -137,36 +173,29 @@ def load_mlflow(tracking_uri: str, study: str, *, metrics=None, workers: int = 8
 
 
 def read_metrics_jsonl(path: Path, run_key: str) -> pd.DataFrame:
-    """Tidy rows from one metrics.jsonl (every line has `step`; other keys are metrics)."""
-    records = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:  # a run killed mid-write leaves a torn last line
-                log.warning("%s:%d unreadable line skipped (%s)", path, n, e)
-                continue
-            step = obj.pop("step")
-            records.extend(
-                (run_key, k, step, float(v))
-                for k, v in obj.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            )
-    return pd.DataFrame(records, columns=["run_key", "metric", "step", "value"])
+    """Tidy rows from one metrics.jsonl, read by studies.runfiles (its rule: a torn last line is dropped,
+    a corrupt line elsewhere is a RunFileError naming file:line; a repeated metric and step keeps the last)."""
+    values = runfiles.metric_values(runfiles.read_events(path))
+    return pd.DataFrame(
+        [(run_key, metric, step, value) for (metric, step), value in values.items()],
+        columns=["run_key", "metric", "step", "value"],
+    )
 
 
 def load_files(study_dir: Path | str) -> Study:
-    """The same tables from study_dir/runs/<key>/{summary,status}.json and metrics.jsonl."""
+    """The same tables from study_dir/runs/<key>/{summary,status}.json and metrics.jsonl (studies.runfiles).
+
+    A metrics.jsonl with a torn last line (a run killed mid-write) loads without it and is named in
+    `Study.notes`; an unreadable run file is a RunFileError (a ValueError) naming the file."""
     study_dir = Path(study_dir)
-    runs_dir = study_dir / "runs"
-    if not runs_dir.is_dir():
+    if not study_dir.is_dir():
+        raise ValueError(f"study directory {str(study_dir)!r} does not exist (no runs/ folder to read)")
+    if not runfiles.runs_dir(study_dir).is_dir():
         raise ValueError(f"study directory {str(study_dir)!r} has no runs/ folder (unknown study?)")
-    rows, metric_rows, excluded = [], [], []
-    for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-        summary = _read_json(d / "summary.json")
-        status = _read_json(d / "status.json")
+    rows, metric_rows, excluded, notes = [], [], [], []
+    for d in runfiles.run_dirs(study_dir):
+        summary = runfiles.read_summary(d) or {}
+        status = runfiles.read_status(d) or {}
         state = (status.get("status") or summary.get("status") or "UNKNOWN").upper()
         tags = summary.get("tags", {})
         if state != "DONE" or not summary:
@@ -187,15 +216,11 @@ def load_files(study_dir: Path | str) -> Study:
         row.update({k: _coerce(v) for k, v in summary.get("params", {}).items()})
         row.setdefault("variant", summary.get("variant"))
         rows.append(row)
-        if (d / "metrics.jsonl").exists():
-            metric_rows.append(read_metrics_jsonl(d / "metrics.jsonl", d.name))
-    return _finish(study_dir.name, str(study_dir), rows, metric_rows, excluded)
-
-
-def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text())
+        path = d / runfiles.METRICS
+        metric_rows.append(read_metrics_jsonl(path, d.name))
+        if runfiles.is_torn(path):
+            notes.append(f"{path}: torn last line dropped (the run was killed while writing it)")
+    return _finish(study_dir.name, str(study_dir), rows, metric_rows, excluded, notes)
 
 
 def load_study(
@@ -218,10 +243,22 @@ def load_study(
 
 def load_scaling_csv(path: Path | str) -> pd.DataFrame:
     """A CSV with columns params, tokens, loss (and optionally granularity), validated."""
-    df = pd.read_csv(path)
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable CSV ({' '.join(str(e).split())})") from None
     missing = [c for c in ("params", "tokens", "loss") if c not in df]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}; need params,tokens,loss[,granularity]")
+    for c in ("params", "tokens", "loss", "granularity"):
+        if c in df:
+            bad = pd.to_numeric(df[c], errors="coerce").isna()
+            if bad.any():
+                rows = ", ".join(str(i + 2) for i in df.index[bad][:5])  # file line: header is line 1
+                raise ValueError(f"{path}: column {c!r} is not a number on line(s) {rows}")
+            df[c] = pd.to_numeric(df[c])
     return df
 
 

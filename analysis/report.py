@@ -18,17 +18,19 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis import plots
+from analysis import cli, plots
 from analysis.checks import ROUTED_SCALE, Check, comparability_checks, per_variant
 from analysis.curves import fit_loss_curve
 from analysis.derive import FLOPS_PER_TOKEN, LR, Smoothing, curves, final_losses, run_finals
 from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
-from analysis.load import Study, load_study
+from analysis.load import Study, check_tracking_server, load_study
 from analysis.paired import paired_differences
 from analysis.savings import pick_baselines, step_savings
 from analysis.tuning import LrTuning, best_lr_runs, lr_tuning, use_best_lr
+from studies import runfiles
 
 log = logging.getLogger(__name__)
+PROG = "python -m analysis.report"
 # Histories the report reads; per-layer router stats stay in MLflow (one query per run x key).
 FLOP_CONVENTION = (
     "moe.accounting: router counted as a matmul, 6 FLOPs per router parameter per token; "
@@ -295,6 +297,8 @@ def _markdown(s, fair, finals, savings, savings_note, paired, fit_table, laws, f
         f"excluded: {len(s.excluded)}. Smoothing: {smoothing}.",
         "",
     ]
+    if s.notes:
+        lines += ["## Loading notes", ""] + [f"- {n}" for n in s.notes] + [""]
     if not s.excluded.empty:
         lines += ["## Excluded runs (unfinished or failed)", "", md_table(s.excluded), ""]
     lines += fair
@@ -345,15 +349,18 @@ def _markdown(s, fair, finals, savings, savings_note, paired, fit_table, laws, f
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.splitlines()[0])
+    """The CLI; bad input (a flag, a run file) is one line on stderr and exit code 2 (analysis.cli)."""
+    p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--study-dir", type=Path, required=True, help="study directory (report/ goes here)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI; default: read study-dir/runs/*")
     p.add_argument("--study", help="study (experiment) name; default: the study directory's name")
     p.add_argument("--baseline", help="variant to measure savings against; default: granularity 1")
     p.add_argument("--parent-run-id", help="log the report as artifacts on this MLflow run")
     p.add_argument("--smoothing", choices=("loglinear", "ema", "median", "none"), default="loglinear")
-    p.add_argument("--window", type=int, default=5, help="smoothing window in logged points")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates over seeds")
+    p.add_argument("--window", type=cli.checked(int, lambda v: v >= 1, ">= 1"), default=5,
+                   help="smoothing window in logged points")  # fmt: skip
+    p.add_argument("--n-boot", type=cli.checked(int, lambda v: v >= 0, ">= 0"), default=1000,
+                   help="bootstrap replicates over seeds")  # fmt: skip
     p.add_argument(
         "--best-lr",
         action=argparse.BooleanOptionalAction,
@@ -362,16 +369,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    path = write_report(
-        a.study_dir,
-        tracking_uri=a.tracking_uri,
-        study=a.study,
-        baseline=a.baseline,
-        parent_run_id=a.parent_run_id,
-        smoothing=Smoothing(method=a.smoothing, window=a.window),
-        n_boot=a.n_boot,
-        best_lr=a.best_lr,
-    )
+    if a.tracking_uri:
+        try:
+            check_tracking_server(a.tracking_uri)
+        except ValueError as e:
+            return cli.fail(PROG, f"--tracking-uri {a.tracking_uri}: {e}")
+    elif not a.study_dir.is_dir():
+        return cli.fail(PROG, f"--study-dir {a.study_dir}: no such directory")
+    elif not runfiles.run_dirs(a.study_dir):
+        return cli.fail(PROG, f"--study-dir {a.study_dir}: no run folders in {runfiles.runs_dir(a.study_dir)} "
+                        "(not a study directory, or no point has started)")  # fmt: skip
+    try:
+        path = write_report(
+            a.study_dir,
+            tracking_uri=a.tracking_uri,
+            study=a.study,
+            baseline=a.baseline,
+            parent_run_id=a.parent_run_id,
+            smoothing=Smoothing(method=a.smoothing, window=a.window),
+            n_boot=a.n_boot,
+            best_lr=a.best_lr,
+        )
+    except (ValueError, FitError) as e:  # RunFileError is a ValueError naming the file
+        return cli.fail(PROG, e)
     print(f"report: {path}")
     return 0
 

@@ -1,4 +1,5 @@
-"""A synthetic study written exactly as the training side writes one (docs/outputs.md).
+"""A synthetic study written exactly as the training side writes one (docs/outputs.md), through
+studies.runfiles, the writer the training side uses.
 
 Each variant's validation loss is L(t) = E + A * (s * t)^-alpha (+ noise), so a variant with speed-up
 s reaches any loss in 1/s of the steps and its true step savings are 1 - 1/s. Used by the tests and
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from studies import runfiles
 
 
 @dataclass(frozen=True)
@@ -142,28 +145,23 @@ def write_study(
                     row[f"router/layer{layer}/top1_share_norm"] = early * (1 - 0.5 * t / steps)
                 row["router/top1_share_norm"] = 0.45 * (1 - 0.5 * t / steps)
             lines.append(row)
-        d = study_dir / "runs" / key
+        d = runfiles.runs_dir(study_dir) / key
         d.mkdir(parents=True, exist_ok=True)
-        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-        status = {
-            "status": "FAILED" if failed else "DONE",
-            "step": last,
-            "reason": "RuntimeError: synthetic failure" if failed else None,
-        }
-        (d / "status.json").write_text(json.dumps(status))
+        runfiles.write_events(d / runfiles.METRICS, lines)
+        state = "FAILED" if failed else "DONE"
+        runfiles.write_status(d, state, last, "RuntimeError: synthetic failure" if failed else None)
         final = {} if failed else {"val/loss": lines[-1]["val/loss"], "train/loss": lines[-1]["train/loss"]}
-        (d / "summary.json").write_text(
-            json.dumps(
-                {
-                    "run_key": key,
-                    "status": status["status"],
-                    "variant": variant,
-                    "tags": tags,
-                    "params": acct,
-                    "final": final,
-                    "mlflow_run_id": None,
-                }
-            )
+        runfiles.write_summary(
+            d,
+            {
+                "run_key": key,
+                "status": state,
+                "variant": variant,
+                "tags": tags,
+                "params": acct,
+                "final": final,
+                "mlflow_run_id": None,
+            },
         )
         if client is not None:
             _log_mlflow(client, exp, parent, tags, acct, lines, failed)

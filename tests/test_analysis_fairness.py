@@ -105,7 +105,7 @@ def test_best_lr_savings_use_each_variants_own_best_lr(swept):
     assert len(grid) == 6 and grid["best"].sum() == 2
 
 
-def test_best_lr_with_single_lr_grid_is_refused(tmp_path):
+def test_best_lr_with_single_lr_grid_is_refused(tmp_path, capsys):
     spec = SyntheticStudy(
         name="one", token_budgets=(20480,), seeds=(0,), lr=3e-3, learning_rates={G8: {1e-3: 1.0, 1e-2: 1.2}}
     )
@@ -116,16 +116,19 @@ def test_best_lr_with_single_lr_grid_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match=re.escape(want)):
         write_report(tmp_path / "one", best_lr=True, n_boot=0)
-    with pytest.raises(ValueError, match=re.escape(want)):
-        report_cli.main(["--study-dir", str(tmp_path / "one"), "--best-lr", "--n-boot", "0"])
+    # the CLI prints the same message as one line on stderr and exits 2 (docs/analysis.md, bad input)
+    assert report_cli.main(["--study-dir", str(tmp_path / "one"), "--best-lr", "--n-boot", "0"]) == 2
+    assert re.search(re.escape(want), capsys.readouterr().err)
 
 
-def test_no_best_lr_with_several_lrs_per_variant_is_refused_not_mixed_as_seeds(swept):
+def test_no_best_lr_with_several_lrs_per_variant_is_refused_not_mixed_as_seeds(swept, capsys):
     root, _ = swept
-    with pytest.raises(ValueError, match=r"optim.lr has 3 values \(0.001, 0.003, 0.01\) for variant "
-                       r"moe-E8-k2-G1 at model=tiny tokens=204800: runs at different learning rates "
-                       r"are not seeds"):  # fmt: skip
-        report_cli.main(["--study-dir", str(root), "--no-best-lr", "--n-boot", "0"])
+    want = (r"optim.lr has 3 values \(0.001, 0.003, 0.01\) for variant moe-E8-k2-G1 at model=tiny "
+            r"tokens=204800: runs at different learning rates are not seeds")  # fmt: skip
+    with pytest.raises(ValueError, match=want):
+        write_report(root, best_lr=False, n_boot=0)
+    assert report_cli.main(["--study-dir", str(root), "--no-best-lr", "--n-boot", "0"]) == 2
+    assert re.search(want, capsys.readouterr().err)
 
 
 def test_automatic_best_lr_is_off_when_every_variant_has_one_lr_and_on_when_one_is_swept():
