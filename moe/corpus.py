@@ -331,7 +331,7 @@ def read_token_folder(folder: Path) -> tuple[dict, int, int]:
     return meta, check_shard(folder, "train", meta), check_shard(folder, "val", meta)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """Byte-level BPE (GPT-2 style pre-tokenisation) with the end-of-document special token as id 0."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -345,13 +345,15 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         min_frequency=BPE_MIN_FREQUENCY,
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    length = len(texts) if isinstance(texts, list) else None  # a stream (data.source=hf) has no length
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
     return tokenizer
 
 
-def write_shard(tokenizer, docs: list[Document], path: Path, dtype: str) -> int:
-    """Encode documents in batches, each followed by EOD, appending to `path`; returns the token count."""
-    eod = np.array([tokenizer.token_to_id(EOD_TOKEN)], DTYPES[dtype])
+def write_shard(tokenizer, docs: list[Document], path: Path, dtype: str, eod_id: int | None = None) -> int:
+    """Encode documents in batches, each followed by EOD (`eod_id`, default the id of EOD_TOKEN),
+    appending to `path`; returns the token count."""
+    eod = np.array([tokenizer.token_to_id(EOD_TOKEN) if eod_id is None else eod_id], DTYPES[dtype])
     n = 0
     with open(path, "wb") as f:
         for i in range(0, len(docs), ENCODE_CHUNK_DOCS):

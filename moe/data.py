@@ -51,17 +51,25 @@ log = logging.getLogger(__name__)
 
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the specials
 MAX_VOCAB = 2**18
-SOURCES = ("stdlib", "text", "tokens")
+SOURCES = ("stdlib", "text", "tokens", "hf")
 
 
 @dataclass
 class DataConfig:
-    source: Literal["stdlib", "text", "tokens"] = "stdlib"
-    """stdlib: embedded corpus (standard library + EMBEDDED_PACKAGES sources); text: folder of .txt/.md/.jsonl; tokens: pre-tokenized shards."""
+    source: Literal["stdlib", "text", "tokens", "hf"] = "stdlib"
+    """stdlib: embedded corpus (standard library + EMBEDDED_PACKAGES sources); text: folder of .txt/.md/.jsonl; tokens: pre-tokenized shards; hf: a local parquet / arrow (save_to_disk) / jsonl(.gz/.zst) dataset read with `datasets` (moe.hf_data)."""
     path: str | None = None
-    """Folder for the text and tokens sources; must be None for stdlib."""
+    """Folder (or, for hf, file) for the text, tokens and hf sources; must be None for stdlib."""
+    text_column: str = "text"
+    """hf: the column holding each document's text."""
+    tokenizer_file: str | None = None
+    """A pretrained tokenizers `tokenizer.json` to encode with instead of training a BPE (stdlib, text, hf);
+    its ids must be < vocab_size."""
+    workers: int = 0
+    """hf: processes that encode in parallel (0: this process, using the tokenizers library's threads)."""
     vocab_size: int = 8192
-    """BPE vocabulary (ids are < vocab_size) for stdlib/text; ignored for tokens (read from meta.json)."""
+    """BPE vocabulary (ids are < vocab_size) for stdlib/text/hf, or the model's vocabulary with a
+    tokenizer_file (at least its size); ignored for tokens (read from meta.json)."""
     val_fraction: float = 0.05
     """Fraction of documents held out for validation, chosen by a hash of each document's name."""
     max_chars: int | None = None
@@ -106,6 +114,15 @@ def validate_data_config(cfg: DataConfig) -> None:
     _check_fields(cfg)
     if cfg.source == "tokens":
         read_token_folder(_existing_folder(cfg))
+        return
+    if cfg.tokenizer_file is not None:
+        from moe.hf_data import pretrained_tokenizer
+
+        pretrained_tokenizer(cfg)
+    if cfg.source == "hf":
+        from moe.hf_data import check_source
+
+        check_source(cfg)
     else:
         _load_split(cfg)
 
@@ -127,6 +144,17 @@ def _check_fields(cfg: DataConfig) -> None:
         )
     if cfg.source == "stdlib" and cfg.path is not None:
         raise ValueError(f"data.path={cfg.path!r} is set but data.source=stdlib does not read it")
+    if cfg.source != "hf" and cfg.text_column != "text":
+        raise ValueError(f"data.text_column={cfg.text_column!r} is set but only data.source=hf reads it")
+    if not cfg.text_column:
+        raise ValueError("data.text_column='' must name a column")
+    if cfg.workers < 0:
+        raise ValueError(f"data.workers={cfg.workers} must be >= 0")
+    if cfg.tokenizer_file is not None:
+        if cfg.source == "tokens":
+            raise ValueError(f"data.tokenizer_file={cfg.tokenizer_file!r} is set but data.source=tokens is already tokenised")
+        if not Path(cfg.tokenizer_file).expanduser().is_file():
+            raise ValueError(f"data.tokenizer_file={cfg.tokenizer_file!r} is not an existing file")
 
 
 def _existing_folder(cfg: DataConfig) -> Path:
@@ -217,16 +245,26 @@ def _tokenizer_cap(cfg: DataConfig, train: list[Document]) -> int | None:
     return cap if cap is not None and cap < sum(len(t) for _, t in train) else None
 
 
-def _fingerprint(cfg: DataConfig, train: list[Document], val: list[Document]) -> str:
-    h = hashlib.sha256()
-    settings = {
+def _tokenizer_settings(cfg: DataConfig, tokenizer_cap: int | None) -> dict:
+    """What decides the tokenizer: a pretrained file's content, or the BPE recipe."""
+    if cfg.tokenizer_file is not None:
+        from moe.hf_data import file_digest
+
+        return {"format": FORMAT_VERSION, "corpus": CORPUS_VERSION, "vocab_size": cfg.vocab_size,
+                "tokenizer_file_sha256": file_digest(Path(cfg.tokenizer_file).expanduser())}  # fmt: skip
+    return {
         "format": FORMAT_VERSION,
         "corpus": CORPUS_VERSION,
-        "tokenizer_chars": _tokenizer_cap(cfg, train),
+        "tokenizer_chars": tokenizer_cap,
         "vocab_size": cfg.vocab_size,
         "specials": SPECIAL_TOKENS,
         "min_frequency": BPE_MIN_FREQUENCY,
     }
+
+
+def _fingerprint(cfg: DataConfig, train: list[Document], val: list[Document]) -> str:
+    h = hashlib.sha256()
+    settings = _tokenizer_settings(cfg, _tokenizer_cap(cfg, train))
     h.update(json.dumps(settings, sort_keys=True).encode())
     for part, docs in (("train", train), ("val", val)):
         h.update(part.encode())
@@ -238,19 +276,20 @@ def _build(cfg: DataConfig, train: list[Document], val: list[Document], out: Pat
     """Write tokenizer.json, train.bin, val.bin into `out`, then meta.json last (it marks completion)."""
     dtype = dtype_for_vocab(cfg.vocab_size)
     t0 = time.perf_counter()
-    tokenizer_docs = cap_chars(train, _tokenizer_cap(cfg, train))
-    tokenizer = train_tokenizer([text for _, text in tokenizer_docs], cfg.vocab_size)
+    tokenizer_docs = [] if cfg.tokenizer_file else cap_chars(train, _tokenizer_cap(cfg, train))
+    tokenizer, eod = _tokenizer(cfg, lambda: [text for _, text in tokenizer_docs])
     t1 = time.perf_counter()
     tokenizer.save(str(out / "tokenizer.json"))
-    n_train = write_shard(tokenizer, train, out / "train.bin", dtype)
-    n_val = write_shard(tokenizer, val, out / "val.bin", dtype)
+    n_train = write_shard(tokenizer, train, out / "train.bin", dtype, eod)
+    n_val = write_shard(tokenizer, val, out / "val.bin", dtype, eod)
     t2 = time.perf_counter()
     meta = {
         "version": FORMAT_VERSION,
         "dtype": dtype,
         "vocab_size": cfg.vocab_size,
         "tokenizer_vocab_size": tokenizer.get_vocab_size(),
-        "eod_id": tokenizer.token_to_id(EOD_TOKEN),
+        "eod_id": eod,
+        "tokenizer_file": cfg.tokenizer_file,
         "n_train_tokens": n_train,
         "n_val_tokens": n_val,
         "source": cfg.source,
@@ -267,6 +306,16 @@ def _build(cfg: DataConfig, train: list[Document], val: list[Document], out: Pat
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _write_json(out / "meta.json", meta)
+
+
+def _tokenizer(cfg: DataConfig, texts):
+    """(tokenizer, eod id): data.tokenizer_file's, or a BPE trained on texts()."""
+    if cfg.tokenizer_file is not None:
+        from moe.hf_data import pretrained_tokenizer
+
+        return pretrained_tokenizer(cfg)
+    tokenizer = train_tokenizer(texts(), cfg.vocab_size)
+    return tokenizer, tokenizer.token_to_id(EOD_TOKEN)
 
 
 def _provenance(cfg: DataConfig) -> dict:
@@ -308,9 +357,13 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     _check_fields(cfg)
     if cfg.source == "tokens":
         return _prepared_from_folder(_existing_folder(cfg), None)
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    if cfg.source == "hf":
+        from moe.hf_data import prepare
+
+        return prepare(cfg, cache)
     train, val = _load_split(cfg)
     fingerprint = _fingerprint(cfg, train, val)
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     entry = cache / fingerprint
     if not _cache_entry_ok(entry):
         cache.mkdir(parents=True, exist_ok=True)
@@ -327,14 +380,20 @@ def _build_entry(cfg: DataConfig, train: list[Document], val: list[Document], en
     try:
         t0 = time.perf_counter()
         _build(cfg, train, val, tmp)
-        if entry.exists():  # corrupt or partial: move it aside first, rename cannot replace a full dir
-            trash = entry.with_name(f".trash-{entry.name}-{uuid.uuid4().hex[:8]}")
-            os.replace(entry, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, entry)
+        _install(tmp, entry)
         log.info("built data cache %s in %.1f s", entry, time.perf_counter() - t0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(built: Path, entry: Path) -> None:
+    """Rename a finished build into place; a corrupt or partial entry is moved aside first (rename
+    cannot replace a non-empty folder)."""
+    if entry.exists():
+        trash = entry.with_name(f".trash-{entry.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(entry, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(built, entry)
 
 
 def load_tokenizer(prepared: PreparedData):
