@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 RouterKind = Literal["token_choice", "expert_choice"]
 ScoreFn = Literal["softmax", "sigmoid"]
@@ -42,13 +42,14 @@ Activation = Literal["swiglu", "gelu"]
 InitScheme = Literal["normal", "fan_in"]
 ExpertChoiceScope = Literal["position", "batch"]
 
-ROUTER_KINDS = ("token_choice", "expert_choice")
-SCORE_FNS = ("softmax", "sigmoid")
-ROUTER_ORDERS = ("before_topk", "before_topk_renorm", "after_topk")
-BACKENDS = ("auto", "reference", "grouped")
-ACTIVATIONS = ("swiglu", "gelu")
-INIT_SCHEMES = ("normal", "fan_in")
-EXPERT_CHOICE_SCOPES = ("position", "batch")
+# The allowed values, for validation: read off the Literals so each choice is declared once.
+ROUTER_KINDS = get_args(RouterKind)
+SCORE_FNS = get_args(ScoreFn)
+ROUTER_ORDERS = get_args(RouterOrder)
+BACKENDS = get_args(Backend)
+ACTIVATIONS = get_args(Activation)
+INIT_SCHEMES = get_args(InitScheme)
+EXPERT_CHOICE_SCOPES = get_args(ExpertChoiceScope)
 
 # grouped_mm wants 16-byte aligned strides: hidden sizes a multiple of 8 cover fp32 and bf16.
 GROUPED_ALIGN = 8

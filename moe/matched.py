@@ -42,12 +42,13 @@ def derive(
     if base.moe is None:
         raise ValueError(f"derive({chosen[0]}=...) needs a MoE base config, but model.moe is None")
     d_expert = d_expert_of(base)
+    d_key = "model.moe.d_expert" if base.moe.d_expert is not None else "model.d_ff"
     if granularity is not None:
         if not isinstance(granularity, int) or granularity < 1:
-            raise ValueError(f"moe.granularity={granularity!r} must be a positive integer")
+            raise ValueError(f"granularity={granularity!r} must be a positive integer")
         if d_expert % granularity:
             raise ValueError(
-                f"moe.granularity={granularity} does not divide moe.d_expert={d_expert}: "
+                f"granularity={granularity} does not divide the expert size {d_key}={d_expert}: "
                 f"choose G among the divisors of {d_expert}"
             )
         out = replace(base, **{"moe.granularity": granularity})
@@ -61,22 +62,22 @@ def derive(
 
 def _top_k_changes(base: ModelConfig, m: MoEConfig, d_expert: int, top_k: int) -> dict[str, int | None]:
     if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"moe.top_k={top_k!r} must be a positive integer")
+        raise ValueError(f"top_k={top_k!r} must be a positive integer")
     if (d_expert * m.top_k) % top_k:
         raise ValueError(
-            f"moe.top_k={top_k}: the matched expert size moe.d_expert*k/k'={d_expert}*{m.top_k}/{top_k} "
+            f"top_k={top_k}: the matched expert size model.moe.d_expert*k/k'={d_expert}*{m.top_k}/{top_k} "
             "is not an integer"
         )
     if (m.num_experts * top_k) % m.top_k:
         raise ValueError(
-            f"moe.top_k={top_k}: the matched expert count moe.num_experts*k'/k={m.num_experts}*{top_k}/"
+            f"top_k={top_k}: the matched expert count model.moe.num_experts*k'/k={m.num_experts}*{top_k}/"
             f"{m.top_k} is not an integer"
         )
     new_d_expert = d_expert * m.top_k // top_k
     if new_d_expert % m.granularity:
         raise ValueError(
-            f"moe.top_k={top_k}: moe.granularity={m.granularity} does not divide the matched "
-            f"moe.d_expert={new_d_expert}"
+            f"top_k={top_k}: granularity={m.granularity} does not divide the matched "
+            f"model.moe.d_expert={new_d_expert}"
         )
     return {
         "moe.top_k": top_k,
@@ -109,7 +110,7 @@ def split_state_dict(state: dict, base: ModelConfig, granularity: int) -> dict:
 
     Coarse expert e becomes fine experts e*G .. e*G+G-1: w1/w3 columns and w2 rows in G hidden slices, its
     router row (and selection bias) repeated G times; every other tensor is copied. With the default
-    moe.routed_scale the split model computes the G=1 model's function (PAPERS.md §6), which
+    model.moe.routed_scale the split model computes the G=1 model's function (PAPERS.md §6), which
     tests/test_fair_granularity.py checks for the logits and gradients of whole models.
     """
     if base.moe is None or base.moe.granularity != 1:

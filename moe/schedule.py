@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 ScheduleKind = Literal["cosine", "wsd", "constant"]
-SCHEDULES = ("cosine", "wsd", "constant")
+SCHEDULES = get_args(ScheduleKind)
 
 
 def lr_at(

@@ -1,21 +1,23 @@
 """What a training run is asked to do and how its token budget becomes steps and batch shapes.
 
-Typed configs (OptimConfig, TrainConfig) and `plan_training`, which validates them against the model
-and the data-parallel world size before anything is built. `moe.train` re-exports all of these.
+Typed configs (OptimConfig, TrainConfig), each validating its own values when it is made (ValueError
+naming `optim.<key>` / `train.<key>`), and `plan_training`, which checks them against the model and the
+data-parallel world size before anything is built. `moe.train` re-exports all of these.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import math
+from dataclasses import dataclass, fields
+from typing import Literal, get_args
 
 from moe.config import ModelConfig
 from moe.schedule import SCHEDULES, ScheduleKind
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = get_args(Device)
+PRECISIONS = get_args(Precision)
 
 
 @dataclass
@@ -40,6 +42,30 @@ class OptimConfig:
     """wsd only: fraction of the total steps spent in the final linear decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "schedule" and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"optim.{f.name}={value!r} must be a finite number")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        for name in ("beta1", "beta2"):  # AdamW needs them below 1: 1 never forgets, torch refuses it
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps={self.eps} must be > 0 (it keeps AdamW's update finite)")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be >= 0 (0 disables it)")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"optim.warmup_frac={self.warmup_frac} must be in [0, 1)")
+        if not 0 <= self.decay_frac <= 1:
+            raise ValueError(f"optim.decay_frac={self.decay_frac} must be in [0, 1]")
 
 
 @dataclass
@@ -71,6 +97,20 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps (when a checkpoint folder is given); 0: never."""
     keep_last: int = 2
     """Checkpoints kept on disk (older ones are deleted after a new one is written)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_tokens", "eval_tokens", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        for name in ("eval_every", "progress_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0 (0: never)")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(f"train.micro_batch_tokens={self.micro_batch_tokens} must be >= 1 or null")
+        if self.device not in DEVICES:
+            raise ValueError(f"train.device={self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 @dataclass(frozen=True)
@@ -118,27 +158,8 @@ def plan_training(
         raise ValueError(
             f"train.tokens={train.tokens} is smaller than one batch (train.batch_tokens={train.batch_tokens})"
         )
-    for key in ("eval_every", "log_every", "progress_every", "checkpoint_every"):
-        if getattr(train, key) < 0:
-            raise ValueError(f"train.{key}={getattr(train, key)} must be >= 0")
-    if train.log_every == 0:
-        raise ValueError("train.log_every=0 must be >= 1")
-    if train.keep_last < 1:
-        raise ValueError(f"train.keep_last={train.keep_last} must be >= 1")
     if train.eval_tokens < seq:
         raise ValueError(f"train.eval_tokens={train.eval_tokens} is smaller than model.seq_len={seq}")
-    if train.device not in DEVICES or train.precision not in PRECISIONS:
-        raise ValueError(f"train.device={train.device!r} / train.precision={train.precision!r} unknown")
-    if optim.schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule={optim.schedule!r} is not one of {SCHEDULES}")
-    if optim.lr <= 0 or not 0 <= optim.min_lr_ratio <= 1:
-        raise ValueError(
-            f"optim.lr={optim.lr} must be > 0 and optim.min_lr_ratio={optim.min_lr_ratio} in [0, 1]"
-        )
-    if not 0 <= optim.warmup_frac < 1 or not 0 <= optim.decay_frac <= 1:
-        raise ValueError(
-            f"optim.warmup_frac={optim.warmup_frac} must be in [0, 1) and optim.decay_frac={optim.decay_frac} in [0, 1]"
-        )
     steps = -(-train.tokens // train.batch_tokens)
     decay = round(optim.decay_frac * steps) if optim.schedule == "wsd" else 0
     return TrainPlan(

@@ -92,77 +92,83 @@ def validate_model_config(cfg: ModelConfig) -> None:
 
 
 def _validate_moe(m: MoEConfig, cfg: ModelConfig) -> None:
-    _positive_int("moe.num_experts", m.num_experts)
-    _positive_int("moe.granularity", m.granularity)
-    _positive_int("moe.top_k", m.top_k)
+    _positive_int("model.moe.num_experts", m.num_experts)
+    _positive_int("model.moe.granularity", m.granularity)
+    _positive_int("model.moe.top_k", m.top_k)
     if m.top_k > m.num_experts:
         raise ValueError(
-            f"moe.top_k={m.top_k} exceeds moe.num_experts={m.num_experts} "
+            f"model.moe.top_k={m.top_k} exceeds model.moe.num_experts={m.num_experts} "
             f"(k*G={m.k_routed} routed of E*G={m.n_routed} experts)"
         )
     if m.d_expert is not None:
-        _positive_int("moe.d_expert", m.d_expert)
-    d_expert, d_key = (m.d_expert, "moe.d_expert") if m.d_expert is not None else (cfg.d_ff, "model.d_ff")
+        _positive_int("model.moe.d_expert", m.d_expert)
+    d_expert, d_key = (
+        (m.d_expert, "model.moe.d_expert") if m.d_expert is not None else (cfg.d_ff, "model.d_ff")
+    )
     if d_expert % m.granularity:
-        raise ValueError(f"moe.granularity={m.granularity} does not divide moe.d_expert={d_expert} ({d_key})")
+        raise ValueError(
+            f"model.moe.granularity={m.granularity} does not divide model.moe.d_expert={d_expert} ({d_key})"
+        )
     d_fine = d_expert // m.granularity
 
-    _one_of("moe.router", m.router, ROUTER_KINDS)
-    _one_of("moe.score", m.score, SCORE_FNS)
-    _one_of("moe.order", m.order, ROUTER_ORDERS)
-    _one_of("moe.backend", m.backend, BACKENDS)
-    _one_of("moe.expert_choice_scope", m.expert_choice_scope, EXPERT_CHOICE_SCOPES)
-    _positive_real("moe.output_norm_eps", m.output_norm_eps)
+    _one_of("model.moe.router", m.router, ROUTER_KINDS)
+    _one_of("model.moe.score", m.score, SCORE_FNS)
+    _one_of("model.moe.order", m.order, ROUTER_ORDERS)
+    _one_of("model.moe.backend", m.backend, BACKENDS)
+    _one_of("model.moe.expert_choice_scope", m.expert_choice_scope, EXPERT_CHOICE_SCOPES)
+    _positive_real("model.moe.output_norm_eps", m.output_norm_eps)
     if m.routed_scale is not None:
-        _positive_real("moe.routed_scale", m.routed_scale)
+        _positive_real("model.moe.routed_scale", m.routed_scale)
         if m.routed_scale == float("inf"):
-            raise ValueError(f"moe.routed_scale={m.routed_scale!r} must be finite")
+            raise ValueError(f"model.moe.routed_scale={m.routed_scale!r} must be finite")
     if m.backend == "grouped" and d_fine % GROUPED_ALIGN:
         raise ValueError(
-            f"moe.backend='grouped' needs the fine expert size moe.d_expert/moe.granularity="
+            f"model.moe.backend='grouped' needs the fine expert size model.moe.d_expert/model.moe.granularity="
             f"{d_expert}/{m.granularity}={d_fine} to be a multiple of {GROUPED_ALIGN}; "
             "use backend 'auto' or 'reference', or change the sizes"
         )
 
     for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
-        _non_negative_real(f"moe.{name}", getattr(m, name))
+        _non_negative_real(f"model.moe.{name}", getattr(m, name))
     if m.jitter >= 1:
-        raise ValueError(f"moe.jitter={m.jitter} must be < 1 (router input is scaled by 1 +- jitter)")
+        raise ValueError(f"model.moe.jitter={m.jitter} must be < 1 (router input is scaled by 1 +- jitter)")
     if m.capacity_factor is not None:
-        _positive_real("moe.capacity_factor", m.capacity_factor)
+        _positive_real("model.moe.capacity_factor", m.capacity_factor)
     for name in ("allow_no_router_grad", "shared_gate", "output_norm"):
         if not isinstance(getattr(m, name), bool):
-            raise ValueError(f"moe.{name}={getattr(m, name)!r} must be a bool")
+            raise ValueError(f"model.moe.{name}={getattr(m, name)!r} must be a bool")
 
-    _non_negative_int("moe.num_shared", m.num_shared)
+    _non_negative_int("model.moe.num_shared", m.num_shared)
     if m.d_shared is not None:
-        _positive_int("moe.d_shared", m.d_shared)
+        _positive_int("model.moe.d_shared", m.d_shared)
         if m.num_shared == 0:
-            raise ValueError(f"moe.d_shared={m.d_shared} is set but moe.num_shared=0")
+            raise ValueError(f"model.moe.d_shared={m.d_shared} is set but model.moe.num_shared=0")
     if m.shared_gate and m.num_shared == 0:
-        raise ValueError("moe.shared_gate=True needs shared experts, but moe.num_shared=0")
+        raise ValueError("model.moe.shared_gate=True needs shared experts, but model.moe.num_shared=0")
 
     if m.router == "token_choice":
         if m.order == "after_topk" and m.k_routed == 1 and not m.allow_no_router_grad:
             raise ValueError(
-                f"moe.order='after_topk' with moe.top_k*moe.granularity={m.top_k}*{m.granularity}=1: "
+                f"model.moe.order='after_topk' with model.moe.top_k*model.moe.granularity={m.top_k}*{m.granularity}=1: "
                 "the normalisation runs over a single logit, so every gate is 1 and the router would "
                 "receive no gradient from the LM loss; use order 'before_topk', k*G > 1, or set "
-                "moe.allow_no_router_grad=True"
+                "model.moe.allow_no_router_grad=True"
             )
     else:  # expert_choice: experts pick tokens, so token-side top-k options have no meaning
         if m.order != "before_topk":
             raise ValueError(
-                f"moe.order={m.order!r} applies to token_choice only; moe.router='expert_choice' scores "
-                "all experts before experts pick their tokens: use moe.order='before_topk'"
+                f"model.moe.order={m.order!r} applies to token_choice only; model.moe.router='expert_choice' scores "
+                "all experts before experts pick their tokens: use model.moe.order='before_topk'"
             )
         if m.bias_update_rate > 0:
             raise ValueError(
-                f"moe.bias_update_rate={m.bias_update_rate} with moe.router='expert_choice': expert choice "
+                f"model.moe.bias_update_rate={m.bias_update_rate} with model.moe.router='expert_choice': expert choice "
                 "is balanced by construction (fixed capacity per expert); set it to 0"
             )
         if m.allow_no_router_grad:
-            raise ValueError("moe.allow_no_router_grad=True has no meaning with moe.router='expert_choice'")
+            raise ValueError(
+                "model.moe.allow_no_router_grad=True has no meaning with model.moe.router='expert_choice'"
+            )
 
     if cfg.first_dense_layers == cfg.n_layers:
         raise ValueError(

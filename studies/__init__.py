@@ -1,7 +1,7 @@
 """Hydra entry points and orchestration for MoE scaling studies (`python -m studies.run`).
 
 Importing the package registers the OmegaConf resolvers the configs use, so a submitit job that
-unpickles any part of it can resolve `${moe.jobs:}` and `${moe.threads:}`.
+unpickles any part of it can resolve `${local_jobs:}` and `${local_threads:}`.
 """
 
 from studies.resources import register_resolvers

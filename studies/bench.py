@@ -23,8 +23,9 @@ from hydra import compose, initialize_config_dir
 from moe.data import TokenLoader, prepare_data
 from moe.model import Transformer
 from moe.train import build_optimizer, train
-from studies import tracking
+from studies import runfiles, tracking
 from studies.config import load_run_config, register_configs
+from studies.mlflow_logger import FanOut, MlflowLogger
 from studies.point import Point, build_point
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -72,12 +73,12 @@ def full_loop(point: Point, data, steps: int, workdir: Path):
     """(seconds for train(), seconds inside the MLflow logger, TrainResult) over `steps` steps."""
     uri = tracking.default_tracking_uri(workdir)
     run_id = tracking.start_run(uri, "bench", workdir / "artifacts", run_name="bench", tags={"kind": "bench"})
-    mlf = TimedLogger(tracking.MlflowLogger(uri, run_id, point.run.tracking.flush_every_s))
-    jsonl = tracking.JsonlLogger(workdir / f"{run_id}.jsonl")
+    mlf = TimedLogger(MlflowLogger(uri, run_id, point.run.tracking.flush_every_s))
+    jsonl = runfiles.MetricsWriter(workdir / f"{run_id}.jsonl")
     cfg = dataclasses.replace(point.train, tokens=steps * point.plan.batch_tokens)
     t0 = time.perf_counter()
     result = train(
-        point.model, data, point.run.optim, cfg, tracking.FanOut(jsonl, mlf), progress=lambda _: None
+        point.model, data, point.run.optim, cfg, FanOut(jsonl, mlf), progress=lambda _: None
     )
     mlf.flush()
     seconds = time.perf_counter() - t0

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe.config import ModelConfig
+from moe.config import ModelConfig, MoEConfig
 from moe.data import DataConfig
 from moe.train import OptimConfig, TrainConfig
 
@@ -44,12 +44,24 @@ def _omegaconf_type(tp: Any, where: str) -> Any:
     return tp
 
 
+# Library fields a sweep axis owns: left out of the schema, so each value has one key (the axis) and
+# `train.tokens=...` fails at compose time instead of silently disagreeing with `tokens=...`.
+AXIS_OWNED: dict[type, dict[str, str]] = {
+    TrainConfig: {"tokens": "tokens", "seed": "seed"},
+    MoEConfig: {"granularity": "granularity"},
+}
+
+
 @functools.cache
 def schema_of(cls: type, extra: tuple[tuple[str, type, Any], ...] = ()) -> type:
-    """OmegaConf twin of dataclass `cls` (same fields and defaults), plus `extra` (name, type, default)."""
+    """OmegaConf twin of dataclass `cls` (same fields and defaults, less AXIS_OWNED), plus `extra`
+    (name, type, default)."""
     hints = typing.get_type_hints(cls)
     fields = []
+    owned = AXIS_OWNED.get(cls, {})
     for f in dataclasses.fields(cls):
+        if f.name in owned:
+            continue
         tp = _omegaconf_type(hints[f.name], f"{cls.__name__}.{f.name}")
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
@@ -134,13 +146,27 @@ class TrackingConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """How this invocation treats existing points; never part of a point's identity."""
+
+    dry_run: bool = False
+    """Print what each point would do (start / resume / skip / not retried) and launch nothing."""
+    retry_failed: bool = False
+    """Retry FAILED points (from their latest checkpoint); without it they are reported, not rerun."""
+
+
+@dataclass
 class ModelPreset(ModelConfig):
     name: str = "custom"
     """Name of the size preset (conf/model/<name>.yaml); logged as the `model` tag."""
+    vocab_size: int | None = None  # type: ignore[assignment]
+    """None: the data's vocabulary (data.vocab_size, or a tokens folder's meta.json). A preset that pins
+    its real vocabulary (mixtral_8x7b: 32000) needs data with that vocabulary: a mismatch is an error."""
 
-    def library(self) -> ModelConfig:
-        """The plain moe.config.ModelConfig (without the preset name)."""
-        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+    def library(self, vocab_size: int) -> ModelConfig:
+        """The plain moe.config.ModelConfig (without the preset name) at `vocab_size`."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{**fields, "vocab_size": vocab_size})
 
 
 @dataclass
@@ -150,11 +176,11 @@ class RunConfig:
     model: ModelPreset = field(default_factory=ModelPreset)
     """Size preset (conf/model/); the top-level axes below derive the point's model from it."""
     data: DataConfig = field(default_factory=DataConfig)
-    """moe.data.DataConfig; model.vocab_size follows data.vocab_size."""
+    """moe.data.DataConfig; the model's vocabulary comes from the data."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """moe.train.OptimConfig."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """moe.train.TrainConfig; train.tokens and train.seed follow the top-level axes."""
+    """moe.train.TrainConfig without tokens and seed: the axes `tokens` and `seed` are their only keys."""
     study: StudyConfig = field(default_factory=StudyConfig)
     """Study identity (conf/study/)."""
     infra: InfraConfig = field(default_factory=InfraConfig)
@@ -163,6 +189,8 @@ class RunConfig:
     """Where outputs go."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow settings."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """dry_run / retry_failed for this invocation (`--dry-run`, `--retry-failed` are short for them)."""
 
     # Sweep axes ----------------------------------------------------------------------------------
     variant: Variant = "moe"
@@ -170,7 +198,8 @@ class RunConfig:
     dense_match: DenseMatch = "active"
     """variant=dense matches the MoE's active params (same compute) or total params (moe.matched)."""
     granularity: int | None = None
-    """G: derives the matched fine-grained config (moe.matched.derive); None keeps the preset's."""
+    """G: splits each of the preset's experts into G (moe.matched.derive, same params, FLOPs and function
+    at init); the only key for it (presets are G=1). None: G=1."""
     top_k: int | None = None
     """Base k: derives the matched config (same active and total expert width); None keeps the preset's."""
     experts: int | None = None

@@ -17,17 +17,21 @@ launchers (docs/lifecycle.md):
    after each step, writes a checkpoint at that step boundary and stops, and only then is submitit's own
    handler called: it pickles `checkpoint()`'s resubmission and requeues. The requeued task runs the
    point again, and studies.point resumes it from runs/<key>/checkpoints.
-3. Before each batch is submitted, a table says per point whether it will start, resume (from which
-   step), be skipped (DONE) or refused (FAILED without --retry-failed).
+3. Terminating the sweep process ends its jobs cleanly. The sweep process waits in `launch`; SIGTERM
+   there (a `kill`, a closed session, a SLURM step ending) is forwarded to the local jobs, which
+   checkpoint at their next step and record PREEMPTED (resumable, studies.preemption); the sweep waits
+   for them, so no process is left behind, and exits non-zero. SLURM jobs are left to SLURM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,41 +39,12 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+
+from studies.preemption import preemption
 
 log = logging.getLogger(__name__)
-
-
-class Preemption:
-    """The job's preemption signal, noted by a handler and acted on at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._signum: int | None = None
-        self._submitit_handler: Any = None
-
-    def install(self) -> None:
-        """In a submitit job (main thread): take over submitit's checkpoint signal (USR2 by default)."""
-        import submitit
-
-        signum = submitit.JobEnvironment._usr_sig()
-        handler = signal.getsignal(signum)
-        if not callable(handler) or handler == self._note:
-            return  # not a submitit job, or installed already
-        self._signum, self._submitit_handler = signum, handler
-        signal.signal(signum, self._note)
-
-    def _note(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        print(f"{signal.Signals(signum).name} received: checkpointing at the end of this step", flush=True)
-
-    def hand_over(self) -> None:
-        """Let submitit checkpoint (our resubmission) and requeue; does not return (it exits the job)."""
-        signal.signal(self._signum, self._submitit_handler)
-        self._submitit_handler(self._signum, None)
-
-
-preemption = Preemption()
+JOB_STOP_WAIT_S = 120.0  # how long a terminated sweep waits for its local jobs to checkpoint and end
 
 
 def failure_record(error: str, job: str) -> dict[str, Any]:
@@ -87,7 +62,7 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
         ret = super().__call__(*args, **kwargs)
         if ret.status == JobStatus.FAILED:
             exc = ret._return_value
-            if isinstance(exc, TrainingInterrupted) and preemption.requested:
+            if isinstance(exc, TrainingInterrupted) and preemption.requeues_itself:
                 preemption.hand_over()
             raise exc
         return ret
@@ -96,7 +71,6 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
         import submitit
 
         assert self.config is not None and self.hydra_context is not None
-        print(self._lifecycle_table(job_overrides, initial_job_idx), flush=True)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
@@ -118,7 +92,37 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
             self, [list(o) for o in job_overrides], ["hydra.sweep.dir"] * len(nums), nums,
             [f"job_id_for_{n}" for n in nums], [state] * len(nums),
         )  # fmt: skip
-        return [self._collect(job, list(o), n) for job, o, n in zip(jobs, job_overrides, nums, strict=True)]
+        for job, num in zip(jobs, nums, strict=True):
+            print(f"job #{num}: {job.job_id}, log {job.paths.stdout}", flush=True)
+        with self._terminate_jobs_on_sigterm(jobs):
+            return [self._collect(job, list(o), n) for job, o, n in zip(jobs, job_overrides, nums, strict=True)]
+
+    @contextlib.contextmanager
+    def _terminate_jobs_on_sigterm(self, jobs: list[Any]) -> Iterator[None]:
+        """While waiting for local jobs: SIGTERM stops them the way a preemption does, then this process."""
+        if self._EXECUTOR != "local":
+            yield
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            print("SIGTERM: stopping the sweep's jobs (each checkpoints and records PREEMPTED)", flush=True)
+            processes = [p for p in (getattr(job, "_process", None) for job in jobs) if p is not None]
+            for process in processes:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + JOB_STOP_WAIT_S
+            for process in processes:
+                try:
+                    process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except Exception:  # noqa: BLE001 - a job that ignores the grace is killed
+                    process.kill()
+            raise SystemExit(143)  # 128 + SIGTERM, as if the default handler had run
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def _collect(self, job: Any, overrides: list[str], num: int) -> JobReturn:
         """The job's JobReturn; a failed job becomes a COMPLETED return holding its failure record."""
@@ -134,37 +138,3 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
             ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
             ret.return_value = failure_record(error, str(num))
             return ret
-
-    def _lifecycle_table(self, job_overrides: Sequence[Sequence[str]], first: int) -> str:
-        given = set(self.config.hydra.overrides.task)  # shown: only what a sweep varies
-        rows = []
-        for num, overrides in enumerate(job_overrides, start=first):
-            label = [o for o in filter_overrides(overrides) if o not in given]
-            try:
-                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            except Exception as exc:  # noqa: BLE001 - planning is informative; the job reports errors
-                rows.append((f"#{num}", " ".join(label) or "-", "?", "?", f"unknown ({exc})"))
-                continue
-            rows.append((f"#{num}", *lifecycle_row(cfg, label)))
-        return format_lifecycle(rows)
-
-
-def lifecycle_row(cfg: DictConfig, overrides: Sequence[str]) -> tuple[str, str, str, str]:
-    """(overrides, variant, run key, what running it does) for one composed job config."""
-    from studies.config import load_run_config
-    from studies.point import lifecycle, planned_point, retry_failed_from_env
-
-    label = " ".join(overrides) or "-"
-    try:
-        point = planned_point(load_run_config(cfg))
-        return label, point.variant, point.run_key, lifecycle(point.run_dir, retry_failed_from_env()).detail
-    except Exception as exc:  # noqa: BLE001 - shown in the table; validation names the key
-        return label, "?", "?", f"unknown ({type(exc).__name__}: {exc})"
-
-
-def format_lifecycle(rows: Sequence[Sequence[str]]) -> str:
-    header = ("job", "overrides", "variant", "run key", "action")[-len(rows[0]) :] if rows else ()
-    table = [header, *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
-    return "Sweep points:\n" + "\n".join(lines)

@@ -1,7 +1,7 @@
 """`python -m studies.plan [-m] <overrides>`: what a sweep would cost, without building a model.
 
 Takes the same overrides as `studies.run`, expands the sweep exactly as Hydra's basic sweeper would
-(study presets' hydra.sweeper.params plus the command line, via studies.callbacks.sweep_points), turns
+(study presets' hydra.sweeper.params plus the command line, via studies.sweep.compose_jobs), turns
 each point into its model and budget with the code `studies.run` uses (studies.point.build_point), and
 prints per point: total / active / non-embedding params, training FLOPs per token, tokens, steps, total
 training FLOPs and GPU-hours at a stated MFU and GPU peak. Counts are analytic (moe.accounting), so a 56B
@@ -9,10 +9,9 @@ config plans in well under a second; `--check-meta` also builds each model on th
 storage) and checks that its numel equals the analytic total.
 
 Vocabulary: studies.run sizes the model to the tokenizer of its data (data.vocab_size, or the meta.json
-of data=tokens). The planner cannot see token files, so by default it plans with model.vocab_size, which
-the small presets interpolate from data.vocab_size and the published-architecture presets pin to their
-real vocabulary (train those with data=tokens shards of that tokenizer). `--vocab data` plans with
-data.vocab_size instead. Points where the two differ are flagged.
+of data=tokens) and refuses a preset whose pinned model.vocab_size disagrees. The planner plans without
+data, with the pinned vocabulary where a published-architecture preset has one (train those with
+data=tokens shards of that tokenizer), else data.vocab_size; such points are flagged.
 """
 
 from __future__ import annotations
@@ -23,29 +22,20 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
-from hydra import initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from moe.accounting import count_params, count_params_of_module, flops_per_token
-from studies.callbacks import sweep_points
-from studies.config import load_run_config, register_configs
+from moe.accounting import count_params, flops_per_token
+from studies.config import load_run_config
 from studies.point import build_point
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-CONFIG_NAME = "config"
+from studies.sweep import check_meta_numel, compose_jobs, varying
 
 # Dense (no structured sparsity) peak FLOP/s per GPU at bf16, from the vendors' datasheets
 # (H100/H200 SXM: 989.4 TFLOP/s; A100: 312 TFLOP/s).
 GPU_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
-VocabFrom = Literal["model", "data"]
 
 
 @dataclass(frozen=True)
@@ -118,53 +108,21 @@ class PointPlan:
     """sum(numel) of the model built on the meta device (--check-meta), else None."""
 
 
-def compose_jobs(overrides: Sequence[str], multirun: bool) -> list[tuple[tuple[str, ...], DictConfig]]:
-    """(job overrides, composed config) for every job `studies.run [-m] overrides` would launch."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="plan"):
-        gh = GlobalHydra.instance()
-        if not multirun:
-            cfg = gh.hydra.compose_config(CONFIG_NAME, list(overrides), run_mode=RunMode.RUN)
-            return [(tuple(overrides), cfg)]
-        # As hydra.main does for -m: compose the master config, let the sweeper expand it, and compose
-        # each job with the config loader the launcher uses.
-        master = gh.hydra.compose_config(CONFIG_NAME, list(overrides), run_mode=RunMode.MULTIRUN)
-        sweeper = master.hydra.sweeper.get("_target_", "")
-        if not sweeper.endswith("BasicSweeper"):
-            raise ValueError(
-                f"hydra.sweeper._target_={sweeper} is not Hydra's BasicSweeper: cannot expand it"
-            )
-        loader = gh.config_loader()
-        return [(tuple(job), loader.load_sweep_config(master, list(job))) for job in sweep_points(master)]
-
-
 def plan_point(
     cfg: DictConfig,
     hw: Hardware,
     *,
     overrides: Sequence[str] = (),
-    vocab: VocabFrom = "model",
     check_meta: bool = False,
 ) -> PointPlan:
     """Plan one composed config with the same derivation as studies.run (build_point); no weights."""
-    if vocab not in ("model", "data"):
-        raise ValueError(f"--vocab={vocab!r} is not one of model, data")
     run = load_run_config(cfg)
-    point = build_point(run, vocab_size=run.model.vocab_size if vocab == "model" else run.data.vocab_size)
+    point = build_point(run, vocab_size=run.model.vocab_size or run.data.vocab_size)
     params = count_params(point.model)
     flops = flops_per_token(point.model)
     tokens = point.plan.steps * point.plan.batch_tokens
     train_flops = flops.train * tokens
-    meta_numel = None
-    if check_meta:
-        from moe.model import Transformer  # only here: planning itself never builds a model
-
-        with torch.device("meta"):
-            meta_numel = count_params_of_module(Transformer(point.model))
-        if meta_numel != params.total:
-            raise ValueError(
-                f"model={run.model.name}: meta-device numel {meta_numel:,} != analytic total {params.total:,}"
-            )
+    meta_numel = check_meta_numel(point) if check_meta else None
     return PointPlan(
         overrides=tuple(overrides),
         variant=point.variant,
@@ -191,20 +149,19 @@ def plan_sweep(
     *,
     multirun: bool = False,
     hw: Hardware | None = None,
-    vocab: VocabFrom = "model",
     check_meta: bool = False,
 ) -> list[PointPlan]:
     """Plan every point of `studies.run [-m] overrides`; one ValueError lists every invalid point."""
     hw = hw or hardware()
     jobs = compose_jobs(overrides, multirun)
-    common = set.intersection(*(set(job) for job, _ in jobs)) if len(jobs) > 1 else set()
     plans, errors = [], []
-    for job, cfg in jobs:
+    for (job, cfg), label in zip(jobs, varying([job for job, _ in jobs]), strict=True):
         try:
-            plans.append(plan_point(cfg, hw, overrides=job, vocab=vocab, check_meta=check_meta))
-        except ValueError as exc:
-            varying = " ".join(o for o in job if o not in common) or " ".join(job) or "(no overrides)"
-            errors.append(f"  {varying}: {exc}")
+            if isinstance(cfg, Exception):
+                raise cfg
+            plans.append(plan_point(cfg, hw, overrides=job, check_meta=check_meta))
+        except (ValueError, HydraException, OmegaConfBaseException) as exc:
+            errors.append(f"  {label if len(jobs) > 1 else ' '.join(job) or '(no overrides)'}: {exc}")
     if errors:
         raise ValueError(f"{len(errors)} of {len(jobs)} sweep points are invalid:\n" + "\n".join(errors))
     return plans
@@ -225,17 +182,11 @@ def _hours(h: float) -> str:
     return f"{h:,.0f}" if h >= 100 else f"{h:.3g}"
 
 
-def varying_overrides(plans: Sequence[PointPlan]) -> list[str]:
-    """Per point, the overrides that differ between points (all of them for a single point)."""
-    common = set.intersection(*(set(p.overrides) for p in plans)) if len(plans) > 1 else set()
-    return [" ".join(o for o in p.overrides if o not in common) or "-" for p in plans]
-
-
 def format_plan(plans: Sequence[PointPlan], hw: Hardware) -> str:
     header = ("point", "variant", "total", "active", "non-emb", "act non-emb", "train FLOP/tok",
               "tokens", "steps", "train FLOPs", "GPU-h")  # fmt: skip
     rows = [header]
-    for label, p in zip(varying_overrides(plans), plans, strict=True):
+    for label, p in zip(varying([p.overrides for p in plans]), plans, strict=True):
         rows.append((
             label, p.variant, _si(p.params_total), _si(p.params_active), _si(p.params_non_embedding),
             _si(p.params_active_non_embedding), f"{p.flops_per_token_train:.3g}", _si(p.tokens),
@@ -261,8 +212,8 @@ def format_plan(plans: Sequence[PointPlan], hw: Hardware) -> str:
     )
     for model, vocab, data_vocab in pinned:
         lines.append(
-            f"note: model={model} planned with its vocabulary {vocab}; studies.run sizes the model to its "
-            f"data's tokenizer (data.vocab_size={data_vocab} unless data=tokens shards bring their own)."
+            f"note: model={model} pins its vocabulary {vocab}: studies.run needs data with that vocabulary "
+            f"(data=tokens shards of its tokenizer); with data.vocab_size={data_vocab} it is refused."
         )
     checked = [p for p in plans if p.meta_numel is not None]
     if checked:
@@ -296,16 +247,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gpu", default="h100", help=f"GPU peak from {sorted(GPU_PEAK_FLOPS)} (default h100)"
     )
     parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU; overrides --gpu")
-    parser.add_argument("--vocab", choices=("model", "data"), default="model",
-                        help="plan with model.vocab_size (default) or data.vocab_size")  # fmt: skip
     parser.add_argument("--check-meta", action="store_true",
                         help="also build each model on the meta device and check its numel")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for studies.run")
     args = parser.parse_args(argv)
     try:
         hw = hardware(args.gpu, args.mfu, args.peak_flops)
-        plans = plan_sweep(args.overrides, multirun=args.multirun, hw=hw, vocab=args.vocab,
-                           check_meta=args.check_meta)  # fmt: skip
+        plans = plan_sweep(args.overrides, multirun=args.multirun, hw=hw, check_meta=args.check_meta)
     except (ValueError, HydraException, OmegaConfBaseException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,8 +4,8 @@ Small models on CPU scale better across processes than across threads (each torc
 overhead on tiny matmuls), so the default gives every job one thread and runs one job per core, up to
 `MAX_JOBS`; above that, the extra cores become threads. Jobs are also capped by memory.
 A data-parallel point (infra.tasks_per_node > 1) is one job of several processes: its tasks count
-against the cores and the memory. Registered as OmegaConf resolvers (`${moe.jobs:TASKS}`,
-`${moe.threads:TASKS}`, TASKS defaulting to 1) used by conf/infra/.
+against the cores and the memory. Registered as OmegaConf resolvers (`${local_jobs:TASKS}`,
+`${local_threads:TASKS}`, TASKS defaulting to 1) used by conf/infra/.
 Environment overrides: MOE_JOBS, MOE_THREADS.
 """
 
@@ -34,10 +34,24 @@ def available_memory_gib() -> float | None:
         return None
 
 
+def env_count(name: str) -> int | None:
+    """A positive integer from environment variable `name` (None if unset); ValueError naming it."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} must be a positive integer") from None
+    if value < 1:
+        raise ValueError(f"{name}={raw!r} must be a positive integer")
+    return value
+
+
 def concurrent_jobs(cpus: int | None = None, memory_gib: float | None = None, tasks: int = 1) -> int:
     """How many sweep points run at once, each a job of `tasks` processes."""
-    if os.environ.get("MOE_JOBS"):
-        return max(1, int(os.environ["MOE_JOBS"]))
+    if (jobs := env_count("MOE_JOBS")) is not None:
+        return jobs
     cpus = cpus if cpus is not None else available_cpus()
     jobs = min(cpus // tasks, MAX_JOBS)
     memory_gib = memory_gib if memory_gib is not None else available_memory_gib()
@@ -48,8 +62,8 @@ def concurrent_jobs(cpus: int | None = None, memory_gib: float | None = None, ta
 
 def threads_per_job(cpus: int | None = None, jobs: int | None = None, tasks: int = 1) -> int:
     """torch intra-op threads for each task of each concurrent job: the cores split evenly between them."""
-    if os.environ.get("MOE_THREADS"):
-        return max(1, int(os.environ["MOE_THREADS"]))
+    if (threads := env_count("MOE_THREADS")) is not None:
+        return threads
     cpus = cpus if cpus is not None else available_cpus()
     jobs = jobs if jobs is not None else concurrent_jobs(cpus, tasks=tasks)
     return max(1, cpus // (jobs * tasks))
@@ -57,8 +71,8 @@ def threads_per_job(cpus: int | None = None, jobs: int | None = None, tasks: int
 
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver(
-        "moe.jobs", lambda tasks=1: concurrent_jobs(tasks=int(tasks)), replace=True
+        "local_jobs", lambda tasks=1: concurrent_jobs(tasks=int(tasks)), replace=True
     )
     OmegaConf.register_new_resolver(
-        "moe.threads", lambda tasks=1: threads_per_job(tasks=int(tasks)), replace=True
+        "local_threads", lambda tasks=1: threads_per_job(tasks=int(tasks)), replace=True
     )

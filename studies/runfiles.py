@@ -208,3 +208,24 @@ def write_events(path: Path | str, events: Iterable[Mapping[str, Any]]) -> None:
     for event in events:
         writer.log_metrics({k: v for k, v in event.items() if k != "step"}, int(event["step"]))
     writer.close()
+
+
+# Sweep folders: <study dir>/multirun/<time>/<job number>/point.json ----------------------------------
+
+JOB_RECORD = "point.json"
+
+
+def write_job_record(job_dir: Path | str, record: Mapping[str, Any]) -> None:
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(job_dir) / JOB_RECORD, record)
+
+
+def read_job_records(sweep_dir: Path | str) -> list[dict[str, Any]]:
+    """One record per Hydra job folder of the sweep; a job that died before writing one counts as FAILED."""
+    job_dirs = sorted((p for p in Path(sweep_dir).iterdir() if (p / ".hydra").is_dir()),
+                      key=lambda p: int(p.name) if p.name.isdigit() else 1 << 30)  # fmt: skip
+    records = []
+    for job_dir in job_dirs:
+        record = read_json(job_dir / JOB_RECORD)
+        records.append(record or {"job": job_dir.name, "status": "FAILED", "error": "job ended without a record"})
+    return records

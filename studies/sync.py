@@ -11,7 +11,6 @@ in MLflow are never overwritten; a (key, step) whose value differs is counted as
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -21,22 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
-from studies import tracking
+from studies import runfiles, tracking
 from studies.point import AXES
-from studies.tracking import (
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_CHARS,
-    MAX_PARAMS_PER_BATCH,
-    Metric,
-    MlflowClient,
-    MlflowException,
-    Param,
-    RunTag,
-)
+from studies.tracking import MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_PER_BATCH
 
 TERMINAL = {"DONE": "FINISHED", "FAILED": "FAILED"}  # status.json -> MLflow run status
-ARTIFACTS = ("config.yaml", "metrics.jsonl", "summary.json")
+ARTIFACTS = (runfiles.CONFIG, runfiles.METRICS, runfiles.SUMMARY)
 
 
 @dataclass(frozen=True)
@@ -64,25 +57,8 @@ class RunSync:
 
 
 def read_metrics(path: Path) -> dict[tuple[str, int], float]:
-    """{(key, step): value} from metrics.jsonl; for a repeated (key, step) the last line wins. A torn
-    last line (the job was killed while writing it) is ignored; a bad line elsewhere is an error."""
-    out: dict[tuple[str, int], float] = {}
-    if not path.exists():
-        return out
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{i + 1} is not JSON: {line[:200]!r}") from None
-        step = int(record.pop("step"))
-        for key, value in record.items():
-            out[(key, step)] = float(value)
-    return out
+    """{(key, step): value} from metrics.jsonl (studies.runfiles' rule for broken lines)."""
+    return runfiles.metric_values(runfiles.read_events(path))
 
 
 def _same(a: float, b: float) -> bool:
@@ -90,7 +66,7 @@ def _same(a: float, b: float) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    return runfiles.read_json(path) or {}
 
 
 def _study_and_uri(run_dir: Path, study_dir: Path, tracking_uri: str | None) -> tuple[str, str]:
@@ -211,11 +187,10 @@ def sync_run(client: MlflowClient, uri: str, run_dir: Path, study: str, study_di
 def sync_study(study_dir: Path, tracking_uri: str | None = None) -> list[RunSync]:
     """Sync every runs/<run key>/ of the study; the URI comes from each run's config.yaml unless given."""
     study_dir = Path(study_dir)
-    runs_dir = study_dir / "runs"
-    if not runs_dir.is_dir():
+    if not runfiles.runs_dir(study_dir).is_dir():
         raise ValueError(f"{study_dir} has no runs/ folder: not a study directory (outputs/<study>/)")
     results, clients = [], {}
-    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+    for run_dir in runfiles.run_dirs(study_dir):
         study, uri = _study_and_uri(run_dir, study_dir, tracking_uri)
         client = clients.setdefault(uri, tracking.open_client(uri))
         results.append(sync_run(client, uri, run_dir, study, study_dir))

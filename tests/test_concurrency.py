@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from studies import tracking
+from studies import mlflow_logger, tracking
 from studies.sync import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def worker(uri: str, study: str, index: int, start_at: float, parent_run_id: str
     t0 = time.perf_counter()
     run_id = tracking.start_run(uri, study, Path(out).parent / "artifacts", run_name=f"job{index}",
                                 tags={"kind": "point", "job": str(index)}, parent_run_id=parent_run_id)  # fmt: skip
-    logger = tracking.MlflowLogger(uri, run_id, flush_every_s=0.01)
+    logger = mlflow_logger.MlflowLogger(uri, run_id, flush_every_s=0.01)
     logger.log_params({f"p{i}": i * index for i in range(150)})  # two log_batch calls of params
     logger.set_tags({"variant": f"v{index}"})
     for step in range(1, STEPS + 1):

@@ -1,7 +1,7 @@
 """Fail fast: every point of a sweep is composed and validated before any job starts; one bad point
 aborts the sweep with a message naming the override and the key, and nothing reaches MLflow.
 
-Most cases go through `validate_points`, the function the sweep callback calls, with the real conf/;
+Most cases go through `studies.sweep.validate_jobs`, the function the sweep and single-run callbacks call, with the real conf/;
 a handful go through the real `python -m studies.run -m ...` command."""
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from conftest import CONF_DIR
 from hydra import initialize_config_dir
 
 from moe.corpus import FORMAT_VERSION
-from studies.callbacks import check_tracking_uri, validate_points
+from studies.checks import check_tracking_uri
+from studies.sweep import validate_overrides
 from studies.config import register_configs
 from studies.server import free_port
 
@@ -45,7 +46,7 @@ def validate(shrunk, tmp_path):
         register_configs()
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             with pytest.raises(ValueError) as info:
-                validate_points([[*shrunk, *GOOD], [*shrunk, *bad]], "config", cwd=tmp_path)
+                validate_overrides([[*shrunk, *GOOD], [*shrunk, *bad]], cwd=tmp_path)
         message = str(info.value)
         assert message.startswith("1 of 2 sweep points are invalid:"), message
         assert f"  {' '.join(bad)}: " in message, f"the bad override is not named: {message}"
@@ -78,13 +79,16 @@ CASES = [
     ("wrong_type_axis", ["tokens=lots"], ["tokens", "lots"]),
     ("wrong_type_nested", ["model.n_layers=2.5"], ["model.n_layers", "2.5"]),
     ("not_in_literal", ["optim.schedule=linear"], ["optim.schedule", "linear"]),
-    ("granularity_not_dividing_d_ff", ["granularity=3"], ["moe.granularity=3", "does not divide"]),
+    ("granularity_not_dividing_d_ff", ["granularity=3"], ["granularity=3 does not divide", "model.d_ff=64"]),
     ("top_k_above_experts", ["model.moe.top_k=9"], ["moe.top_k=9", "moe.num_experts=8"]),
     ("zero_experts", ["experts=0"], ["moe.num_experts=0"]),
-    ("zero_budget", ["tokens=0"], ["train.tokens=0"]),
-    ("negative_budget", ["tokens=-4096"], ["train.tokens=-4096"]),
-    ("budget_below_one_batch", ["tokens=100"], ["train.tokens=100", "smaller than one batch"]),
-    ("train_tokens_not_following_axis", ["train.tokens=999"], ["train.tokens=999", "differs"]),
+    ("zero_budget", ["tokens=0"], ["tokens=0", "smaller than one batch"]),
+    ("negative_budget", ["tokens=-4096"], ["tokens=-4096", "smaller than one batch"]),
+    ("budget_below_one_batch", ["tokens=100"], ["tokens=100", "smaller than one batch"]),
+    ("train_tokens_is_not_a_second_key", ["train.tokens=999"], ["train.tokens is not a key", "`tokens=...`"]),
+    ("train_seed_is_not_a_second_key", ["train.seed=3"], ["train.seed is not a key", "`seed=...`"]),
+    ("preset_granularity_is_not_a_second_key", ["model.moe.granularity=3"],
+     ["model.moe.granularity is not a key", "`granularity=...`"]),
     ("batch_not_multiple_of_seq_len", ["train.batch_tokens=500"], ["train.batch_tokens=500", "model.seq_len=32"]),
     ("eval_below_one_sequence", ["train.eval_tokens=8"], ["train.eval_tokens=8"]),
     ("unknown_study", ["study=nope"], ["study/nope"]),
@@ -163,8 +167,8 @@ def test_a_valid_sweep_passes_and_writes_nothing(shrunk, tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         points = [[*shrunk, "granularity=1"], [*shrunk, "granularity=8", "model.moe.capacity_factor=1.25"],
                   [*shrunk, "variant=dense"], [*shrunk, "data=tokens", f"data.path={folder}"],
-                  [*shrunk, f"tracking.uri=sqlite:///{tmp_path}/new/dir/mlflow.db"]]  # fmt: skip
-        assert validate_points(points, "config", cwd=tmp_path) == 5
+                  [*shrunk, "seed=1", f"tracking.uri=sqlite:///{tmp_path}/new/dir/mlflow.db"]]  # fmt: skip
+        assert len(validate_overrides(points, cwd=tmp_path)) == 5
     nothing_written(tmp_path)
     assert not (tmp_path / "new").exists()
 
@@ -175,7 +179,7 @@ def test_budget_beyond_one_epoch_passes_with_allow_repeat(shrunk, tmp_path):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         point = [*shrunk, "data=tokens", f"data.path={folder}", "tokens=65536", "data.allow_repeat=true"]
-        assert validate_points([point], "config", cwd=tmp_path) == 1
+        assert len(validate_overrides([point], cwd=tmp_path)) == 1
     nothing_written(tmp_path)
 
 
@@ -184,9 +188,9 @@ def test_best_lr_study_with_a_one_point_lr_grid_is_refused_before_any_job(shrunk
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         points = [[*shrunk, "study.best_lr=true", f"granularity={g}", "optim.lr=0.003"] for g in (1, 8)]
         with pytest.raises(ValueError, match=r"study.best_lr=true but optim.lr has one value \(0.003\)"):
-            validate_points(points, "config", cwd=tmp_path)
+            validate_overrides(points, cwd=tmp_path)
         grid = [[*shrunk, "study.best_lr=true", "granularity=1", f"optim.lr={lr}"] for lr in (0.003, 0.01)]
-        assert validate_points(grid, "config", cwd=tmp_path) == 2
+        assert len(validate_overrides(grid, cwd=tmp_path)) == 2
     nothing_written(tmp_path)
 
 
@@ -194,11 +198,11 @@ def test_every_bad_point_is_listed_not_only_the_first(shrunk, tmp_path):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         with pytest.raises(ValueError) as info:
-            validate_points([[*shrunk, "granularity=3"], [*shrunk, "granularity=1"], [*shrunk, "optim.eps=0"]],
-                            "config", cwd=tmp_path)  # fmt: skip
+            validate_overrides([[*shrunk, "granularity=3"], [*shrunk, "granularity=1"], [*shrunk, "optim.eps=0"]],
+                               cwd=tmp_path)  # fmt: skip
     lines = str(info.value).splitlines()
     assert lines[0] == "2 of 3 sweep points are invalid:"
-    assert lines[1].startswith("  granularity=3: ValueError: moe.granularity=3")
+    assert lines[1].startswith("  granularity=3: ValueError: granularity=3 does not divide")
     assert lines[2].startswith("  optim.eps=0: ValueError: optim.eps=0")
 
 

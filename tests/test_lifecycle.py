@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from moe.checkpoint import checkpoint_path
 from moe.train import NonFiniteLossError, TrainingInterrupted
-from studies.point import PreviouslyFailedError, lifecycle, run_point
+from studies.execute import run_point
+from studies.lifecycle import PreviouslyFailedError, lifecycle
 
 REPO = Path(__file__).resolve().parents[1]
 WALL_CLOCK = "tokens_per_s"

@@ -107,10 +107,10 @@ def test_derive_never_mutates_base():
 
 
 BAD = [
-    ({"granularity": 3}, "moe.granularity=3 does not divide moe.d_expert=512"),
-    ({"granularity": 0}, "moe.granularity=0"),
+    ({"granularity": 3}, "granularity=3 does not divide the expert size model.d_ff=512"),
+    ({"granularity": 0}, "granularity=0"),
     ({"top_k": 3}, "is not an integer"),
-    ({"top_k": 0}, "moe.top_k=0"),
+    ({"top_k": 0}, "top_k=0"),
     ({"dense": "half"}, "dense='half'"),
     ({}, "exactly one"),
     ({"granularity": 2, "top_k": 4}, "exactly one"),

@@ -153,9 +153,9 @@ def test_gpu_hours_scale_with_mfu_and_peak():
         hardware("tpu")
 
 
-def test_vocab_data_plans_with_the_tokenizer_studies_run_would_train():
+def test_a_preset_plans_at_its_pinned_vocabulary_and_a_set_one_changes_only_the_embeddings():
     by_model = _one(["model=mixtral_8x7b", *BIG_BATCH])
-    by_data = _one(["model=mixtral_8x7b", "data.vocab_size=4096", *BIG_BATCH], vocab="data")
+    by_data = _one(["model=mixtral_8x7b", "model.vocab_size=4096", *BIG_BATCH])
     assert by_data.vocab_size == 4096
     assert by_model.params_total - by_data.params_total == 2 * 4096 * (32000 - 4096)
     assert by_model.params_non_embedding == by_data.params_non_embedding

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from studies.launcher import Preemption
-from studies.point import run_point
+from studies.preemption import Preemption
+from studies.execute import run_point
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def submitit_task(pid: int) -> int | None:
 
 def test_preemption_note_defers_submitit_handler_until_hand_over():
     calls = []
-    before = signal.getsignal(signal.SIGUSR2)
+    before, before_term = signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))  # stands in for submitit's
     try:
         note = Preemption()
@@ -61,6 +61,7 @@ def test_preemption_note_defers_submitit_handler_until_hand_over():
         assert calls == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, before)
+        signal.signal(signal.SIGTERM, before_term)
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from moe.checkpoint import (
 from moe.config import ModelConfig, MoEConfig
 from moe.data import DataConfig, prepare_data
 from moe.train import NonFiniteLossError, OptimConfig, TrainConfig, TrainingInterrupted, plan_training, train
-from studies.point import run_point
+from studies.execute import run_point
 
 # jitter > 0 makes the run draw from the global torch RNG every step, so a resume that forgot the RNG
 # state would diverge; bias balancing makes a buffer (not a parameter) part of the state.

@@ -21,7 +21,7 @@ import pytest
 import submitit
 from mlflow.tracking import MlflowClient
 
-from studies.point import run_point
+from studies.execute import run_point
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts" / "slurm"

@@ -4,10 +4,12 @@ with a clear error before anything trains."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.errors import ConfigCompositionException
@@ -16,10 +18,12 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from moe.accounting import count_params, flops_per_token
 from moe.config import ModelConfig
+from moe.corpus import FORMAT_VERSION
 from moe.matched import derive
-from studies.callbacks import sweep_points, validate_sweep
 from studies.config import RunConfig, load_run_config, register_configs, schema_of, to_library
-from studies.point import build_point, run_point
+from studies.execute import run_point
+from studies.point import build_point
+from studies.sweep import jobs_of, sweep_overrides, validate_jobs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUP_FILES = sorted(p.relative_to(CONF_DIR) for p in CONF_DIR.glob("*/*.yaml"))
@@ -36,9 +40,31 @@ def test_every_config_file_composes_and_validates(path, compose, tmp_path):
     overrides = [f"{group}={name}"]
     if str(path) in NEEDS_PATH:
         overrides.append(f"data.path={tmp_path}")
+        (tmp_path / "meta.json").write_text(
+            json.dumps({"version": FORMAT_VERSION, "dtype": "uint16", "vocab_size": 512})
+        )
+    preset = yaml.safe_load((CONF_DIR / path).read_text()) if group == "model" else {}
+    pinned = preset.get("vocab_size") or (preset.get("model") or {}).get("vocab_size")
+    if pinned:  # a published architecture pins its vocabulary: data with that vocabulary fits it
+        overrides.append(f"data.vocab_size={pinned}")
     point = point_of(compose, overrides)
     assert point.plan.steps >= 1
-    assert point.model.vocab_size == point.run.data.vocab_size
+    assert point.model.vocab_size == (512 if name == "tokens" else point.run.data.vocab_size)
+
+
+@pytest.mark.parametrize("preset", ["mixtral_8x7b", "olmoe_1b_7b"])
+def test_a_pinned_vocabulary_that_disagrees_with_the_data_is_refused_not_overwritten(preset, compose):
+    with pytest.raises(
+        ValueError,
+        match=rf"model.vocab_size=\d+ \(model={preset}\) disagrees with the data's vocabulary 2048",
+    ):
+        point_of(compose, [f"model={preset}", "data.vocab_size=2048"])
+
+
+def test_a_set_model_vocab_size_is_used_or_refused_never_silently_replaced(compose):
+    assert point_of(compose, ["model.vocab_size=2048", "data.vocab_size=2048"]).model.vocab_size == 2048
+    with pytest.raises(ValueError, match=r"model.vocab_size=4096 \(model=tiny\) disagrees"):
+        point_of(compose, ["model.vocab_size=4096"])
 
 
 def test_library_dataclasses_round_trip_through_their_schemas():
@@ -78,18 +104,19 @@ def test_unknown_axis_fails_at_compose_time(compose):
 
 
 def test_granularity_that_does_not_divide_d_ff_names_the_keys(compose):
-    with pytest.raises(ValueError, match=r"moe.granularity=3 does not divide moe.d_expert=256"):
+    with pytest.raises(ValueError, match=r"granularity=3 does not divide the expert size model.d_ff=256"):
         point_of(compose, ["granularity=3"])
 
 
 def test_budget_smaller_than_one_batch_is_rejected(compose):
-    with pytest.raises(ValueError, match=r"train.tokens=1000 is smaller than one batch"):
+    with pytest.raises(ValueError, match=r"tokens=1000 is smaller than one batch"):
         point_of(compose, ["tokens=1000"])
 
 
-def test_setting_train_tokens_instead_of_the_axis_is_rejected(compose):
-    with pytest.raises(ValueError, match=r"train.tokens=5 differs from the axis tokens=2000000"):
-        point_of(compose, ["train.tokens=5"])
+@pytest.mark.parametrize("override", ["train.tokens=5", "train.seed=1", "model.moe.granularity=8"])
+def test_a_value_with_an_axis_has_no_second_key(override, compose):
+    with pytest.raises(ConfigCompositionException, match=rf"Could not override '{override.split('=')[0]}'"):
+        point_of(compose, [override])
 
 
 def test_moe_axes_on_a_dense_preset_are_rejected(compose):
@@ -139,7 +166,7 @@ def test_top_k_axis_keeps_active_and_total_expert_width(compose):
 @pytest.mark.parametrize("study", ["granularity", "router_order", "token_budget", "equal_resources"])
 def test_every_study_preset_expands_to_valid_points(study, compose):
     cfg = compose([f"study={study}"], hydra=True)
-    jobs = sweep_points(cfg)
+    jobs = sweep_overrides(cfg)
     assert len(jobs) >= 4
     points = [point_of(compose, [f"study={study}", *job]) for job in jobs]
     assert len({p.run_key for p in points}) == len(points), "two sweep points would share a run dir"
@@ -150,7 +177,7 @@ def test_every_study_preset_expands_to_valid_points(study, compose):
 
 def test_equal_resources_pairs_dense_and_moe_at_equal_total_params_and_compute(compose):
     cfg = compose(["study=equal_resources"], hydra=True)
-    points = [point_of(compose, ["study=equal_resources", *job]) for job in sweep_points(cfg)]
+    points = [point_of(compose, ["study=equal_resources", *job]) for job in sweep_overrides(cfg)]
     for experts in (4, 8, 16):
         pair = {p.variant.split("-")[0]: p for p in points if p.run.experts == experts}
         dense, moe = pair["dense"], pair["moe"]
@@ -183,7 +210,7 @@ def test_sweep_validation_lists_every_bad_point(compose):
         cfg.hydra.overrides.task = ["granularity=1,3,5"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         with pytest.raises(ValueError, match=r"2 of 3 sweep points are invalid") as info:
-            validate_sweep(cfg, "config")
+            validate_jobs(jobs_of(cfg))
     assert "granularity=3" in str(info.value) and "granularity=5" in str(info.value)
 
 

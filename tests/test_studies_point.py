@@ -6,10 +6,11 @@ import json
 
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from studies.point import run_point
+from studies.execute import run_point
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +35,9 @@ def test_run_dir_holds_config_metrics_summary_and_status(finished):
     assert summary["final"]["val/loss"] == pytest.approx(result.val_loss)
     assert summary["final"]["val/loss"] < summary["data"]["unigram_entropy"] + 1.0
     assert summary["params"]["acct.params_total"] == result.params_total
-    assert json.loads((run_dir / "status.json").read_text()) == {"status": "DONE", "step": 20, "reason": None}
+    status = json.loads((run_dir / "status.json").read_text())
+    assert {k: status[k] for k in ("status", "step", "reason")} == {"status": "DONE", "step": 20, "reason": None}
+    assert status["threads"] == torch.get_num_threads() and status["world_size"] == 1
 
 
 def test_mlflow_run_has_tags_params_metric_history_and_artifacts(finished):

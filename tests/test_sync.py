@@ -17,8 +17,8 @@ import pytest
 from conftest import SHRINK
 from mlflow.tracking import MlflowClient
 
-from studies import tracking
-from studies.point import run_point
+from studies import mlflow_logger, tracking
+from studies.execute import run_point
 from studies.server import ServerSettings, free_port, running_server
 from studies.sync import read_metrics, sync_study
 
@@ -75,7 +75,7 @@ def test_read_metrics_rejects_a_corrupt_line_before_the_last(tmp_path):
 
 def test_logger_returns_at_once_and_gives_up_in_bounded_time_when_mlflow_is_unreachable():
     uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
-    logger = tracking.MlflowLogger(uri, FAKE_RUN_ID, flush_every_s=0.05, flush_timeout_s=2.0)
+    logger = mlflow_logger.MlflowLogger(uri, FAKE_RUN_ID, flush_every_s=0.05, flush_timeout_s=2.0)
     t0 = time.perf_counter()
     logger.log_params({"model.d_model": 32})
     logger.set_tags({"variant": "dense"})
@@ -100,7 +100,7 @@ def test_logger_returns_at_once_and_gives_up_in_bounded_time_when_mlflow_is_unre
 def test_logger_drops_a_write_mlflow_rejects_and_delivers_the_rest(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = tracking.start_run(uri, "s", tmp_path / "art", run_name="r", tags={"kind": "point"})
-    logger = tracking.MlflowLogger(uri, run_id, flush_every_s=60.0)
+    logger = mlflow_logger.MlflowLogger(uri, run_id, flush_every_s=60.0)
     logger.log_params({"a": 1})
     logger.log_params({"a": 2})  # params are immutable: MLflow refuses the change
     logger.log_metrics({"train/loss": 2.0}, 1)

@@ -1,0 +1,232 @@
+"""Train one sweep point and record it: `run_point`, what `python -m studies.run` calls in each job.
+
+Order: prepare the data (the cache the sweep's validation filled), derive the point at the data's
+vocabulary, take ownership of its run folder (studies.lifecycle.owned), decide (start / resume / skip
+/ retry / refuse), then train inside a PointRecord, which sets the final status however training ends.
+A job of several tasks trains the point data-parallel: rank 0 owns and records it and tells the other
+ranks what it decided (studies.ranks); they train alongside and return None.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from moe.checkpoint import checkpoint_path, load_checkpoint, load_latest
+from moe.data import PreparedData, check_budget, prepare_data, unigram_entropy
+from moe.train import train
+from studies import lifecycle, ranks, runfiles, sync, tracking
+from studies.config import RunConfig, load_run_config
+from studies.mlflow_logger import FanOut
+from studies.point import Point, build_point
+from studies.preemption import preemption
+from studies.record import PointRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PointResult:
+    run_key: str
+    variant: str
+    status: str
+    """DONE, or BUSY (another live process owns the point: not run here)."""
+    tags: dict[str, str]
+    params_total: int
+    params_active: int
+    tokens: int
+    val_loss: float | None
+    """Final validation loss, raw (the last evaluation; the report also shows a smoothed one)."""
+    train_loss: float | None
+    mlflow_run_id: str | None
+    run_dir: str
+    error: str | None = None
+    action: str = "start"
+    """What this run of the point did: start, resume, retry, skip or busy (docs/lifecycle.md)."""
+
+
+def tracking_uri_of(point: Point) -> str:
+    return point.run.tracking.uri or tracking.default_tracking_uri(point.study_dir)
+
+
+def prepared_point(run: RunConfig, cwd: Path | None) -> tuple[Point, PreparedData, float]:
+    """(point at the data's vocabulary, its prepared data, epochs its budget spans); ValueError if the
+    budget needs repeated data that was not allowed."""
+    prepared = prepare_data(run.data)
+    point = build_point(run, cwd=cwd, vocab_size=prepared.vocab_size)
+    epochs = check_budget(prepared, point.model.seq_len, point.train.tokens, run.data.allow_repeat)
+    return point, prepared, epochs
+
+
+def run_point(
+    cfg: DictConfig | RunConfig,
+    *,
+    parent_run_id: str | None = None,
+    cwd: Path | None = None,
+    retry_failed: bool | None = None,
+    stop_requested: Callable[[], bool] | None = preemption.stop_requested,
+    job: str | None = None,
+) -> PointResult | None:
+    """Train one sweep point and record it (files + MLflow child run), idempotently: a DONE point is
+    skipped, a partial one resumes from its latest checkpoint in the same MLflow run, a FAILED one is
+    retried only with retry_failed (default: launch.retry_failed). Raises after recording a failure;
+    TrainingInterrupted after a checkpoint when stop_requested() turned True (preemption)."""
+    run = load_run_config(cfg)
+    retry = run.launch.retry_failed if retry_failed is None else retry_failed
+    with ranks.point_process_group(run.train.device) as env:
+        if env.world_size != run.infra.nodes * run.infra.tasks_per_node:
+            raise ValueError(
+                f"the job has {env.world_size} tasks but infra.nodes={run.infra.nodes} x "
+                f"infra.tasks_per_node={run.infra.tasks_per_node} were asked for"
+            )
+        torch.set_num_threads(run.infra.threads)
+        if not env.is_main:
+            return _follow_point(run, cwd, stop_requested)
+        told: list[tuple[str, Any]] = []
+
+        def tell(decision: tuple[str, Any]) -> None:
+            told.append(decision)
+            ranks.share(decision)
+
+        try:
+            return _lead_point(run, parent_run_id, cwd, retry, stop_requested, tell, job)
+        except BaseException as exc:
+            if not told:  # the other ranks are waiting for a decision: let them stop too
+                ranks.share(("error", f"{type(exc).__name__}: {exc}"))
+            raise
+
+
+def _follow_point(run: RunConfig, cwd: Path | None, stop_requested: Callable[[], bool] | None) -> None:
+    """A rank other than 0: prepare the same data, wait for rank 0's decision, train alongside it."""
+    point, prepared, _ = prepared_point(run, cwd)
+    action, detail = ranks.share(None)
+    if action == "error":
+        raise RuntimeError(f"rank 0 stopped before training: {detail}")
+    if action != "train":  # skip, busy or refuse: rank 0 reports it
+        return None
+    ckpt_dir = point.run_dir / runfiles.CHECKPOINTS
+    state = load_checkpoint(checkpoint_path(ckpt_dir, detail)) if detail else None
+    train(point.model, prepared, run.optim, point.train, FanOut(), progress=None,
+          checkpoint_dir=ckpt_dir, resume=state, stop_requested=stop_requested)  # fmt: skip
+    return None
+
+
+def _lead_point(
+    run: RunConfig,
+    parent_run_id: str | None,
+    cwd: Path | None,
+    retry: bool,
+    stop_requested: Callable[[], bool] | None,
+    tell: Callable[[tuple[str, Any]], None],
+    job: str | None,
+) -> PointResult:
+    """Rank 0 (or the only rank): own, decide, record and train."""
+    point, prepared, epochs = prepared_point(run, cwd)
+    try:
+        with lifecycle.owned(point.run_dir, job):
+            return _decide_and_train(point, prepared, epochs, parent_run_id, retry, stop_requested, tell)
+    except lifecycle.PointBusyError as exc:
+        print(f"[{point.variant}] {exc}", flush=True)
+        tell(("busy", 0))
+        return _result(point, "BUSY", action="busy", error=str(exc))
+
+
+def _decide_and_train(
+    point: Point,
+    prepared: PreparedData,
+    epochs: float,
+    parent_run_id: str | None,
+    retry: bool,
+    stop_requested: Callable[[], bool] | None,
+    tell: Callable[[tuple[str, Any]], None],
+) -> PointResult:
+    run, run_dir = point.run, point.run_dir
+    plan = lifecycle.lifecycle(run_dir, retry)
+    print(f"[{point.variant}] run {point.run_key}: {plan.detail}", flush=True)
+    if plan.action in ("skip", "refuse"):
+        tell((plan.action, 0))
+    if plan.action == "skip":
+        complete_done_record(point)
+        return _done_result(point)
+    if plan.action == "refuse":
+        raise lifecycle.PreviouslyFailedError(f"point {point.run_key} ({point.variant}) {plan.detail}")
+
+    state = load_latest(run_dir / runfiles.CHECKPOINTS) if plan.step else None
+    start = state["step"] if state else 0  # a digest-valid file may still fail to load: one further back
+    _warn_if_threads_changed(point, plan.status)
+    entropy = unigram_entropy(prepared.val_path, prepared.dtype)
+    data_params = {"data.fingerprint": prepared.fingerprint, "data.unigram_entropy": entropy,
+                   "data.n_train_tokens": prepared.n_train_tokens, "data.epochs": round(epochs, 4)}  # fmt: skip
+    data_summary = {"fingerprint": prepared.fingerprint, "unigram_entropy": entropy,
+                    "n_train_tokens": prepared.n_train_tokens, "n_val_tokens": prepared.n_val_tokens}  # fmt: skip
+    record = PointRecord(
+        point, uri=tracking_uri_of(point), parent_run_id=parent_run_id, start=start, action=plan.action,
+        data_params=data_params, data_summary=data_summary, threads=torch.get_num_threads(),
+    )  # fmt: skip
+    acct = point.accounting()
+    with record:
+        print(f"[{point.variant}] run {point.run_key}: {acct['acct.params_total']:,} params "
+              f"({acct['acct.params_active']:,} active), {point.plan.steps} steps of {point.plan.batch_tokens} "
+              f"tokens" + (f" on {point.plan.world_size} ranks" if point.plan.world_size > 1 else "")
+              + f" -> {run_dir}" + (f" (resuming after step {start})" if start else ""), flush=True)  # fmt: skip
+        tell(("train", start))
+        result = train(
+            point.model, prepared, run.optim, point.train, record.logger,
+            progress=lambda line: print(f"[{point.variant}] {line}", flush=True),
+            checkpoint_dir=run_dir / runfiles.CHECKPOINTS, resume=state, stop_requested=stop_requested,
+        )  # fmt: skip
+        record.finish(result)
+    return _result(point, "DONE", action=plan.action, tokens=result.tokens, val_loss=result.final_val_loss,
+                   train_loss=result.final_train_loss, mlflow_run_id=record.opened.run_id)  # fmt: skip
+
+
+def _warn_if_threads_changed(point: Point, previous_status: str | None) -> None:
+    """Thread count changes float summation order, so a resume on other threads is not bitwise exact."""
+    before = (runfiles.read_status(point.run_dir) or {}).get("threads") if previous_status else None
+    now = torch.get_num_threads()
+    if before is not None and before != now:
+        print(f"[{point.variant}] warning: this point trained on {before} torch threads before and resumes "
+              f"on {now} (infra.threads): the rest of its curve is not bitwise what {before} would give",
+              flush=True)  # fmt: skip
+
+
+def complete_done_record(point: Point) -> None:
+    """A DONE point whose MLflow run is not FINISHED (killed between the two) is synced now."""
+    uri = tracking_uri_of(point)
+    summary = runfiles.read_summary(point.run_dir) or {}
+    try:
+        client = tracking.open_client(uri)
+        run_id = summary.get("mlflow_run_id")
+        if run_id and client.get_run(run_id).info.status == "FINISHED":
+            return
+        result = sync.sync_run(client, uri, point.run_dir, point.run.study.name, point.study_dir)
+        print(f"[{point.variant}] MLflow record completed: {sync.format_results([result]).splitlines()[-1].strip()}",
+              flush=True)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the files hold the result; studies.sync can finish later
+        print(f"[{point.variant}] MLflow record not checked ({type(exc).__name__}: {str(exc)[:200]}); "
+              f"run `python -m studies.sync {point.study_dir}` later", flush=True)  # fmt: skip
+
+
+def _result(point: Point, status: str, **fields: Any) -> PointResult:
+    acct = point.accounting()
+    base: dict[str, Any] = dict(
+        run_key=point.run_key, variant=point.variant, status=status, tags=point.tags(),
+        params_total=int(acct["acct.params_total"]), params_active=int(acct["acct.params_active"]),
+        tokens=point.train.tokens, val_loss=None, train_loss=None, mlflow_run_id=None,
+        run_dir=str(point.run_dir),
+    )  # fmt: skip
+    return PointResult(**{**base, **fields})
+
+
+def _done_result(point: Point) -> PointResult:
+    """The record of a point finished earlier, from its summary.json."""
+    summary = runfiles.read_summary(point.run_dir) or {}
+    final = summary.get("final", {})
+    return _result(point, "DONE", action="skip", tokens=summary.get("tokens", 0), val_loss=final.get("val/loss"),
+                   train_loss=final.get("train/loss"), mlflow_run_id=summary.get("mlflow_run_id"))  # fmt: skip
