@@ -35,6 +35,24 @@ class Smoothing:
         if self.window < 1:
             raise ValueError(f"smoothing.window={self.window} must be >= 1")
 
+    def describe(self) -> str:
+        """How, in a few words, for labels: "trailing log-linear fit over 5 evals"."""
+        return {
+            "loglinear": f"trailing log-linear fit over {self.window} evals",
+            "ema": f"debiased EMA {self.ema:g}",
+            "median": f"trailing median of {self.window} evals",
+            "none": "none",
+        }[self.method]
+
+
+RAW_LABEL = "final val loss (raw)"
+"""The last logged val/loss of a run: summary.json's final["val/loss"], MLflow's last val/loss."""
+
+
+def smoothed_label(smoothing: Smoothing) -> str:
+    """The label of the final smoothed val loss, which step savings and the paired differences use."""
+    return f"final val loss (smoothed, {smoothing.describe()})"
+
 
 def smooth(values, smoothing: Smoothing = Smoothing(), steps=None) -> np.ndarray:
     """Smooth a curve using only past points (trailing), so the last value is not pulled by the future.

@@ -271,7 +271,9 @@ def _check_identifiable(spec: LawSpec, theta_P: np.ndarray, logx_NC: np.ndarray)
     rank = int((s > IDENTIFIABLE_RTOL * s[0]).sum())
     if rank == P:
         return
-    distinct = ", ".join(f"{len(np.unique(logx_NC[:, i]))} distinct {c}" for i, c in enumerate(spec.covariates))
+    distinct = ", ".join(
+        f"{len(np.unique(logx_NC[:, i]))} distinct {c}" for i, c in enumerate(spec.covariates)
+    )
     rows = len(np.unique(logx_NC, axis=0))
     coefs = ", ".join(f"{k} {v:.4g}" for k, v in spec.coefficients(theta_P).items())
     raise NotIdentifiable(

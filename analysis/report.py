@@ -11,34 +11,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from analysis import cli, plots
-from analysis.checks import ROUTED_SCALE, Check, comparability_checks, per_variant
+from analysis.checks import ROUTED_SCALE, comparability_checks, per_variant
 from analysis.curves import fit_loss_curve
-from analysis.derive import FLOPS_PER_TOKEN, LR, Smoothing, curves, final_losses, run_finals
+from analysis.derive import LR, Smoothing, curves, final_losses, run_finals
+from analysis.findings import FINDINGS_FILE, finding_sentences, read_findings
 from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
 from analysis.load import Study, check_tracking_server, load_study
 from analysis.paired import paired_differences
+from analysis.report_md import FINAL_COLUMNS, fairness_sections, final_labels, render
 from analysis.savings import pick_baselines, step_savings
-from analysis.tuning import LrTuning, best_lr_runs, lr_tuning, use_best_lr
+from analysis.tuning import best_lr_runs, lr_tuning, use_best_lr
 from studies import runfiles
 
 log = logging.getLogger(__name__)
 PROG = "python -m analysis.report"
-# Histories the report reads; per-layer router stats stay in MLflow (one query per run x key).
-FLOP_CONVENTION = (
-    "moe.accounting: router counted as a matmul, 6 FLOPs per router parameter per token; "
-    "analysis.compute_optimal's planning defaults to the paper's 14"
-)
+SAVINGS_CI = 0.9
+"""Central mass of the seed-bootstrap interval of the step savings."""
 # Router stats normalised so a uniform router reads the same at every G (docs/outputs.md); per block for
 # the first/last MoE layer plot (names of blocks a model lacks are simply absent).
 ROUTER_STATS = ("top1_share_norm", "entropy_norm", "imbalance")
+# Histories the report reads; per-layer router stats stay in MLflow (one query per run x key).
 REPORT_METRICS = (
     "val/loss", "train/loss", "tokens", "flops",
     *(f"router/{stat}" for stat in ROUTER_STATS),
@@ -46,33 +44,22 @@ REPORT_METRICS = (
 )  # fmt: skip
 
 
-def md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
-    """A GitHub markdown table (pandas' to_markdown needs the optional tabulate package)."""
-
-    def cell(v):
-        if isinstance(v, (float, np.floating)):
-            return "" if math.isnan(v) else format(v, floatfmt)
-        return str(v)
-
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    return "\n".join(
-        [head, sep] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    )
-
-
 def final_table(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Final smoothed validation loss per (model, tokens, variant): mean, std and count over seeds, with
-    the variant's `optim.lr` and `moe.routed_scale_used` values as text ("" where not logged)."""
+    """Per (model, tokens, variant): seeds, mean final raw and smoothed val loss over seeds, the smoothed
+    one's std (columns `report_md.FINAL_COLUMNS`), and the variant's `optim.lr` and
+    `moe.routed_scale_used` values as text ("" where not logged)."""
     f = final_losses(curve).merge(
         runs[["run_key", "model", "tokens", "variant", "seed"]].rename(columns={"tokens": "budget"}),
         on="run_key",
     )
-    g = f.groupby(["model", "budget", "variant"], dropna=False)["final_smooth"]
-    out = g.agg(["mean", "std", "count"]).reset_index()
-    out = out.rename(
-        columns={"budget": "tokens", "mean": "val_loss", "std": "val_loss_std", "count": "seeds"}
-    )
+    raw, smoothed, std = FINAL_COLUMNS
+    out = (
+        f.groupby(["model", "budget", "variant"], dropna=False)
+        .agg(seeds=("final_smooth", "count"), **{raw: ("final", "mean"), smoothed: ("final_smooth", "mean"),
+             std: ("final_smooth", "std")})
+        .reset_index()
+        .rename(columns={"budget": "tokens"})
+    )  # fmt: skip
     for name, col in ((LR, "lr"), (ROUTED_SCALE, "routed_scale")):
         vals = per_variant(runs, name).rename(columns={name: col})
         out = out.merge(vals, on=["model", "tokens", "variant"], how="left")
@@ -152,7 +139,7 @@ def write_report(
     fit_table = pd.DataFrame(fit_rows).merge(runs[["run_key", "variant", "seed"]], on="run_key")
 
     try:
-        savings = step_savings(curve, runs, baseline=baseline, n_boot=n_boot)
+        savings = step_savings(curve, runs, baseline=baseline, n_boot=n_boot, ci=SAVINGS_CI)
         paired = paired_differences(per_run, pick_baselines(runs, baseline))
         savings_note = ""
     except ValueError as e:
@@ -165,11 +152,17 @@ def write_report(
     g_data = data.dropna(subset=["granularity"])
     laws["finegrained"] = _try_law(fit_finegrained, g_data, {"params": 2, "tokens": 2, "granularity": 2})
 
+    findings = finding_sentences(
+        savings, runs, checks=checks, tuning=tuning, at_best=at_best, ci=SAVINGS_CI, smoothing=smoothing
+    )
     figures = _figures(out, curve, s, fits, savings, data, laws)
-    fair = _fairness_sections(checks, tuning, at_best)
-    text = _markdown(s, fair, finals, savings, savings_note, paired, fit_table, laws, figures, smoothing)
+    fair = fairness_sections(checks, tuning, at_best, smoothing)
+    text = render(
+        s, findings, fair, finals, savings, savings_note, paired, fit_table, laws, figures, smoothing
+    )
     report = out / "report.md"
     report.write_text(text)
+    (out / FINDINGS_FILE).write_text("".join(f + "\n" for f in findings))
     finals.to_csv(out / "final_losses.csv", index=False)
     tuning.grid.to_csv(out / "lr_grid.csv", index=False)
     if not savings.empty:
@@ -189,7 +182,7 @@ def write_report(
             indent=2,
         )
     )
-    print(summary_text(finals, savings))
+    print(summary_text(finals, savings, smoothing))
     if parent_run_id:
         from mlflow.tracking import MlflowClient
 
@@ -198,12 +191,14 @@ def write_report(
     return report
 
 
-def summary_text(finals: pd.DataFrame, savings: pd.DataFrame) -> str:
-    """Plain-text summary: final losses, with step savings and intervals where measured."""
+def summary_text(finals: pd.DataFrame, savings: pd.DataFrame, smoothing: Smoothing | None = None) -> str:
+    """Plain-text summary: final losses (labelled as in report.md), with step savings and intervals."""
+    smoothing = smoothing or Smoothing()
     t = finals.copy()
     if not savings.empty:
         cols = ["model", "tokens", "variant", "savings_steps", "ci_lo", "ci_hi", "extrapolated"]
         t = t.merge(savings[cols], on=["model", "tokens", "variant"], how="left")
+    t = t.rename(columns=final_labels(smoothing))
     return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
@@ -238,114 +233,6 @@ def _figures(out, curve, s, fits, savings, data, laws) -> list[str]:
             plots.save(fig, out / f"law_{name}.png")
             names.append(f"law_{name}.png")
     return names
-
-
-def _fairness_sections(checks: list[Check], tuning: LrTuning, at_best: bool) -> list[str]:
-    """Comparability checks, then the LR grid when the comparison is at each variant's best LR."""
-    lines = ["## Comparability checks", ""]
-    for c in checks:
-        params = ", ".join(f"`{p}`" for p in c.params)
-        lines += [f"- **{c.name}** ({params}): {c.summary}"]
-        if not c.offenders.empty:
-            lines += ["", md_table(c.offenders), ""]
-    lines += [""]
-    if not at_best:
-        lr = tuning.best["lr"].dropna()
-        where = (
-            f"`{LR}` = {', '.join(sorted({format(v, 'g') for v in lr}))}" if len(lr) else f"`{LR}` not logged"
-        )
-        return lines + [f"Learning rate: one per variant ({where}); no best-LR selection.", ""]
-    grid = tuning.grid.assign(chosen=np.where(tuning.grid["best"], "best", "")).drop(columns="best")
-    best = tuning.best[["model", "tokens", "variant", "lr", "n_lrs", "note"]]
-    lines += [
-        f"## Learning-rate grid (`{LR}`)",
-        "",
-        "Savings, final losses and paired differences below use each variant at its own best LR "
-        "(lowest mean final smoothed val loss over seeds); runs at other LRs are left out of them. "
-        "A best LR at the edge of its grid is not bracketed: a better one may lie outside.",
-        "",
-        md_table(grid),
-        "",
-        md_table(best),
-        "",
-    ]
-    return lines
-
-
-def _paired_section(paired: pd.DataFrame, note: str) -> list[str]:
-    lines = ["## Paired differences by seed (variant - baseline final smoothed val loss)", ""]
-    if paired.empty:
-        return lines + [f"Not measured: {note}", ""]
-    t = paired.copy()
-    for c in ("ci_lo", "ci_hi"):
-        t[c] = [format(v, ".4g") if np.isfinite(v) else "n/a" for v in t[c]]
-    return lines + [
-        "Only seeds both arms ran are paired; negative favours the variant; interval: 95% Student t over "
-        "the paired differences (n/a with fewer than 2 pairs); favour_variant = pairs where the variant's "
-        "loss is lower.",
-        "",
-        md_table(t),
-        "",
-    ]
-
-
-def _markdown(s, fair, finals, savings, savings_note, paired, fit_table, laws, figures, smoothing) -> str:
-    lines = [
-        f"# Study report: {s.name}",
-        "",
-        f"Source: `{s.source}`. Finished point runs: {len(s.runs)}; "
-        f"excluded: {len(s.excluded)}. Smoothing: {smoothing}.",
-        "",
-    ]
-    if s.notes:
-        lines += ["## Loading notes", ""] + [f"- {n}" for n in s.notes] + [""]
-    if not s.excluded.empty:
-        lines += ["## Excluded runs (unfinished or failed)", "", md_table(s.excluded), ""]
-    lines += fair
-    lines += ["## Final validation loss (smoothed, mean over seeds)", "", md_table(finals), ""]
-    lines += ["## Step savings to reach the baseline's final loss", ""]
-    if savings.empty:
-        lines += [f"Not measured: {savings_note}", ""]
-    else:
-        cols = [
-            "model",
-            "tokens",
-            "variant",
-            "baseline",
-            "n_seeds",
-            "target_loss",
-            "steps_baseline",
-            "steps_variant",
-            "extrapolated",
-            "savings_steps",
-            "ci_lo",
-            "ci_hi",
-            "savings_tokens",
-            "savings_flops",
-            "fit_error",
-        ]
-        lines += [
-            "savings = 1 - steps_variant / steps_baseline; interval: bootstrap over seeds "
-            "(empty with one seed); extrapolated = reached only by the fitted curve. "
-            f"FLOPs are the runs' {FLOPS_PER_TOKEN} ({FLOP_CONVENTION}).",
-            "",
-            md_table(savings[[c for c in cols if c in savings]]),
-            "",
-        ]
-    lines += _paired_section(paired, savings_note)
-    lines += ["## Loss-curve fits L(t) = E + A t^-alpha", "", md_table(fit_table), ""]
-    lines += ["## Scaling-law fits", ""]
-    for name, (fit, err) in laws.items():
-        if fit is None:
-            lines += [f"- {name}: not fitted ({err})"]
-        else:
-            coefs = ", ".join(f"{k} = {v:.4g}" for k, v in fit.coefficients.items())
-            lines += [
-                f"- {name}: {coefs} (objective {fit.objective:.3g}, rmse(log) {fit.rmse_log:.3g}, "
-                f"{fit.n_points} points)"
-            ]
-    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FitError) as e:  # RunFileError is a ValueError naming the file
         return cli.fail(PROG, e)
     print(f"report: {path}")
+    print("\n".join(read_findings(path)))
     return 0
 
 

@@ -131,7 +131,9 @@ def test_report_cli_error_is_one_line_without_traceback_in_a_real_process(study)
 
 
 def test_report_with_an_unknown_baseline_names_it(study, capsys):
-    line = _error(report_cli.main, ["--study-dir", str(study), "--baseline", "dense", "--n-boot", "0"], capsys)
+    line = _error(
+        report_cli.main, ["--study-dir", str(study), "--baseline", "dense", "--n-boot", "0"], capsys
+    )
     assert "no group has baseline='dense'" in line and "moe-E8-k2-G1" in line
 
 
@@ -185,7 +187,9 @@ def test_fit_with_negative_delta_bootstrap_or_bad_ci_is_refused_naming_the_flag(
     assert _error(fit_cli.main, [path, "--bootstrap", "-5"], capsys).endswith(
         "argument --bootstrap: -5 must be >= 0"
     )
-    assert _error(fit_cli.main, [path, "--ci", "1.5"], capsys).endswith("argument --ci: 1.5 must be in (0, 1)")
+    assert _error(fit_cli.main, [path, "--ci", "1.5"], capsys).endswith(
+        "argument --ci: 1.5 must be in (0, 1)"
+    )
     assert _error(fit_cli.main, [path, "--bootstrap", "x"], capsys).endswith(
         "argument --bootstrap: 'x' is not an integer"
     )
@@ -202,7 +206,10 @@ def test_fit_law_refuses_negative_delta_and_bootstrap_naming_the_key(csv):
 def test_fit_on_identical_rows_is_not_identifiable_not_nonsense_coefficients(csv, capsys):
     path = csv([(1e8, 2e9, 3.0)] * 10)
     line = _error(fit_cli.main, [path], capsys)
-    assert "law 'chinchilla' is not identifiable from these 10 points (1 distinct params, 1 distinct tokens" in line
+    assert (
+        "law 'chinchilla' is not identifiable from these 10 points (1 distinct params, 1 distinct tokens"
+        in line
+    )
     assert "pin down only 1 of its 5 parameter combinations" in line
 
 
@@ -210,7 +217,9 @@ def test_fit_on_points_whose_params_and_tokens_move_together_is_not_identifiable
     # Two distinct (N, D) points, each repeated: N and D are confounded, the law has a family of optima.
     df = pd.DataFrame({"params": [1e8] * 5 + [2e8] * 5, "tokens": [2e9] * 5 + [4e9] * 5,
                        "loss": [3.0] * 5 + [2.9] * 5})  # fmt: skip
-    with pytest.raises(NotIdentifiable, match="2 distinct params, 2 distinct tokens; 2 distinct covariate rows"):
+    with pytest.raises(
+        NotIdentifiable, match="2 distinct params, 2 distinct tokens; 2 distinct covariate rows"
+    ):
         fit_chinchilla(df)
 
 

@@ -184,7 +184,7 @@ def test_paired_interval_is_narrow_where_absolute_loss_moves_between_seeds(tmp_p
     path = write_report(tmp_path / "seeds", n_boot=0)
     finals = pd.read_csv(path.parent / "final_losses.csv")
     p = pd.read_csv(path.parent / "paired.csv").iloc[0]
-    spread = finals["val_loss_std"].min()
+    spread = finals["final_val_loss_smoothed_std"].min()
     assert spread > 0.02 and p["ci_hi"] - p["ci_lo"] < spread / 2
     assert p["ci_hi"] < 0 and p["favour_variant"] == 4
     text = path.read_text()

@@ -8,6 +8,7 @@ import pytest
 from scipy.optimize import minimize
 from torch.testing import assert_close
 
+from analysis.compute_optimal import ComputeModel, compute_optimal
 from analysis.laws import (
     BESIROGLU_2024,
     CHINCHILLA,
@@ -20,7 +21,6 @@ from analysis.laws import (
 from analysis.load import load_chinchilla_svg
 from analysis.lse import grid, make_objective, starts_matrix
 from analysis.optim import minimize_batched
-from analysis.compute_optimal import ComputeModel, compute_optimal
 
 SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "chinchilla_svg_extracted.csv"
 needs_shared = pytest.mark.skipif(not SHARED_CSV.exists(), reason="../shared/data not present")

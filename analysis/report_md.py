@@ -1,0 +1,169 @@
+"""report.md, section by section, from the tables and fits `analysis.report.write_report` computed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.checks import Check
+from analysis.derive import FLOPS_PER_TOKEN, LR, RAW_LABEL, Smoothing, smoothed_label
+from analysis.tuning import LrTuning
+
+FLOP_CONVENTION = (
+    "moe.accounting: router counted as a matmul, 6 FLOPs per router parameter per token; "
+    "analysis.compute_optimal's planning defaults to the paper's 14"
+)
+FINAL_COLUMNS = ("final_val_loss_raw", "final_val_loss_smoothed", "final_val_loss_smoothed_std")
+"""final_losses.csv's names of the final losses; `final_labels` gives what the report prints."""
+
+
+def final_labels(smoothing: Smoothing) -> dict[str, str]:
+    """final_losses.csv column -> the label the report and the printed summary show."""
+    raw, smoothed, std = FINAL_COLUMNS
+    return {raw: RAW_LABEL, smoothed: smoothed_label(smoothing), std: "std over seeds (smoothed)"}
+
+
+def md_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """A GitHub markdown table (pandas' to_markdown needs the optional tabulate package)."""
+
+    def cell(v):
+        if isinstance(v, (float, np.floating)):
+            return "" if math.isnan(v) else format(v, floatfmt)
+        return str(v)
+
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    return "\n".join(
+        [head, sep] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    )
+
+
+def fairness_sections(
+    checks: list[Check], tuning: LrTuning, at_best: bool, smoothing: Smoothing
+) -> list[str]:
+    """Comparability checks, then the LR grid when the comparison is at each variant's best LR."""
+    lines = ["## Comparability checks", ""]
+    for c in checks:
+        params = ", ".join(f"`{p}`" for p in c.params)
+        lines += [f"- **{c.name}** ({params}): {c.summary}"]
+        if not c.offenders.empty:
+            lines += ["", md_table(c.offenders), ""]
+    lines += [""]
+    if not at_best:
+        lr = tuning.best["lr"].dropna()
+        where = (
+            f"`{LR}` = {', '.join(sorted({format(v, 'g') for v in lr}))}" if len(lr) else f"`{LR}` not logged"
+        )
+        return lines + [f"Learning rate: one per variant ({where}); no best-LR selection.", ""]
+    grid = tuning.grid.assign(chosen=np.where(tuning.grid["best"], "best", "")).drop(columns="best")
+    best = tuning.best[["model", "tokens", "variant", "lr", "n_lrs", "note"]]
+    lines += [
+        f"## Learning-rate grid (`{LR}`)",
+        "",
+        "Savings, final losses and paired differences below use each variant at its own best LR "
+        f"(lowest mean {smoothed_label(smoothing)} over seeds, val_loss); runs at other LRs are left out of "
+        "them. "
+        "A best LR at the edge of its grid is not bracketed: a better one may lie outside.",
+        "",
+        md_table(grid),
+        "",
+        md_table(best),
+        "",
+    ]
+    return lines
+
+
+def paired_section(paired: pd.DataFrame, note: str, smoothing: Smoothing) -> list[str]:
+    lines = [f"## Paired differences by seed (variant - baseline {smoothed_label(smoothing)})", ""]
+    if paired.empty:
+        return lines + [f"Not measured: {note}", ""]
+    t = paired.copy()
+    for c in ("ci_lo", "ci_hi"):
+        t[c] = [format(v, ".4g") if np.isfinite(v) else "n/a" for v in t[c]]
+    return lines + [
+        "Only seeds both arms ran are paired; negative favours the variant; interval: 95% Student t over "
+        "the paired differences (n/a with fewer than 2 pairs); favour_variant = pairs where the variant's "
+        "loss is lower.",
+        "",
+        md_table(t),
+        "",
+    ]
+
+
+def render(
+    s, findings, fair, finals, savings, savings_note, paired, fit_table, laws, figures, smoothing
+) -> str:
+    """The whole report.md: findings first, then loading notes, exclusions, checks, tables, fits, figures."""
+    lines = [
+        f"# Study report: {s.name}",
+        "",
+        f"Source: `{s.source}`. Finished point runs: {len(s.runs)}; "
+        f"excluded: {len(s.excluded)}. Smoothing: {smoothing.describe()} ({smoothing}).",
+        "",
+        "## Findings",
+        "",
+    ]
+    lines += [f"- {f}" for f in findings] or [f"No comparison measured: {savings_note}"]
+    lines += [""]
+    if s.notes:
+        lines += ["## Loading notes", ""] + [f"- {n}" for n in s.notes] + [""]
+    if not s.excluded.empty:
+        lines += ["## Excluded runs (unfinished or failed)", "", md_table(s.excluded), ""]
+    lines += fair
+    lines += [
+        "## Final validation loss (mean over seeds)",
+        "",
+        f"{RAW_LABEL}: the last logged val/loss (summary.json's final, MLflow's last value); "
+        f"{smoothed_label(smoothing)}: the smoothed curve's last value, which the step savings, the "
+        "paired differences and the law fits use.",
+        "",
+        md_table(finals.rename(columns=final_labels(smoothing))),
+        "",
+    ]
+    lines += [f"## Step savings to reach the baseline's {smoothed_label(smoothing)}", ""]
+    if savings.empty:
+        lines += [f"Not measured: {savings_note}", ""]
+    else:
+        cols = [
+            "model",
+            "tokens",
+            "variant",
+            "baseline",
+            "n_seeds",
+            "target_loss",
+            "steps_baseline",
+            "steps_variant",
+            "extrapolated",
+            "savings_steps",
+            "ci_lo",
+            "ci_hi",
+            "savings_tokens",
+            "savings_flops",
+            "fit_error",
+        ]
+        lines += [
+            f"target_loss = the baseline's {smoothed_label(smoothing)}; the step at which the variant's "
+            "smoothed curve reaches it is steps_variant. "
+            "savings = 1 - steps_variant / steps_baseline; interval: bootstrap over seeds "
+            "(empty with one seed); extrapolated = reached only by the fitted curve. "
+            f"FLOPs are the runs' {FLOPS_PER_TOKEN} ({FLOP_CONVENTION}).",
+            "",
+            md_table(savings[[c for c in cols if c in savings]]),
+            "",
+        ]
+    lines += paired_section(paired, savings_note, smoothing)
+    lines += ["## Loss-curve fits L(t) = E + A t^-alpha", "", md_table(fit_table), ""]
+    lines += ["## Scaling-law fits", ""]
+    for name, (fit, err) in laws.items():
+        if fit is None:
+            lines += [f"- {name}: not fitted ({err})"]
+        else:
+            coefs = ", ".join(f"{k} = {v:.4g}" for k, v in fit.coefficients.items())
+            lines += [
+                f"- {name}: {coefs} (objective {fit.objective:.3g}, rmse(log) {fit.rmse_log:.3g}, "
+                f"{fit.n_points} points)"
+            ]
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)
