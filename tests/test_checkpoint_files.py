@@ -133,6 +133,8 @@ def test_a_sharded_checkpoint_loads_into_fresh_tensors_and_its_digest_catches_co
     save_sharded(tmp_path, 6, tensors, {"plan": {"steps": 9}}, keep_last=1)
     assert not path.exists() and latest_step(tmp_path) == 6  # rotated, like the .pt files
     shard = next(checkpoint_path(tmp_path, 6).glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:-1] + b"\1")
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="does not match"):
         load_checkpoint(checkpoint_path(tmp_path, 6))

@@ -232,7 +232,9 @@ def test_an_incomplete_sharded_checkpoint_is_skipped_for_the_previous_one(data_c
     assert [s for s, _ in list_checkpoints(ckpt)] == [7, 6, 3]
     (ckpt / "step_000000007.dcp.sha256").unlink()  # as if killed before the marker was written
     shard = next((ckpt / "step_000000006.dcp").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")  # and a corrupted shard
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))  # and a corrupted shard
     assert load_latest(ckpt)["step"] == 3
 
 
