@@ -37,8 +37,9 @@ class StatusUpdates:
     """Keeps status.json's step current while the point trains (throttled: one small atomic write
     every STATUS_EVERY_S at most), since it is what a status view and a person read."""
 
-    def __init__(self, run_dir: Path, extra: dict[str, Any], every_s: float = STATUS_EVERY_S):
-        self.run_dir, self.extra, self.every_s = run_dir, extra, every_s
+    def __init__(self, run_dir: Path, extra: dict[str, Any], every_s: float | None = None):
+        self.run_dir, self.extra = run_dir, extra
+        self.every_s = STATUS_EVERY_S if every_s is None else every_s
         self._last = time.monotonic()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -144,12 +144,12 @@ def validate_point(run: RunConfig, launcher: dict, seen: Validation) -> Point:
     checks.check_name("study.name", run.study.name)
     checks.check_device(run.train.device)
     checks.check_scheduler(str(launcher.get("_target_", "")))
-    point = build_point(run, cwd=seen.cwd)  # derivation errors before any data work
+    point = build_point(run, cwd=seen.cwd)  # derivation and memory errors before any data work
+    checks.check_memory(point, launcher)
     prepared = seen.prepared(run)
     point = build_point(run, cwd=seen.cwd, vocab_size=prepared.vocab_size)
     check_budget(prepared, point.model.seq_len, point.train.tokens, run.data.allow_repeat)
     check_meta_numel(point)
-    checks.check_memory(point, launcher)
     checks.check_writable("paths.root", run.paths.root, point.study_dir)
     if run.tracking.uri:
         seen.tracking_ok(run.tracking.uri)

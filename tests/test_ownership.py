@@ -1,0 +1,142 @@
+"""Nothing lost, nothing run twice (issue #14): one owner per point, a DONE point's record completed on
+skip, status.json current while training, the thread count recorded, no empty sweep on a re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from studies import lifecycle, record
+from studies.execute import run_point
+from studies.runfiles import read_status
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def uri_of(root: Path) -> str:
+    return f"sqlite:///{root / 'outputs' / 'default' / 'mlflow.db'}"
+
+
+def test_a_point_owned_by_a_live_process_is_skipped_naming_the_owner(compose, shrunk, tmp_path):
+    cfg = compose([*shrunk, "granularity=2"])
+    first = run_point(cfg, cwd=tmp_path)
+    run_dir = Path(first.run_dir)
+    with lifecycle.owned(run_dir, job="sweep-a/0"):  # another sweep holds it (another open file: flock)
+        busy = run_point(cfg, cwd=tmp_path)
+        assert lifecycle.owner_of(run_dir)["job"] == "sweep-a/0"
+    assert busy.status == "BUSY" and busy.action == "busy"
+    assert f"pid {os.getpid()}" in busy.error and "sweep-a/0" in busy.error
+    assert lifecycle.owner_of(run_dir) is None, "the owner released the point"
+    assert run_point(cfg, cwd=tmp_path).action == "skip"
+
+
+def test_an_owner_that_died_does_not_block_the_point(compose, shrunk, tmp_path):
+    run_dir = tmp_path / "outputs" / "default" / "runs" / "x"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from studies.lifecycle import owned\n"
+         f"with owned(__import__('pathlib').Path({str(run_dir)!r}), job='dying'):\n"
+         "    print('held', flush=True); time.sleep(60)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert lifecycle.owner_of(run_dir)["job"] == "dying"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert lifecycle.owner_of(run_dir) is None, "the kernel released the dead owner's lock"
+    with lifecycle.owned(run_dir):
+        pass
+
+
+def test_a_done_point_whose_mlflow_run_was_left_running_is_completed_when_skipped(compose, shrunk, tmp_path):
+    cfg = compose([*shrunk, "granularity=2"])
+    first = run_point(cfg, cwd=tmp_path)
+    client = MlflowClient(uri_of(tmp_path))
+    # What a kill between status DONE and the MLflow close leaves: a RUNNING run without artifacts.
+    client.update_run(first.mlflow_run_id, status="RUNNING")
+    again = run_point(cfg, cwd=tmp_path)
+    assert again.action == "skip"
+    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(first.mlflow_run_id)} >= {"summary.json", "metrics.jsonl"}
+
+
+def test_status_json_keeps_the_step_current_and_records_the_threads(compose, shrunk, tmp_path, monkeypatch):
+    monkeypatch.setattr(record, "STATUS_EVERY_S", 0.0)
+    seen = []
+    cfg = compose([*shrunk, "granularity=2"])
+    run_dir_of = {}
+
+    def watch() -> bool:  # polled after every step: read what a person would read
+        if run_dir_of:
+            status = read_status(run_dir_of["dir"])
+            seen.append((status["status"], status["step"], status["threads"]))
+        return False
+
+    from studies.config import load_run_config
+    from studies.point import build_point
+
+    run_dir_of["dir"] = build_point(load_run_config(cfg), cwd=tmp_path).run_dir
+    run_point(cfg, cwd=tmp_path, stop_requested=watch)
+    running = [s for s in seen if s[0] == "RUNNING"]
+    assert max(step for _, step, _ in running) >= 16, running
+    assert {threads for *_, threads in running} == {torch.get_num_threads()}
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_sweep_starts_nothing_and_creates_no_sweep_folder_or_parent_run(shrunk, tmp_path):
+    env = {**os.environ, "MOE_JOBS": "1", "MOE_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    args = [sys.executable, "-m", "studies.run", "-m", *shrunk, "infra=basic", "granularity=1,2", "study.name=rerun"]
+    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    study = tmp_path / "outputs" / "rerun"
+    sweeps = sorted((study / "multirun").iterdir())
+    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Nothing to start: 2 of 2 points are DONE" in again.stdout
+    assert sorted((study / "multirun").iterdir()) == sweeps
+    client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("rerun")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kind") == "sweep"]
+    assert len(parents) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_sweep_process_preempts_its_jobs_and_leaves_no_process(shrunk, tmp_path):
+    env = {**os.environ, "MOE_JOBS": "2", "MOE_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    args = [sys.executable, "-m", "studies.run", "-m", *shrunk, "granularity=1,2", "tokens=204800",
+            "train.checkpoint_every=5", "study.name=sigterm"]  # fmt: skip
+    sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)  # fmt: skip
+    runs = tmp_path / "outputs" / "sigterm" / "runs"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        steps = [(read_status(d) or {}).get("step", 0) for d in runs.iterdir()] if runs.is_dir() else []
+        if len(steps) == 2 and min(steps) > 0:
+            break
+        time.sleep(0.5)
+    else:
+        sweep.kill()
+        pytest.fail("the jobs did not start training")
+    sweep.send_signal(signal.SIGTERM)
+    out, _ = sweep.communicate(timeout=200)
+    assert sweep.returncode != 0
+    statuses = {read_status(d)["status"] for d in runs.iterdir()}
+    assert statuses == {"PREEMPTED"}, (statuses, out[-3000:])
+    left = subprocess.run(["pgrep", "-g", str(sweep.pid)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", f"processes left in the sweep's group: {left.stdout}"
+    for d in runs.iterdir():
+        assert json.loads((d / "status.json").read_text())["reason"].startswith("stopped on request")
