@@ -51,7 +51,7 @@ Mode = Literal["ddp", "fsdp"]
 MODES = get_args(Mode)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParallelConfig:
     mode: Mode = "ddp"
     """ddp: every rank holds the whole model; fsdp: FSDP2 shards parameters, gradients and optimiser

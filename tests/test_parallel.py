@@ -161,12 +161,24 @@ def test_fsdp_on_two_ranks_reproduces_the_single_process_loss_curve(data_cfg, tm
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("parallel", [FSDP, dataclasses.asdict(ParallelConfig(mode="fsdp", ep=2))],
-                         ids=["fsdp4", "fsdp2_x_ep2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "parallel",
+    [FSDP, dataclasses.asdict(ParallelConfig(mode="fsdp", ep=2)),
+     dataclasses.asdict(ParallelConfig(mode="fsdp", ep=4, activation_checkpointing=True))],
+    ids=["fsdp4", "fsdp2_x_ep2", "ep4_recompute"],
+)  # fmt: skip
 def test_four_ranks_reproduce_the_single_process_loss_curve(parallel, data_cfg, tmp_path):
     cfg = dataclasses.replace(FAST, micro_batch_tokens=32)  # one sequence per rank per step
     ranks = torchrun(tmp_path, 4, spec_of(data_cfg, cfg, parallel=parallel))
     assert_same_curve(ranks[0]["events"], single_process(data_cfg, cfg).events)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_activation_checkpointing_leaves_the_loss_curve_unchanged(data_cfg):
+    logger = ListLogger()
+    train(TINY, prepare_data(data_cfg), OptimConfig(), FAST, logger, progress=None,
+          parallel=ParallelConfig(activation_checkpointing=True))  # fmt: skip
+    assert_same_curve(logger.events, single_process(data_cfg).events, rel=1e-6)
 
 
 @pytest.mark.slow

@@ -1,0 +1,115 @@
+"""Benchmark: training step time of the parallel layouts (moe.parallel) against DDP, on gloo CPU ranks.
+
+    python -m moe.parallel_bench [--nproc 2] [--steps 12] [--rounds 2] [--threads 1] [--json]
+
+Trains the `small` preset of arXiv 2402.07871 (d_model 256, 4 blocks, 8 experts, top-2; conf/model/
+small.yaml) with `moe.train.train` itself on `--nproc` local ranks, once per layout: ddp, fsdp, and fsdp
+with ep = nproc. Each rank trains on one sequence of 256 tokens per step. A step's time is read from
+the loop's own `tokens_per_s` (logged every 2 steps, which excludes evaluation); the first window
+(warm-up) is dropped and the median of the rest taken. Layouts run one after the other and the whole
+sequence repeats `--rounds` times in alternating order, so a busy machine slows all alike; `ratio` is
+the layout's median step time over DDP's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe.config import ModelConfig, MoEConfig
+from moe.data import DataConfig, prepare_data
+from moe.parallel import ParallelConfig
+from moe.train import OptimConfig, TrainConfig, train
+
+SMALL = ModelConfig(
+    vocab_size=2048, d_model=256, n_layers=4, n_heads=4, d_ff=1024, seq_len=256,
+    moe=MoEConfig(num_experts=8, top_k=2),
+)  # fmt: skip
+LOG_EVERY = 2
+
+
+class _Rates:
+    def __init__(self):
+        self.tok_s: list[float] = []
+
+    def log_metrics(self, metrics, step):
+        if "tokens_per_s" in metrics:
+            self.tok_s.append(metrics["tokens_per_s"])
+
+
+def _rank(rank: int, world: int, port: int, spec: dict, out: str) -> None:
+    torch.set_num_threads(spec["threads"])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = TrainConfig(tokens=spec["batch_tokens"] * spec["steps"], batch_tokens=spec["batch_tokens"],
+                          eval_every=0, eval_tokens=SMALL.seq_len, log_every=LOG_EVERY, progress_every=0,
+                          checkpoint_every=0, device="cpu")  # fmt: skip
+        rates = _Rates()
+        train(SMALL, prepare_data(DataConfig(**spec["data"])), OptimConfig(), cfg, rates, progress=None,
+              parallel=ParallelConfig(**spec["parallel"]))  # fmt: skip
+        if rank == 0:
+            Path(out).write_text(json.dumps(rates.tok_s))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_seconds(parallel: ParallelConfig, nproc: int, steps: int, threads: int, data: DataConfig) -> list[float]:
+    """Seconds per step of each logged window after the first."""
+    batch_tokens = SMALL.seq_len * nproc
+    spec = {"parallel": asdict(parallel), "steps": steps, "threads": threads, "batch_tokens": batch_tokens,
+            "data": asdict(data)}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "rates.json")
+        mp.start_processes(_rank, args=(nproc, _free_port(), spec, out), nprocs=nproc, start_method="spawn")
+        rates = json.loads(Path(out).read_text())
+    return [batch_tokens / r for r in rates[1:]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "moe-parallel-bench"))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    data = DataConfig(vocab_size=SMALL.vocab_size, max_chars=2_000_000, cache_dir=args.cache_dir)
+    prepare_data(data)  # once, before the ranks start
+    layouts = {"ddp": ParallelConfig(), "fsdp": ParallelConfig(mode="fsdp"),
+               f"fsdp_ep{args.nproc}": ParallelConfig(mode="fsdp", ep=args.nproc)}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    for round_ in range(args.rounds):
+        order = list(layouts) if round_ % 2 == 0 else list(reversed(layouts))
+        for name in order:
+            times[name] += step_seconds(layouts[name], args.nproc, args.steps, args.threads, data)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    result = {name: {"step_s": med[name], "ratio": med[name] / med["ddp"], "windows": len(times[name])}
+              for name in layouts}  # fmt: skip
+    if args.json:
+        print(json.dumps({"nproc": args.nproc, "threads": args.threads, "layouts": result}))
+        return
+    print(f"small preset, {args.nproc} gloo ranks x {args.threads} thread(s), 1 sequence of 256 per rank per step")
+    for name, r in result.items():
+        print(f"{name:>10}: {r['step_s'] * 1e3:8.1f} ms/step  {r['ratio']:.2f}x ddp  ({r['windows']} windows)")
+
+
+if __name__ == "__main__":
+    main()
