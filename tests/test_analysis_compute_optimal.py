@@ -3,8 +3,8 @@
 import pytest
 from torch.testing import assert_close
 
-from analysis.laws import law_from_preset
 from analysis.compute_optimal import ComputeModel, compute_optimal
+from analysis.laws import law_from_preset
 from moe.accounting import count_params, flops_per_token
 from moe.config import ModelConfig, MoEConfig
 
