@@ -231,3 +231,8 @@ def test_fit_on_a_missing_empty_or_non_numeric_csv_names_the_file(tmp_path, csv,
     assert f"{empty}: not a readable CSV" in _error(fit_cli.main, [str(empty)], capsys)
     path = csv([(1e8, 2e9, 3.0), (2e8, "lots", 2.9)])
     assert f"{path}: column 'tokens' is not a number on line(s) 3" in _error(fit_cli.main, [path], capsys)
+
+
+def test_report_with_an_unsupported_tracking_uri_scheme_names_it(study, capsys):
+    line = _error(report_cli.main, ["--study-dir", str(study), "--tracking-uri", "foo://x"], capsys)
+    assert "tracking URI 'foo://x': " in line and "unsupported URI 'foo://x'" in line
