@@ -152,7 +152,9 @@ def _check_fields(cfg: DataConfig) -> None:
         raise ValueError(f"data.workers={cfg.workers} must be >= 0")
     if cfg.tokenizer_file is not None:
         if cfg.source == "tokens":
-            raise ValueError(f"data.tokenizer_file={cfg.tokenizer_file!r} is set but data.source=tokens is already tokenised")
+            raise ValueError(
+                f"data.tokenizer_file={cfg.tokenizer_file!r} is set but data.source=tokens is already tokenised"
+            )
         if not Path(cfg.tokenizer_file).expanduser().is_file():
             raise ValueError(f"data.tokenizer_file={cfg.tokenizer_file!r} is not an existing file")
 
@@ -359,9 +361,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
         return _prepared_from_folder(_existing_folder(cfg), None)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     if cfg.source == "hf":
-        from moe.hf_data import prepare
-
-        return prepare(cfg, cache)
+        return _prepare_hf(cfg, cache)
     train, val = _load_split(cfg)
     fingerprint = _fingerprint(cfg, train, val)
     entry = cache / fingerprint
@@ -371,6 +371,30 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
             if not _cache_entry_ok(entry):  # another process may have built it while we waited
                 _build_entry(cfg, train, val, entry)
     return _prepared_from_folder(entry, fingerprint)
+
+
+def _prepare_hf(cfg: DataConfig, cache: Path) -> PreparedData:
+    """data.source=hf through moe.hf_data's resumable streaming build, cached like the other sources."""
+    from moe import hf_data
+
+    hf_data.check_source(cfg)
+    settings = {**_tokenizer_settings(cfg, cfg.tokenizer_chars), "source": "hf", "text_column": cfg.text_column,
+                "max_chars": cfg.max_chars, "val_fraction": cfg.val_fraction}  # fmt: skip
+    cache.mkdir(parents=True, exist_ok=True)
+    fp = hf_data.fingerprint(cfg, settings, cache)
+    entry = cache / fp
+    if not _cache_entry_ok(entry):
+        with FileLock(str(cache / f"{fp}.lock")):
+            if not _cache_entry_ok(entry):
+                t0 = time.perf_counter()
+                work = cache / f".partial-{fp}"
+                meta = hf_data.build_resumable(
+                    cfg, work, fp, lambda: _tokenizer(cfg, lambda: hf_data.training_texts(cfg))
+                )
+                _write_json(work / "meta.json", meta)
+                _install(work, entry)
+                log.info("built data cache %s in %.1f s", entry, time.perf_counter() - t0)
+    return _prepared_from_folder(entry, fp)
 
 
 def _build_entry(cfg: DataConfig, train: list[Document], val: list[Document], entry: Path) -> None:
@@ -410,5 +434,15 @@ def load_tokenizer(prepared: PreparedData):
 # Batches live in moe.loader; re-exported here, where callers have always found them.
 from moe.loader import TokenLoader, check_budget, epochs_for, validation_batches  # noqa: E402
 
-__all__ = ["DataConfig", "PreparedData", "TokenLoader", "check_budget", "epochs_for", "prepare_data",
-           "validation_batches", "validate_data_config", "load_tokenizer", "default_cache_dir"]
+__all__ = [
+    "DataConfig",
+    "PreparedData",
+    "TokenLoader",
+    "check_budget",
+    "epochs_for",
+    "prepare_data",
+    "validation_batches",
+    "validate_data_config",
+    "load_tokenizer",
+    "default_cache_dir",
+]

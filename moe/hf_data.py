@@ -189,63 +189,40 @@ def fingerprint(cfg, settings: dict, cache: Path) -> str:
     return f"hf-v{cfg.vocab_size}-{h.hexdigest()[:16]}"
 
 
-def prepare(cfg, cache: Path):
-    """data.source=hf: one streaming pass (build) into `.partial-<fingerprint>/`, which
-    survives an interruption and is resumed; renamed into place when complete."""
-    from filelock import FileLock
+def build_resumable(cfg, work: Path, fp: str, make_tokenizer) -> dict:
+    """data.source=hf: one streaming pass into `work` (`.partial-<fingerprint>/`, which survives an
+    interruption and is resumed) and the meta.json content; moe.data writes it and installs the entry.
+    make_tokenizer() -> (tokenizer, eod id): trains the BPE or loads data.tokenizer_file."""
+    work.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    if cfg.tokenizer_file is None and (work / "tokenizer.json").is_file():  # resumed: reuse it
+        from tokenizers import Tokenizer
 
-    from moe.data import (
-        _cache_entry_ok,
-        _install,
-        _prepared_from_folder,
-        _tokenizer,
-        _tokenizer_settings,
-        _write_json,
-    )  # fmt: skip
-
-    check_source(cfg)
-    settings = {**_tokenizer_settings(cfg, cfg.tokenizer_chars), "source": "hf", "text_column": cfg.text_column,
-                "max_chars": cfg.max_chars, "val_fraction": cfg.val_fraction}  # fmt: skip
-    cache.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(cfg, settings, cache)
-    entry = cache / fp
-    if not _cache_entry_ok(entry):
-        with FileLock(str(cache / f"{fp}.lock")):
-            if not _cache_entry_ok(entry):
-                work = cache / f".partial-{fp}"
-                work.mkdir(exist_ok=True)
-                t0 = time.perf_counter()
-                if cfg.tokenizer_file is None and (work / "tokenizer.json").is_file():  # resumed: reuse it
-                    from tokenizers import Tokenizer
-
-                    tokenizer = Tokenizer.from_file(str(work / "tokenizer.json"))
-                    eod = tokenizer.token_to_id(EOD_TOKEN)
-                else:
-                    tokenizer, eod = _tokenizer(cfg, lambda: training_texts(cfg))
-                    tokenizer.save(str(work / ".tokenizer.json.tmp"))
-                    os.replace(work / ".tokenizer.json.tmp", work / "tokenizer.json")
-                t1 = time.perf_counter()
-                counts = build(cfg, work, tokenizer, eod, fp)
-                if counts["n_val_docs"] == 0 or counts["n_train_docs"] == 0:
-                    n_docs = counts["n_train_docs"] + counts["n_val_docs"]
-                    raise ValueError(
-                        f"data.val_fraction={cfg.val_fraction} splits the {n_docs} documents of "
-                        f"data.path={cfg.path!r} into {counts['n_train_docs']} train / "
-                        f"{counts['n_val_docs']} validation: both need some"
-                    )
-                dtype = dtype_for_vocab(cfg.vocab_size)
-                meta = {"version": FORMAT_VERSION, "dtype": dtype, "vocab_size": cfg.vocab_size,
-                        "tokenizer_vocab_size": tokenizer.get_vocab_size(), "eod_id": eod,
-                        "tokenizer_file": cfg.tokenizer_file, "source": "hf", "path": cfg.path,
-                        "text_column": cfg.text_column, **counts,
-                        "val_unigram_entropy_nats": unigram_entropy(work / "val.bin", dtype),
-                        "tokenizer_train_s": round(t1 - t0, 3), "build_id": uuid.uuid4().hex,
-                        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
-                (work / "progress.json").unlink()
-                _write_json(work / "meta.json", meta)
-                _install(work, entry)
-                log.info("built data cache %s in %.1f s", entry, time.perf_counter() - t0)
-    return _prepared_from_folder(entry, fp)
+        tokenizer = Tokenizer.from_file(str(work / "tokenizer.json"))
+        eod = tokenizer.token_to_id(EOD_TOKEN)
+    else:
+        tokenizer, eod = make_tokenizer()
+        tokenizer.save(str(work / ".tokenizer.json.tmp"))
+        os.replace(work / ".tokenizer.json.tmp", work / "tokenizer.json")
+    t1 = time.perf_counter()
+    counts = build(cfg, work, tokenizer, eod, fp)
+    if counts["n_val_docs"] == 0 or counts["n_train_docs"] == 0:
+        n_docs = counts["n_train_docs"] + counts["n_val_docs"]
+        raise ValueError(
+            f"data.val_fraction={cfg.val_fraction} splits the {n_docs} documents of "
+            f"data.path={cfg.path!r} into {counts['n_train_docs']} train / "
+            f"{counts['n_val_docs']} validation: both need some"
+        )
+    dtype = dtype_for_vocab(cfg.vocab_size)
+    meta = {"version": FORMAT_VERSION, "dtype": dtype, "vocab_size": cfg.vocab_size,
+            "tokenizer_vocab_size": tokenizer.get_vocab_size(), "eod_id": eod,
+            "tokenizer_file": cfg.tokenizer_file, "source": "hf", "path": cfg.path,
+            "text_column": cfg.text_column, **counts,
+            "val_unigram_entropy_nats": unigram_entropy(work / "val.bin", dtype),
+            "tokenizer_train_s": round(t1 - t0, 3), "build_id": uuid.uuid4().hex,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    (work / "progress.json").unlink()
+    return meta
 
 
 # The streaming build ---------------------------------------------------------------------------

@@ -178,5 +178,8 @@ class StudyCallback(Callback):
                 best_lr=config.study.get("best_lr"),
             )  # fmt: skip
             print(f"Report: {path}")
+            from analysis.findings import read_findings
+
+            print("\n".join(read_findings(path)))
         except Exception:  # noqa: BLE001 - any analysis error must not fail a finished sweep
             print("analysis report failed (the sweep itself is recorded):\n" + traceback.format_exc())

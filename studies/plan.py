@@ -204,7 +204,7 @@ def format_plan(plans: Sequence[PointPlan], hw: Hardware) -> str:
         "FLOPs per token: moe.accounting convention (matmuls x2, attention QK^T and AV non-causal at "
         "model.seq_len, router included, training = 3 x forward).",
         "Router: 6 FLOPs per router parameter per token, as for any matmul weight (the real cost of the "
-        "router matmul); arXiv 2402.07871's compute model uses c_r = 14, which analysis.plan uses for "
+        "router matmul); arXiv 2402.07871's compute model uses c_r = 14, which analysis.compute_optimal uses for "
         "compute-optimal planning (ComputeModel.router_flops='matmul' switches it to 6).",
     ]
     pinned = sorted(

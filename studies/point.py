@@ -32,7 +32,7 @@ AXES = ("variant", "dense_match", "granularity", "top_k", "experts", "tokens", "
 # Keys that change where or how a point runs, or how often it reports, but not what it computes: left
 # out of the run key. Everything else in model, data, optim and train is in it.
 INFRA_KEYS = {
-    "data": ("cache_dir",),
+    "data": ("cache_dir", "workers"),
     "train": ("device", "compile", "log_every", "progress_every", "checkpoint_every", "keep_last"),
 }
 

@@ -61,3 +61,9 @@ class Preemption:
 
 preemption = Preemption()
 """The process's one instance: the launcher installs it, studies.execute polls it."""
+
+
+def install() -> None:
+    """`preemption.install()` through a module function: the entry point's task function is pickled by
+    value into submitit jobs, and a module object it referenced would arrive as a copy."""
+    preemption.install()

@@ -27,7 +27,7 @@ from studies.callbacks import PARENT_ENV
 from studies.config import load_run_config, register_configs
 from studies.execute import run_point
 from studies.point import build_point
-from studies.preemption import preemption
+from studies.preemption import install as install_stop_signals
 
 register_configs()
 
@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> dict:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     job_dir = Path(hc.runtime.output_dir)
-    preemption.install()  # SIGTERM (and submitit's signal in a job) checkpoints at the next step
+    install_stop_signals()  # SIGTERM (and submitit's signal in a job) checkpoints at the next step
     try:
         result = run_point(cfg, parent_run_id=os.environ.get(PARENT_ENV), cwd=Path(hc.runtime.cwd),
                            job=f"{job_dir.parent.name}/{job_dir.name}")  # fmt: skip
