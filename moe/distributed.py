@@ -160,6 +160,12 @@ def _store_on_rank0() -> bool:
     return "TORCHELASTIC_RUN_ID" not in os.environ
 
 
+def _from_a_collective(exc: BaseException) -> bool:
+    """Whether `exc` looks like a broken collective (gloo raises a plain RuntimeError naming itself)."""
+    words = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")
+    return isinstance(exc, dist.DistError) or any(w in str(exc).lower() for w in words)
+
+
 def explains_rank_failures(fn: Callable) -> Callable:
     """Re-raise an error from `fn` as PeerFailure when the heartbeat finds a failed peer (a collective
     broke because another rank died)."""
@@ -169,7 +175,7 @@ def explains_rank_failures(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (RuntimeError, dist.DistError) as exc:
-            if _MONITOR is None or isinstance(exc, PeerFailure):
+            if _MONITOR is None or isinstance(exc, PeerFailure) or not _from_a_collective(exc):
                 raise
             failure = _MONITOR.wait_for_verdict(_MONITOR.timeout_s + 2 * _MONITOR.period_s)
             if failure is None:

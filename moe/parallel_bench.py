@@ -3,8 +3,8 @@
     python -m moe.parallel_bench [--nproc 2] [--steps 12] [--rounds 2] [--threads 1] [--json]
 
 Trains the `small` preset of arXiv 2402.07871 (d_model 256, 4 blocks, 8 experts, top-2; conf/model/
-small.yaml) with `moe.train.train` itself on `--nproc` local ranks, once per layout: ddp, fsdp, and fsdp
-with ep = nproc. Each rank trains on one sequence of 256 tokens per step. A step's time is read from
+small.yaml) with `moe.train.train` itself on `--nproc` local ranks, once per layout: ddp, fsdp, fsdp keeping
+the gathered parameters from forward to backward (fsdp_keep), and fsdp with ep = nproc. Each rank trains on one sequence of 256 tokens per step. A step's time is read from
 the loop's own `tokens_per_s` (logged every 2 steps, which excludes evaluation); the first window
 (warm-up) is dropped and the median of the rest taken. Layouts run one after the other and the whole
 sequence repeats `--rounds` times in alternating order, so a busy machine slows all alike; `ratio` is
@@ -94,6 +94,7 @@ def main() -> None:
     data = DataConfig(vocab_size=SMALL.vocab_size, max_chars=2_000_000, cache_dir=args.cache_dir)
     prepare_data(data)  # once, before the ranks start
     layouts = {"ddp": ParallelConfig(), "fsdp": ParallelConfig(mode="fsdp"),
+               "fsdp_keep": ParallelConfig(mode="fsdp", reshard_after_forward=False),
                f"fsdp_ep{args.nproc}": ParallelConfig(mode="fsdp", ep=args.nproc)}  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in layouts}
     for round_ in range(args.rounds):
