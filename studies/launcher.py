@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -64,6 +65,13 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
             exc = ret._return_value
             if isinstance(exc, TrainingInterrupted) and preemption.requeues_itself:
                 preemption.hand_over()
+            if isinstance(exc, TrainingInterrupted) and preemption.requested:
+                # SIGTERM: the point is PREEMPTED with its checkpoint. End like a terminated process, with
+                # no result file: SLURM requeues a preempted job itself, and submitit would otherwise hand
+                # the sweep this attempt's error while the requeued attempt runs.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(128 + signal.SIGTERM)
             raise exc
         return ret
 

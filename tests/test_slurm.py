@@ -348,3 +348,39 @@ def test_time_limited_sweep_point_is_requeued_resumes_and_matches_the_uninterrup
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 121)), "one value per step in the one MLflow run"
     assert child.data.metrics["val/loss"] == reference.val_loss
+
+
+@pytest.mark.slow
+def test_scontrol_requeue_checkpoints_on_sigterm_and_the_requeued_job_resumes(cluster, shrunk, tmp_path):
+    """What PreemptMode=REQUEUE does to a running point (SIGTERM, KillWait, then SIGKILL; the same job
+    id queued again): the point checkpoints at its next step, is PREEMPTED, and the requeued job resumes
+    it to DONE instead of retraining from its last periodic checkpoint."""
+    db = tmp_path / "store.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [*shrunk, "granularity=2", "tokens=61440", "train.log_every=1", "train.checkpoint_every=1000",
+            "infra=slurm", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
+            "hydra.callbacks.study.report=false", f"tracking.uri=sqlite:///{db}"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "studies.run", "-m", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            logs = list(tmp_path.glob("outputs/default/runs/*/metrics.jsonl"))
+            if logs and len(logs[0].read_text().splitlines()) >= 10:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "the job never got going"
+            time.sleep(0.1)
+        run_dir = logs[0].parent
+        (job_dir,) = [p for p in tmp_path.glob("outputs/default/multirun/*/.submitit/*") if p.is_dir()]
+        subprocess.run(["scontrol", "requeue", job_dir.name], check=True)
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "1/1 points done" in out, out[-3000:]
+    logs = "".join(p.read_text() for p in job_dir.glob("*_log.*"))
+    assert "SIGTERM received: checkpointing at the end of this step" in logs, logs[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "DONE" and summary["resumed_from"] >= 10, "the requeued job must resume"
