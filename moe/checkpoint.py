@@ -196,7 +196,9 @@ def verify(path: Path) -> None:
             if not (path / name).is_file():
                 raise CheckpointError(f"{path.name}: {name} listed in {digest.name} is missing")
             if (got := _sha256(path / name)) != want:
-                raise CheckpointError(f"{path.name}/{name}: sha256 {got[:12]}... does not match {digest.name}")
+                raise CheckpointError(
+                    f"{path.name}/{name}: sha256 {got[:12]}... does not match {digest.name}"
+                )
         return
     if not path.is_file() or not digest.is_file():
         raise CheckpointError(f"{path.name}: incomplete (no {digest.name}: the write did not finish)")
@@ -260,7 +262,9 @@ def save_sharded(directory: Path, step: int, tensors: Mapping[str, Any], state: 
     try:
         dcp.save(dict(tensors), checkpoint_id=str(path))
         if main:
-            _atomic_write(path / TRAIN_STATE, lambda f: torch.save({"format": FORMAT, "step": step, **state}, f))
+            _atomic_write(
+                path / TRAIN_STATE, lambda f: torch.save({"format": FORMAT, "step": step, **state}, f)
+            )
     except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001 - DCP wraps the per-rank errors
         full = _disk_full(path / TRAIN_STATE, exc)
         if full is not None:

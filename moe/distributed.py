@@ -117,7 +117,10 @@ class Heartbeat:
                     if seen.get(r, ("", 0.0))[0] != value:
                         seen[r] = (value, now)
                     elif now - seen[r][1] > self.timeout_s:
-                        return self._fail(r, f"no heartbeat for {now - seen[r][1]:.0f} s (killed, hung, or its node is lost)")
+                        return self._fail(
+                            r,
+                            f"no heartbeat for {now - seen[r][1]:.0f} s (killed, hung, or its node is lost)",
+                        )
             except Exception as exc:  # noqa: BLE001 - any store error means the store's host is gone
                 store_errors += 1
                 if self._stop.is_set():

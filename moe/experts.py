@@ -271,7 +271,9 @@ class Experts(nn.Module):
             x_TD, r.token_A, r.gate_A, offs_N, w1, w3, w2, self.activation, gate_hidden, chunks
         )
 
-    def reset_parameters(self, init: InitScheme, std: float, out_std: float, out_fan_in: int | None = None) -> None:
+    def reset_parameters(
+        self, init: InitScheme, std: float, out_std: float, out_fan_in: int | None = None
+    ) -> None:
         """Input projections N(0, std) (fan-in d_model), output N(0, out_std) (fan-in `out_fan_in`,
         default F)."""
         init_weight_(self.w1, init, std, self.d_model)

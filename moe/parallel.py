@@ -75,7 +75,9 @@ class ParallelConfig:
         if not isinstance(self.ep, int) or self.ep < 1:
             raise ValueError(f"parallel.ep={self.ep!r} must be an integer >= 1")
         if not isinstance(self.dp_shard, int) or (self.dp_shard < 1 and self.dp_shard != -1):
-            raise ValueError(f"parallel.dp_shard={self.dp_shard!r} must be an integer >= 1, or -1 (world / ep)")
+            raise ValueError(
+                f"parallel.dp_shard={self.dp_shard!r} must be an integer >= 1, or -1 (world / ep)"
+            )
         if self.ep > 1 and self.mode != "fsdp":
             raise ValueError(f"parallel.ep={self.ep} needs parallel.mode='fsdp' (got {self.mode!r})")
 
@@ -133,7 +135,9 @@ def _checkpoint_blocks(model: nn.Module) -> None:
 class Parallel:
     """What the training loop asks of a layout. `net` is what to call for forward."""
 
-    def __init__(self, model: nn.Module, net: nn.Module, layout: Layout, mesh=None, shard: ExpertShard | None = None):
+    def __init__(
+        self, model: nn.Module, net: nn.Module, layout: Layout, mesh=None, shard: ExpertShard | None = None
+    ):
         self.model, self.net, self.layout, self.mesh, self.shard = model, net, layout, mesh, shard
         self.expert_params: list[nn.Parameter] = [
             p for block in model.blocks if block.is_moe and shard is not None
@@ -257,7 +261,9 @@ def load_full_(target: dict[str, Any], full: dict[str, Any], prefix: str = "") -
         elif tuple(t.shape) != tuple(src.shape):
             raise ValueError(f"{prefix}{key}: checkpoint shape {tuple(src.shape)}, this run {tuple(t.shape)}")
         elif isinstance(t, DTensor):
-            part = distribute_tensor(src.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None)
+            part = distribute_tensor(
+                src.to(t.device, t.dtype), t.device_mesh, t.placements, src_data_rank=None
+            )
             t.to_local().copy_(part.to_local())
         else:
             t.copy_(src)
@@ -288,7 +294,9 @@ def parallelize(model: nn.Module, layout: Layout, device: torch.device, *, bf16:
             if block.is_moe:
                 ignored.update(shard_experts_(block.ffn.experts, shard))
     # fp32 reduction of bf16 gradients; inputs are not cast, so the RoPE tables stay fp32.
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
     kwargs = {"mesh": world_mesh, "ignored_params": ignored or None,
               "mp_policy": mp if bf16 and device.type == "cuda" else MixedPrecisionPolicy()}  # fmt: skip
     for block in model.blocks:

@@ -70,7 +70,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def step_seconds(parallel: ParallelConfig, nproc: int, steps: int, threads: int, data: DataConfig) -> list[float]:
+def step_seconds(
+    parallel: ParallelConfig, nproc: int, steps: int, threads: int, data: DataConfig
+) -> list[float]:
     """Seconds per step of each logged window after the first."""
     batch_tokens = SMALL.seq_len * nproc
     spec = {"parallel": asdict(parallel), "steps": steps, "threads": threads, "batch_tokens": batch_tokens,
@@ -107,9 +109,13 @@ def main() -> None:
     if args.json:
         print(json.dumps({"nproc": args.nproc, "threads": args.threads, "layouts": result}))
         return
-    print(f"small preset, {args.nproc} gloo ranks x {args.threads} thread(s), 1 sequence of 256 per rank per step")
+    print(
+        f"small preset, {args.nproc} gloo ranks x {args.threads} thread(s), 1 sequence of 256 per rank per step"
+    )
     for name, r in result.items():
-        print(f"{name:>10}: {r['step_s'] * 1e3:8.1f} ms/step  {r['ratio']:.2f}x ddp  ({r['windows']} windows)")
+        print(
+            f"{name:>10}: {r['step_s'] * 1e3:8.1f} ms/step  {r['ratio']:.2f}x ddp  ({r['windows']} windows)"
+        )
 
 
 if __name__ == "__main__":

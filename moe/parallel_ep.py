@@ -94,7 +94,9 @@ def dispatch_combine(x_TD: Tensor, gate_A: Tensor, r: Routing, shard: ExpertShar
     block_R = torch.repeat_interleave(torch.arange(P * L, device=x_RD.device), recv_PL.reshape(-1),
                                       output_size=x_RD.shape[0])  # fmt: skip
     order_R = torch.argsort((block_R % L) * P + block_R // L, stable=True)
-    local_r = dataclasses.replace(r, token_A=order_R, gate_A=g_R.index_select(0, order_R), counts_N=recv_PL.sum(0))
+    local_r = dataclasses.replace(
+        r, token_A=order_R, gate_A=g_R.index_select(0, order_R), counts_N=recv_PL.sum(0)
+    )
     y_RD = local(x_RD, local_r)  # row i of y is the gated output of received row i
     y_AD = _AllToAll.apply(y_RD, send, recv, shard.group)
     return torch.zeros_like(x_TD).index_add(0, r.token_A, y_AD)

@@ -44,7 +44,15 @@ from moe.parallel import (
 from moe.schedule import lr_at
 from moe.train_plan import Device, OptimConfig, TrainConfig, TrainPlan, plan_training
 
-__all__ = ["OptimConfig", "ParallelConfig", "TrainConfig", "TrainPlan", "plan_training", "train", "TrainResult"]
+__all__ = [
+    "OptimConfig",
+    "ParallelConfig",
+    "TrainConfig",
+    "TrainPlan",
+    "plan_training",
+    "train",
+    "TrainResult",
+]
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,9 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, own_group: list | None = None) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, optim: OptimConfig, own_group: list | None = None
+) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (decaying norm gains and biases only hurts); the fused
     kernel on CUDA. `own_group` (EP experts: plain tensors among FSDP's DTensors) gets a group of its
     own, as a foreach/fused step cannot mix the two."""
@@ -265,7 +275,9 @@ def train(
         if "sharded" in resume:  # DCP: each rank reads its part, whatever layout wrote it
             load_sharded(resume["sharded"], par.state_tensors(opt))
         elif layout.sharded:
-            load_full_(par.state_tensors(opt), full_state_tensors(model, resume["model"], resume["optimizer"]))
+            load_full_(
+                par.state_tensors(opt), full_state_tensors(model, resume["model"], resume["optimizer"])
+            )
         else:
             model.load_state_dict(resume["model"])
             opt.load_state_dict(resume["optimizer"])

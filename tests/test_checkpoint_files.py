@@ -122,12 +122,18 @@ def test_a_full_disk_during_a_sharded_save_is_reported_as_no_space_left(full_dis
 
 
 def test_a_sharded_checkpoint_loads_into_fresh_tensors_and_its_digest_catches_corruption(tmp_path):
-    tensors = {"model": {"w": torch.randn(4, 3)}, "optim": {"w": {"exp_avg": torch.randn(4, 3), "step": torch.tensor(5.0)}}}
+    tensors = {
+        "model": {"w": torch.randn(4, 3)},
+        "optim": {"w": {"exp_avg": torch.randn(4, 3), "step": torch.tensor(5.0)}},
+    }
     path = save_sharded(tmp_path, 5, tensors, {"plan": {"steps": 9}}, keep_last=1)
     assert path == checkpoint_path(tmp_path, 5) == tmp_path / "step_000000005.dcp"
     state = load_checkpoint(path)
     assert state["step"] == 5 and state["plan"] == {"steps": 9} and state["sharded"] == str(path)
-    fresh = {"model": {"w": torch.zeros(4, 3)}, "optim": {"w": {"exp_avg": torch.zeros(4, 3), "step": torch.tensor(0.0)}}}
+    fresh = {
+        "model": {"w": torch.zeros(4, 3)},
+        "optim": {"w": {"exp_avg": torch.zeros(4, 3), "step": torch.tensor(0.0)}},
+    }
     load_sharded(state["sharded"], fresh)
     assert_close(fresh, tensors)
     save_sharded(tmp_path, 6, tensors, {"plan": {"steps": 9}}, keep_last=1)

@@ -128,7 +128,9 @@ def _ep_rank(rank: int, world: int, port: int, case: str, out: str) -> None:
 @pytest.mark.parametrize("case", list(LAYER_CASES))
 def test_expert_parallel_layer_equals_the_single_process_layer_output_and_gradients(case, tmp_path):
     world = 2
-    mp.start_processes(_ep_rank, args=(world, free_port(), case, str(tmp_path)), nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _ep_rank, args=(world, free_port(), case, str(tmp_path)), nprocs=world, start_method="spawn"
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     layer, _, _ = _layer_inputs(case, 0)
     for r in range(world):  # one process, each rank's micro-batch in turn (grads accumulate)
@@ -138,7 +140,9 @@ def test_expert_parallel_layer_equals_the_single_process_layer_output_and_gradie
         assert_close(ranks[r]["dx"], dx, rtol=1e-5, atol=1e-6)
     n_local = layer.experts.w1.shape[0] // world
     for name, p in layer.named_parameters():
-        if name.startswith("experts."):  # each rank holds its slice of the experts, gradient summed over ranks
+        if name.startswith(
+            "experts."
+        ):  # each rank holds its slice of the experts, gradient summed over ranks
             got = torch.cat([ranks[r]["grads"][name] for r in range(world)])
             assert got.shape[0] == world * n_local
         else:  # replicated: each rank has its micro-batch's share
@@ -206,10 +210,14 @@ def _resume_in_process(data_cfg, ckpt: Path, cfg) -> ListLogger:
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("parallel", [FSDP, EP2], ids=["fsdp2_to_1", "ep2_to_1"])
-def test_a_sharded_checkpoint_of_two_ranks_resumes_in_one_process_on_the_same_curve(parallel, data_cfg, tmp_path):
+def test_a_sharded_checkpoint_of_two_ranks_resumes_in_one_process_on_the_same_curve(
+    parallel, data_cfg, tmp_path
+):
     cfg = dataclasses.replace(FAST, checkpoint_every=100)
     ckpt = tmp_path / "ckpt"
-    stopped = torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), stop=[1, 5], parallel=parallel))
+    stopped = torchrun(
+        tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), stop=[1, 5], parallel=parallel)
+    )
     assert stopped[0]["interrupted_at"] == 5
     assert [p.name for _, p in list_checkpoints(ckpt)] == ["step_000000005.dcp"]
     assert (ckpt / "step_000000005.dcp.sha256").is_file()  # the completion marker
@@ -229,7 +237,9 @@ def test_a_single_process_checkpoint_resumes_on_two_fsdp_ranks_on_the_same_curve
         train(TINY, prepare_data(data_cfg), OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=ckpt,
               stop_requested=lambda: next(calls) == 5)  # fmt: skip
     assert [p.name for _, p in list_checkpoints(ckpt)] == ["step_000000005.pt"]
-    resumed = torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), resume=True, parallel=FSDP))
+    resumed = torchrun(
+        tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), resume=True, parallel=FSDP)
+    )
     assert resumed[0]["result"]["resumed_from"] == 5
     tail = [(s, m) for s, m in single_process(data_cfg, cfg).events if s > 5]
     assert_same_curve(resumed[0]["events"], tail)
@@ -266,7 +276,9 @@ def _launch_ranks(tmp_path: Path, spec: dict, world: int) -> list[subprocess.Pop
                "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
         env.pop("TORCHELASTIC_RUN_ID", None)
         cmd = [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(out / "spec.json"), str(out)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     return procs
 
 
