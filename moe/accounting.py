@@ -40,20 +40,6 @@ def ffn_matrices(activation: str) -> int:
     return 3 if activation == "swiglu" else 2
 
 
-def d_expert_of(cfg: ModelConfig) -> int:
-    """Hidden size of one coarse (G=1) expert."""
-    if cfg.moe is None:
-        raise ValueError("model.moe is None: a dense model has no experts")
-    return cfg.moe.d_expert if cfg.moe.d_expert is not None else cfg.d_ff
-
-
-def d_shared_of(cfg: ModelConfig) -> int:
-    """Hidden size of one shared expert (default k*d_expert, i.e. the routed active width)."""
-    if cfg.moe is None:
-        raise ValueError("model.moe is None: a dense model has no shared experts")
-    return cfg.moe.d_shared if cfg.moe.d_shared is not None else cfg.moe.top_k * d_expert_of(cfg)
-
-
 @dataclass(frozen=True)
 class ParamBreakdown:
     """Parameter counts of a Transformer built from one ModelConfig."""
@@ -134,10 +120,10 @@ def _layers(cfg: ModelConfig) -> _Layers:
     routed_total = routed_active = shared = router = 0
     m = cfg.moe
     if m is not None and n_moe:
-        d_exp = d_expert_of(cfg)
+        d_exp = cfg.d_expert
         routed_total = n_moe * m.num_experts * d_exp * per_hidden
         routed_active = n_moe * m.top_k * d_exp * per_hidden
-        shared = n_moe * m.num_shared * d_shared_of(cfg) * per_hidden
+        shared = n_moe * m.num_shared * cfg.d_shared * per_hidden
         router = n_moe * d * (m.n_routed + (m.num_shared if m.shared_gate else 0))
         norms += n_moe * 2 * d if m.output_norm else 0
     return _Layers(

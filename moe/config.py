@@ -178,6 +178,27 @@ class ModelConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
+    # Derived expert sizes: the one place "moe.d_expert, else d_ff" and the shared default are written.
+    @property
+    def d_expert(self) -> int:
+        """Hidden size of one coarse (G=1) expert: moe.d_expert, else d_ff."""
+        if self.moe is None:
+            raise ValueError("model.moe is None: a dense model has no experts")
+        return self.moe.d_expert if self.moe.d_expert is not None else self.d_ff
+
+    @property
+    def d_fine(self) -> int:
+        """Hidden size of one fine-grained expert: d_expert / G."""
+        return self.d_expert // self.moe.granularity
+
+    @property
+    def d_shared(self) -> int:
+        """Hidden size of one shared expert: moe.d_shared, else k*d_expert (= k*G*d_fine, the routed
+        active width)."""
+        if self.moe is None:
+            raise ValueError("model.moe is None: a dense model has no shared experts")
+        return self.moe.d_shared if self.moe.d_shared is not None else self.moe.top_k * self.d_expert
+
     def is_moe_layer(self, i: int) -> bool:
         return self.moe is not None and i >= self.first_dense_layers
 

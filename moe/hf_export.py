@@ -73,10 +73,7 @@ def check_exportable(cfg: ModelConfig, state: dict[str, Tensor] | None = None) -
 
 def _widths(cfg: ModelConfig) -> tuple[int, int]:
     """(fine expert width F, summed shared width) of an MoE config."""
-    m = cfg.moe
-    d_fine = (m.d_expert if m.d_expert is not None else cfg.d_ff) // m.granularity
-    d_shared = m.d_shared if m.d_shared is not None else m.k_routed * d_fine
-    return d_fine, d_shared * m.num_shared
+    return cfg.d_fine, cfg.d_shared * cfg.moe.num_shared
 
 
 def qwen2_moe_config(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:

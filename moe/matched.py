@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from moe.accounting import d_expert_of, d_shared_of
 from moe.config import ModelConfig, MoEConfig, replace
 from moe.validate import validate_model_config
 
@@ -41,7 +40,7 @@ def derive(
     validate_model_config(base)
     if base.moe is None:
         raise ValueError(f"derive({chosen[0]}=...) needs a MoE base config, but model.moe is None")
-    d_expert = d_expert_of(base)
+    d_expert = base.d_expert
     d_key = "model.moe.d_expert" if base.moe.d_expert is not None else "model.d_ff"
     if granularity is not None:
         if not isinstance(granularity, int) or granularity < 1:
@@ -85,7 +84,7 @@ def _top_k_changes(base: ModelConfig, m: MoEConfig, d_expert: int, top_k: int) -
         # Set explicitly: model.d_ff stays the width of the dense blocks (first_dense_layers).
         "moe.d_expert": new_d_expert,
         # Pin the shared width: its default (k*d_expert) is invariant here, but explicit is clearer.
-        "moe.d_shared": d_shared_of(base) if m.num_shared else None,
+        "moe.d_shared": base.d_shared if m.num_shared else None,
     }
 
 
@@ -93,7 +92,7 @@ def _dense(base: ModelConfig, m: MoEConfig, d_expert: int, dense: str | None) ->
     if dense not in ("active", "total"):
         raise ValueError(f"dense={dense!r} is not one of active, total")
     routed = m.top_k * d_expert if dense == "active" else m.num_experts * d_expert
-    moe_hidden = routed + m.num_shared * (d_shared_of(base) if m.num_shared else 0)
+    moe_hidden = routed + m.num_shared * (base.d_shared if m.num_shared else 0)
     n_moe = base.n_layers - base.first_dense_layers
     hidden_sum = base.first_dense_layers * base.d_ff + n_moe * moe_hidden
     if hidden_sum % base.n_layers:

@@ -54,7 +54,7 @@ from typing import Literal
 
 import torch
 
-from moe.accounting import count_params, d_expert_of, d_shared_of, ffn_matrices
+from moe.accounting import count_params, ffn_matrices
 from moe.config import ModelConfig
 from moe.experts import grouped_supported
 from moe.validate import validate_model_config
@@ -165,7 +165,7 @@ def _grouped_backend(model: ModelConfig, precision: str, device: str) -> bool:
     if m is None or m.backend != "auto":
         return m is not None and m.backend == "grouped"
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    d_fine = d_expert_of(model) // m.granularity
+    d_fine = model.d_expert // m.granularity
     # moe.experts: CUDA's kernel is bf16-only (and needs sm80+, assumed); CPU takes fp32 and bf16.
     aligned = grouped_supported(torch.device("cpu"), dtype, model.d_model, d_fine)
     return aligned and (device == "cpu" or dtype == torch.bfloat16)
@@ -193,12 +193,12 @@ def _block_activations(model: ModelConfig, moe: bool, a: int, grouped: bool, ep:
     m = model.moe
     if not moe or m is None:
         return attn + hidden_saved * model.d_ff * a
-    N, K, F = m.n_routed, m.k_routed, d_expert_of(model) // m.granularity
+    N, K, F = m.n_routed, m.k_routed, model.d_expert // m.granularity
     router = 2 * N * _F32 + 3 * K * _I64 + 2 * K * _F32
     experts = K * F * (mats - 1) * a if grouped else 3 * K * D * a + hidden_saved * K * F * a
     dispatch = K * (2 * D + 1) * a if ep > 1 else 0
     gated = (D * a + 2 * _F32) if m.shared_gate else 0
-    shared = m.num_shared * (hidden_saved * d_shared_of(model) * a + gated)
+    shared = m.num_shared * (hidden_saved * model.d_shared * a + gated)
     out_norm = D * a + 2 * _F32 if m.output_norm else 0
     return attn + router + experts + dispatch + shared + out_norm
 

@@ -102,9 +102,7 @@ def _validate_moe(m: MoEConfig, cfg: ModelConfig) -> None:
         )
     if m.d_expert is not None:
         _positive_int("model.moe.d_expert", m.d_expert)
-    d_expert, d_key = (
-        (m.d_expert, "model.moe.d_expert") if m.d_expert is not None else (cfg.d_ff, "model.d_ff")
-    )
+    d_expert, d_key = cfg.d_expert, "model.moe.d_expert" if m.d_expert is not None else "model.d_ff"
     if d_expert % m.granularity:
         raise ValueError(
             f"model.moe.granularity={m.granularity} does not divide model.moe.d_expert={d_expert} ({d_key})"
