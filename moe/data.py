@@ -46,6 +46,7 @@ from moe.corpus import (
     unigram_entropy,
     write_shard,
 )
+from moe.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ def _build(cfg: DataConfig, train: list[Document], val: list[Document], out: Pat
         "build_id": uuid.uuid4().hex,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _write_json(out / "meta.json", meta)
+    write_json_atomic(out / "meta.json", meta)
 
 
 def _tokenizer(cfg: DataConfig, texts):
@@ -331,12 +332,6 @@ def _provenance(cfg: DataConfig) -> dict:
         "packages": dict(corpus.packages),
         "missing_packages": list(corpus.missing),
     }
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _cache_entry_ok(entry: Path) -> bool:
@@ -391,7 +386,7 @@ def _prepare_hf(cfg: DataConfig, cache: Path) -> PreparedData:
                 meta = hf_data.build_resumable(
                     cfg, work, fp, lambda: _tokenizer(cfg, lambda: hf_data.training_texts(cfg))
                 )
-                _write_json(work / "meta.json", meta)
+                write_json_atomic(work / "meta.json", meta)
                 _install(work, entry)
                 log.info("built data cache %s in %.1f s", entry, time.perf_counter() - t0)
     return _prepared_from_folder(entry, fp)

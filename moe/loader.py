@@ -78,16 +78,12 @@ class TokenLoader:
     every token is predicted once per epoch). Stream position p is window perm_e[p % W] of epoch
     e = p // W, where perm_e is a permutation drawn from (seed, e); batch m is positions
     [m*B, (m+1)*B). Batch m thus depends only on (seed, m): the state is one counter and resume is
-    exact. rank and world_size are checked and recorded only: data-parallel ranks take their share
-    of the one stream with seek(), so no window is repeated across ranks either."""
+    exact. Data-parallel ranks read the one stream and take their share of it with seek(), so no window
+    is repeated across ranks either."""
 
-    def __init__(
-        self, path: Path, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-    ):
+    def __init__(self, path: Path, seq_len: int, batch_size: int, seed: int):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.path = Path(path)
         meta = read_meta(self.path.parent)
         self.tokens = open_shard(self.path, meta["dtype"])
@@ -97,7 +93,7 @@ class TokenLoader:
                 f"{self.path} holds {len(self.tokens)} tokens, fewer than seq_len+1={seq_len + 1}"
             )
         self.seq_len, self.batch_size = seq_len, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed = seed
         self.step = 0
         self._windows_per_epoch = _windows_per_epoch(len(self.tokens), seq_len)
         self._perms: dict[int, np.ndarray] = {}  # at most two epochs: a batch may straddle a boundary
@@ -148,8 +144,6 @@ class TokenLoader:
         return {
             "step": self.step,
             "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
             "n_tokens": len(self.tokens),
@@ -157,7 +151,7 @@ class TokenLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "rank", "world_size", "seq_len", "batch_size", "n_tokens", "sampling"):
+        for key in ("seed", "seq_len", "batch_size", "n_tokens", "sampling"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:
                 raise ValueError(f"loader state has {key}={state.get(key)} but this loader has {key}={mine}")

@@ -9,7 +9,7 @@
         mlflow_run_id    the point's MLflow run
         checkpoints/     moe.checkpoint files
 
-Stdlib only, so the analysis side can read a study without torch or Hydra. One rule for a broken line
+Stdlib only (with moe.files, itself stdlib only), so the analysis side can read a study without torch or Hydra. One rule for a broken line
 of metrics.jsonl everywhere: a torn last line (a kill mid-write) is dropped; a corrupt line elsewhere is
 a RunFileError naming file:line. Every JSON file is written atomically (temp file + rename).
 """
@@ -21,6 +21,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
+
+from moe.files import write_json_atomic
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -53,13 +55,7 @@ def run_dirs(study_dir: Path | str) -> list[Path]:
 
 def write_json(path: Path | str, obj: Mapping[str, Any]) -> None:
     """Write `obj` atomically: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)
 
 
 def read_json(path: Path | str) -> dict[str, Any] | None:
