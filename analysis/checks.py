@@ -1,4 +1,4 @@
-"""Comparability checks: params that make a comparison unfair, made visible (../shared/PAPERS.md §6).
+"""Comparability checks: params that make a comparison unfair, made visible (docs/method.md §6).
 
 Each check reads params the training side logs; a param an older store lacks makes the check
 "unknown" for those runs, never an error.

@@ -1,6 +1,6 @@
 """Compute-optimal (N, D, G) for a FLOPs budget under the fine-grained paper's compute model.
 
-Krajewski et al. 2024 (arXiv 2402.07871; ../shared/PAPERS.md §1):
+Krajewski et al. 2024 (arXiv 2402.07871; docs/method.md §1):
   F = (12 d^2 c_f + d E G c_r) * D * n_blocks,  c_f = 6, c_r = 14,  d = 64 * n_blocks,
   N = d^2 (8E + 4) n_blocks  (total non-embedding parameters).
 For each candidate G the model depth is optimised (continuous n_blocks), D follows from the budget;

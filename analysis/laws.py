@@ -1,6 +1,6 @@
 """Scaling-law fits: Chinchilla approach 3 and the fine-grained MoE law, with bootstrap intervals.
 
-Fitting recipe (../shared/PAPERS.md §4, Hoffmann et al. 2022 / Besiroglu et al. 2024): minimise the
+Fitting recipe (docs/method.md §4, Hoffmann et al. 2022 / Besiroglu et al. 2024): minimise the
 *summed* Huber loss (delta = 1e-3) between the log of the law and log loss, with L-BFGS from a grid of
 starts, keep the best converged result. The fine-grained paper fitted Huber(delta=0.1) on the loss with
 BFGS and weight decay; we fit it the same way as Chinchilla (log space, delta knob) so both laws share

@@ -1,6 +1,6 @@
 """Sum-of-power-laws models fitted in log space: log L = LSE_j(c_j - sum_k e_jk * log x_jk).
 
-Every law in this package has that form (see ../shared/PAPERS.md §4):
+Every law in this package has that form (see docs/method.md §4):
   loss curve   L(t)     = E + A t^-alpha
   Chinchilla   L(N,D)   = E + A N^-alpha + B D^-beta
   fine-grained L(N,D,G) = c + g G^-gamma N^-alpha + a N^-alpha + b D^-beta

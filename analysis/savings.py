@@ -1,6 +1,6 @@
 """Training-step savings: how many fewer steps (tokens, FLOPs) a variant needs to reach the baseline's loss.
 
-Definition (../shared/PAPERS.md §2): target = the baseline's final smoothed validation loss;
+Definition (docs/method.md §2): target = the baseline's final smoothed validation loss;
 steps_variant = first step where the variant's smoothed curve reaches the target, interpolated linearly
 in log-step between the bracketing logged points; savings = 1 - steps_variant / steps_baseline, with
 steps_baseline the baseline's last logged step. A variant that never reaches the target is extrapolated

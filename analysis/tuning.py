@@ -1,4 +1,4 @@
-"""Learning-rate grids: compare each variant at its own best learning rate (../shared/PAPERS.md §6).
+"""Learning-rate grids: compare each variant at its own best learning rate (docs/method.md §6).
 
 At equal weights a fine-grained layer's output, and the change one optimiser step makes to it, is 1/G of
 the G=1 layer's, so a single learning rate for all G handicaps G > 1. A study that sweeps `optim.lr`

@@ -32,7 +32,7 @@ from typing import Literal, get_args
 
 RouterKind = Literal["token_choice", "expert_choice"]
 ScoreFn = Literal["softmax", "sigmoid"]
-# Where the score normalisation sits relative to top-k selection (paper 2, see ../PAPERS.md §2):
+# Where the score normalisation sits relative to top-k selection (paper 2, see docs/method.md §2):
 #   before_topk        softmax over all experts, keep top-k weights as they are (sum < 1)
 #   before_topk_renorm softmax over all experts, renormalise the kept weights to sum to 1
 #   after_topk         pick top-k logits, softmax over those k (== before_topk_renorm for softmax)
@@ -99,10 +99,10 @@ class MoEConfig:
     """LayerNorm on the MoE output (reported crucial for G > 1 in 2402.07871)."""
     output_norm_eps: float = 1e-12
     """eps of the output LayerNorm. The MoE output's variance at init is ~1e-7..1e-9 for the presets, so
-    torch's default 1e-5 would dominate it and the "norm" would act as a fixed gain (PAPERS.md §6)."""
+    torch's default 1e-5 would dominate it and the "norm" would act as a fixed gain (docs/method.md §6)."""
     routed_scale: float | None = None
     """Multiplier on the gated sum of routed expert outputs. None: `routed_scale_used`, which makes a
-    fine-grained layer built by splitting a G=1 layer compute the G=1 function (PAPERS.md §6). 1.0 turns
+    fine-grained layer built by splitting a G=1 layer compute the G=1 function (docs/method.md §6). 1.0 turns
     the compensation off (an ablation)."""
     backend: Backend = "auto"
     """Expert compute: reference (per-expert loop), grouped (grouped_mm) or auto."""

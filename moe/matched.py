@@ -8,7 +8,7 @@
                   (k*d_expert + num_shared*d_shared): same active params and matmul FLOPs, router excluded.
   dense="total"   dense model with the same total non-embedding params, router excluded
                   (E*d_expert + num_shared*d_shared), as in the equal-total-params comparisons of
-                  arXiv 2506.12119 (see PAPERS.md §3).
+                  arXiv 2506.12119 (see docs/method.md §3).
 A dense model has one d_ff for all blocks, so with first_dense_layers > 0 the matched d_ff is the mean
 FFN width over blocks, which must be an integer. The MoE output LayerNorm (2*d_model per MoE block,
 when moe.output_norm) and the shared-expert gate have no dense counterpart and are not matched.
@@ -109,7 +109,7 @@ def split_state_dict(state: dict, base: ModelConfig, granularity: int) -> dict:
 
     Coarse expert e becomes fine experts e*G .. e*G+G-1: w1/w3 columns and w2 rows in G hidden slices, its
     router row (and selection bias) repeated G times; every other tensor is copied. With the default
-    model.moe.routed_scale the split model computes the G=1 model's function (PAPERS.md §6), which
+    model.moe.routed_scale the split model computes the G=1 model's function (docs/method.md §6), which
     tests/test_fair_granularity.py checks for the logits and gradients of whole models.
     """
     if base.moe is None or base.moe.granularity != 1:

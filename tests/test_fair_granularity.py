@@ -1,4 +1,4 @@
-"""A fine-grained model cut from a G=1 model computes the G=1 function (PAPERS.md §6).
+"""A fine-grained model cut from a G=1 model computes the G=1 function (docs/method.md §6).
 
 The split (moe.matched.split_state_dict) cuts every coarse expert into G hidden slices and repeats its
 router row G times; with the default moe.routed_scale the derived model's logits, losses and gradients
