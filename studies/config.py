@@ -153,6 +153,11 @@ class LaunchConfig:
     """Print what each point would do (start / resume / skip / not retried) and launch nothing."""
     retry_failed: bool = False
     """Retry FAILED points (from their latest checkpoint); without it they are reported, not rerun."""
+    progress: Literal["auto", "live", "lines", "off"] = "auto"
+    """Sweep progress in the launching terminal: live (a table redrawn in place), lines (plain lines, for
+    logs), auto (live on a terminal, else lines) or off."""
+    progress_every_s: float = 30.0
+    """lines mode: a point's line is repeated at most this often (state changes print at once)."""
 
 
 @dataclass

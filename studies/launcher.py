@@ -103,7 +103,30 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
         for job, num in zip(jobs, nums, strict=True):
             print(f"job #{num}: {job.job_id}, log {job.paths.stdout}", flush=True)
         with self._terminate_jobs_on_sigterm(jobs):
+            self._show_progress(jobs, job_overrides)
             return [self._collect(job, list(o), n) for job, o, n in zip(jobs, job_overrides, nums, strict=True)]
+
+    def _show_progress(self, jobs: list[Any], job_overrides: Sequence[Sequence[str]]) -> None:
+        """Live progress from the run folders until every job of the batch has ended (studies.progress)."""
+        from studies.config import load_run_config
+        from studies.point import build_point
+        from studies.progress import ProgressView, Tracked, watch
+        from studies.sweep import varying
+
+        launch = self.config.launch
+        if launch.progress == "off":
+            return
+        given = set(self.config.hydra.overrides.task)
+        labels = varying([[o for o in filter_overrides(job) if o not in given] for job in job_overrides])
+        tracked, batch_tokens = [], []
+        for job, overrides, label in zip(jobs, job_overrides, labels, strict=True):
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            point = build_point(load_run_config(cfg))
+            tracked.append(Tracked(label, point.variant, point.run_dir, point.plan.steps, str(job.job_id),
+                                   Path(job.paths.stdout)))  # fmt: skip
+            batch_tokens.append(point.plan.batch_tokens)
+        view = ProgressView(tracked, batch_tokens, launch.progress, every_s=launch.progress_every_s)
+        watch(view, lambda: [str(job.state) for job in jobs], lambda: all(job.done() for job in jobs))
 
     @contextlib.contextmanager
     def _terminate_jobs_on_sigterm(self, jobs: list[Any]) -> Iterator[None]:
