@@ -160,7 +160,7 @@ class _GroupedMLP(torch.autograd.Function):
     def backward(ctx, dout_TD):
         x_TD, token_A, gate_A, offs_N, w1, w3, w2, *a13 = ctx.saved_tensors
         need = ctx.needs_input_grad
-        # grouped_mm's kernels reject stride-0 (expanded) operands: see ENVIRONMENT.md.
+        # grouped_mm's backward fails on an expanded (stride-0) grad_output (torch 2.13): make it contiguous.
         dout_TD = dout_TD.contiguous()
         dx_TD = torch.zeros_like(x_TD) if need[0] else None
         dgate_A = torch.empty_like(gate_A) if need[2] else None
@@ -207,7 +207,7 @@ def reference_experts(
     w2: Tensor,
     activation: Activation,
 ) -> Tensor:
-    """Per-expert loop on torch.split views of the sorted buffer (split, not slicing: see ENVIRONMENT.md)."""
+    """Per-expert loop on torch.split views of the sorted buffer (split, not slicing: xs[s:s+c] measured ~4x slower on CPU)."""
     x_AD = x_TD.index_select(0, r.token_A)
     sizes = r.counts_N.tolist()
     w3s = w3.unbind(0) if w3 is not None else [None] * len(sizes)

@@ -6,7 +6,7 @@ Shape legend: B = batch, S = sequence, T = B*S tokens, D = d_model, N = routed e
 
 s (G by default) makes the layer function-matched across granularity: splitting every expert of a G=1
 layer into G hidden slices and repeating its router row G times gives each slice 1/G of the coarse gate,
-so without s the split layer would output y_G1 / G (PAPERS.md §6). s is folded into the gate weights,
+so without s the split layer would output y_G1 / G (docs/method.md §6). s is folded into the gate weights,
 which costs A multiplications. The optional LayerNorm (`moe.output_norm`, 2402.07871) normalises the sum of routed and shared outputs,
 i.e. the whole layer's contribution before the block adds the residual. A token whose assignments were
 all dropped gets 0 from the routed experts, so with no shared experts and no output norm it passes

@@ -139,7 +139,7 @@ def test_non_positive_routed_scale_or_norm_eps_is_refused_naming_the_key(key, va
 def _moe_output_rms(overrides: list[str]) -> float:
     """RMS at init of the first MoE block's output for the real composed preset."""
     run = load_run_config(compose_config(overrides))
-    model_cfg = derive_model(run)
+    model_cfg = derive_model(run, run.data.vocab_size)
     torch.manual_seed(0)
     model = Transformer(model_cfg)
     block = model.blocks[model.moe_layer_indices[0]]
