@@ -42,7 +42,7 @@ from moe.parallel import (
     resolve_layout,
 )
 from moe.schedule import lr_at
-from moe.train_plan import Device, OptimConfig, TrainConfig, TrainPlan, plan_training
+from moe.train_plan import Device, OptimConfig, TrainConfig, TrainPlan, is_eval_step, plan_training
 
 __all__ = [
     "OptimConfig",
@@ -375,7 +375,7 @@ def train(
             window_t, window_tokens, eval_s = now, 0, 0.0
             total_log_s += time.perf_counter() - t_log
 
-        if (train.eval_every and step % train.eval_every == 0) or step == plan.steps:
+        if is_eval_step(train, step, plan.steps):
             t_eval = time.perf_counter()
             check_finite()
             val_loss = evaluate(model, val_batches, device, autocast, val_forwards, all_val[0])

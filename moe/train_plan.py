@@ -81,6 +81,9 @@ class TrainConfig:
     """Seed for initialisation and data order."""
     eval_every: int = 100
     """Evaluate on the fixed validation set every this many steps (and always at the end); 0: end only."""
+    eval_early: bool = True
+    """Also evaluate at the log-spaced steps 1, 2, 4, ... below eval_every, where the curve falls fastest
+    (the savings interpolation and the curve fits need points there)."""
     eval_tokens: int = 65536
     """Validation tokens per evaluation (the same tokens every time and for every sweep point)."""
     log_every: int = 10
@@ -131,6 +134,14 @@ class TrainPlan:
     """wsd decay steps (0 for other schedules)."""
     world_size: int = 1
     """Data-parallel ranks sharing each step."""
+
+
+def is_eval_step(train: TrainConfig, step: int, steps: int) -> bool:
+    """Whether 1-based `step` of `steps` evaluates: every eval_every, the log-spaced early steps
+    (eval_early), and always the last."""
+    if step == steps or (train.eval_every and step % train.eval_every == 0):
+        return True
+    return train.eval_early and step < (train.eval_every or steps) and step & (step - 1) == 0
 
 
 def plan_training(

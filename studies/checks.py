@@ -15,6 +15,7 @@ import torch
 
 from moe.memory import MemoryEstimate, estimate_memory, local_memory_bytes, train_precision
 from moe.memory import check_memory as memory_check
+from moe.parallel import resolve_layout
 from studies import tracking
 from studies.point import Point
 
@@ -33,7 +34,9 @@ def check_writable(key: str, value: str, path: Path) -> None:
         with tempfile.TemporaryFile(dir=ancestor, prefix=".moe-write-check-"):
             pass
     except OSError as exc:
-        raise ValueError(f"{key}={value!r} is not writable: cannot create files in {ancestor} ({exc})") from None
+        raise ValueError(
+            f"{key}={value!r} is not writable: cannot create files in {ancestor} ({exc})"
+        ) from None
 
 
 def check_tracking_uri(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
@@ -102,14 +105,19 @@ def check_memory(point: Point, launcher: dict) -> MemoryEstimate:
     """Refuse a point whose estimated training memory per rank (moe.memory, docs/memory.md) exceeds
     what a rank can have: this machine's memory locally, hydra.launcher.mem_gb per node on SLURM."""
     train = point.train
-    device = "cuda" if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()) else "cpu"
-    precision = train_precision(device, train.precision, mode="ddp", world=point.world_size)
+    device = (
+        "cuda" if train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
+    layout = resolve_layout(point.run.parallel, point.world_size, point.model)
+    precision = train_precision(device, train.precision, mode=layout.mode, world=point.world_size)
+    shape = {"dp_shard": layout.dp, "ep": layout.ep, "activation_checkpointing": layout.activation_checkpointing,
+             "mode": layout.mode}  # fmt: skip
     tasks = point.run.infra.tasks_per_node
     if str(launcher.get("_target_", "")).endswith("SlurmLauncher") and device == "cpu":
         mem_gb = launcher.get("mem_gb")
         if not mem_gb:
-            return estimate_memory(point.model, point.plan.micro_batch_size, precision=precision, mode="ddp",
-                                   device=device)  # fmt: skip
+            return estimate_memory(point.model, point.plan.micro_batch_size, precision=precision,
+                                   device=device, **shape)  # fmt: skip
         limit, target = int(float(mem_gb) * 2**30) // tasks, f"hydra.launcher.mem_gb={mem_gb}"
     else:
         limit = local_memory_bytes(device) // (tasks if device == "cpu" else 1)
@@ -117,4 +125,4 @@ def check_memory(point: Point, launcher: dict) -> MemoryEstimate:
     if tasks > 1 and device == "cpu":
         target += f" / infra.tasks_per_node={tasks}"
     return memory_check(point.model, point.plan.micro_batch_size, limit, target=target, precision=precision,
-                        mode="ddp", device=device)  # fmt: skip
+                        device=device, **shape)  # fmt: skip

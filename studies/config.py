@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe.config import ModelConfig, MoEConfig
 from moe.data import DataConfig
+from moe.parallel import ParallelConfig
 from moe.train import OptimConfig, TrainConfig
 
 Variant = Literal["moe", "dense"]
@@ -190,6 +191,9 @@ class RunConfig:
     """Study identity (conf/study/)."""
     infra: InfraConfig = field(default_factory=InfraConfig)
     """Launcher profile (conf/infra/)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """moe.parallel.ParallelConfig: how a point's ranks share the model (ddp, fsdp, expert parallel);
+    not part of the run key (a sharded checkpoint resumes on another layout, docs/distributed.md)."""
     paths: PathsConfig = field(default_factory=PathsConfig)
     """Where outputs go."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -112,8 +112,8 @@ def _follow_point(run: RunConfig, cwd: Path | None, stop_requested: Callable[[],
         return None
     ckpt_dir = point.run_dir / runfiles.CHECKPOINTS
     state = load_checkpoint(checkpoint_path(ckpt_dir, detail)) if detail else None
-    train(point.model, prepared, run.optim, point.train, FanOut(), progress=None,
-          checkpoint_dir=ckpt_dir, resume=state, stop_requested=stop_requested)  # fmt: skip
+    train(point.model, prepared, run.optim, point.train, FanOut(), progress=None, checkpoint_dir=ckpt_dir,
+          resume=state, stop_requested=stop_requested, parallel=run.parallel)  # fmt: skip
     return None
 
 
@@ -180,6 +180,7 @@ def _decide_and_train(
             point.model, prepared, run.optim, point.train, record.logger,
             progress=lambda line: print(f"[{point.variant}] {line}", flush=True),
             checkpoint_dir=run_dir / runfiles.CHECKPOINTS, resume=state, stop_requested=stop_requested,
+            parallel=run.parallel,
         )  # fmt: skip
         record.finish(result)
     return _result(point, "DONE", action=plan.action, tokens=result.tokens, val_loss=result.final_val_loss,

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from moe.accounting import count_params, flops_per_token
+from moe.memory import find_layout
 from studies.config import load_run_config
 from studies.point import build_point
 from studies.sweep import check_meta_numel, compose_jobs, varying
@@ -36,6 +37,7 @@ from studies.sweep import check_meta_numel, compose_jobs, varying
 # Dense (no structured sparsity) peak FLOP/s per GPU at bf16, from the vendors' datasheets
 # (H100/H200 SXM: 989.4 TFLOP/s; A100: 312 TFLOP/s).
 GPU_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12}
+GPU_MEMORY_BYTES = {"h100": 80 * 10**9, "h200": 141 * 10**9, "a100": 80 * 10**9}
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class PointPlan:
     """train_flops / (mfu * peak_flops) / 3600."""
     meta_numel: int | None = None
     """sum(numel) of the model built on the meta device (--check-meta), else None."""
+    layout: str | None = None
+    """The smallest feasible FSDP/EP layout on the GPUs asked for (--layout, moe.memory.find_layout)."""
 
 
 def plan_point(
@@ -114,6 +118,7 @@ def plan_point(
     *,
     overrides: Sequence[str] = (),
     check_meta: bool = False,
+    nodes: tuple[int, int] | None = None,
 ) -> PointPlan:
     """Plan one composed config with the same derivation as studies.run (build_point); no weights."""
     run = load_run_config(cfg)
@@ -123,6 +128,15 @@ def plan_point(
     tokens = point.plan.steps * point.plan.batch_tokens
     train_flops = flops.train * tokens
     meta_numel = check_meta_numel(point) if check_meta else None
+    layout = None
+    if nodes is not None:  # (GPUs per node, most nodes): bf16-mixed FSDP, docs/memory.md
+        memory = GPU_MEMORY_BYTES.get(hw.gpu)
+        if memory is None:
+            raise ValueError(
+                f"--layout needs the memory of --gpu={hw.gpu}: one of {sorted(GPU_MEMORY_BYTES)}"
+            )
+        found = find_layout(point.model, point.plan.micro_batch_size, memory, nodes[0], nodes[1])
+        layout = found.describe() if found else f"none fits on {nodes[1]} nodes x {nodes[0]} {hw.gpu}"
     return PointPlan(
         overrides=tuple(overrides),
         variant=point.variant,
@@ -141,6 +155,7 @@ def plan_point(
         train_flops=train_flops,
         gpu_hours=train_flops / (hw.mfu * hw.peak_flops) / 3600.0,
         meta_numel=meta_numel,
+        layout=layout,
     )
 
 
@@ -150,6 +165,7 @@ def plan_sweep(
     multirun: bool = False,
     hw: Hardware | None = None,
     check_meta: bool = False,
+    nodes: tuple[int, int] | None = None,
 ) -> list[PointPlan]:
     """Plan every point of `studies.run [-m] overrides`; one ValueError lists every invalid point."""
     hw = hw or hardware()
@@ -159,7 +175,7 @@ def plan_sweep(
         try:
             if isinstance(cfg, Exception):
                 raise cfg
-            plans.append(plan_point(cfg, hw, overrides=job, check_meta=check_meta))
+            plans.append(plan_point(cfg, hw, overrides=job, check_meta=check_meta, nodes=nodes))
         except (ValueError, HydraException, OmegaConfBaseException) as exc:
             errors.append(f"  {label if len(jobs) > 1 else ' '.join(job) or '(no overrides)'}: {exc}")
     if errors:
@@ -215,6 +231,9 @@ def format_plan(plans: Sequence[PointPlan], hw: Hardware) -> str:
             f"note: model={model} pins its vocabulary {vocab}: studies.run needs data with that vocabulary "
             f"(data=tokens shards of its tokenizer); with data.vocab_size={data_vocab} it is refused."
         )
+    for label, p in zip(varying([p.overrides for p in plans]), plans, strict=True):
+        if p.layout:
+            lines.append(f"layout {label}: {p.layout}")
     checked = [p for p in plans if p.meta_numel is not None]
     if checked:
         lines.append(f"meta-device build: numel == analytic total for {len(checked)} point(s).")
@@ -249,11 +268,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU; overrides --gpu")
     parser.add_argument("--check-meta", action="store_true",
                         help="also build each model on the meta device and check its numel")  # fmt: skip
+    parser.add_argument("--layout", nargs=2, type=int, metavar=("GPUS_PER_NODE", "MAX_NODES"), default=None,
+                        help="also print the smallest FSDP/EP layout that fits each point on --gpu GPUs")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for studies.run")
     args = parser.parse_args(argv)
     try:
         hw = hardware(args.gpu, args.mfu, args.peak_flops)
-        plans = plan_sweep(args.overrides, multirun=args.multirun, hw=hw, check_meta=args.check_meta)
+        if args.layout and min(args.layout) < 1:
+            raise ValueError(f"--layout {args.layout[0]} {args.layout[1]}: both must be >= 1")
+        plans = plan_sweep(args.overrides, multirun=args.multirun, hw=hw, check_meta=args.check_meta,
+                           nodes=tuple(args.layout) if args.layout else None)  # fmt: skip
     except (ValueError, HydraException, OmegaConfBaseException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

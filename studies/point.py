@@ -23,6 +23,7 @@ from moe.accounting import count_params, flops_per_token
 from moe.config import ModelConfig, MoEConfig, replace
 from moe.corpus import read_meta
 from moe.matched import derive
+from moe.parallel import resolve_layout
 from moe.train import TrainConfig, TrainPlan, plan_training
 from moe.validate import validate_model_config
 from studies import tracking
@@ -163,6 +164,7 @@ class Point:
         """The point's config with the derived model and budget in place (written as config.yaml)."""
         tree = dataclasses.asdict(self.run)
         tree.pop("launch")
+        tree["parallel"] = dataclasses.asdict(self.run.parallel)
         tree["model"] = {"name": self.run.model.name, **dataclasses.asdict(self.model)}
         tree["train"] = dataclasses.asdict(self.train)
         return tree
@@ -222,8 +224,13 @@ def build_point(run: RunConfig, *, cwd: Path | None = None, vocab_size: int | No
     model = derive_model(run, data_vocab(run) if vocab_size is None else vocab_size)
     tokens = training_tokens(run, model)
     if tokens < run.train.batch_tokens:
-        raise ValueError(f"tokens={tokens} is smaller than one batch (train.batch_tokens={run.train.batch_tokens})")
+        raise ValueError(
+            f"tokens={tokens} is smaller than one batch (train.batch_tokens={run.train.batch_tokens})"
+        )
     train_cfg = dataclasses.replace(run.train, tokens=tokens, seed=run.seed)
     plan = plan_training(model, run.optim, train_cfg, world_size=world)
+    resolve_layout(run.parallel, world, model)  # parallel.* against the ranks and the experts
     study_dir = Path(cwd or os.getcwd()) / run.paths.root / run.study.name
-    return Point(run, model, train_cfg, plan, variant_label(model), run_key_of(model, run, train_cfg), study_dir)
+    return Point(
+        run, model, train_cfg, plan, variant_label(model), run_key_of(model, run, train_cfg), study_dir
+    )

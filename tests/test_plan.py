@@ -180,3 +180,15 @@ def test_cli_reports_invalid_points_with_the_key_and_exits_nonzero(capsys):
     assert main(["-m", "granularity=1,3"]) == 2
     err = capsys.readouterr().err
     assert "1 of 2 sweep points are invalid" in err and "granularity=3" in err
+
+
+def test_the_56b_preset_gets_a_feasible_layout_on_h100_80gb_nodes(capsys):
+    assert main(["--layout", "8", "64", "model=beyond50b_56b"]) == 0
+    out = capsys.readouterr().out
+    assert "layout model=beyond50b_56b: 4 node(s) x 8 GPUs: parallel.mode=fsdp parallel.dp_shard=32" in out, out[-2000:]
+    assert "GiB per rank" in out
+
+
+def test_a_layout_that_cannot_exist_is_refused_with_the_flag(capsys):
+    assert main(["--layout", "0", "4"]) == 2
+    assert "--layout 0 4" in capsys.readouterr().err

@@ -94,7 +94,7 @@ def test_training_lowers_the_loss_and_logs_every_contract_metric(data):
     losses = [v for _, v in log.history("train/loss")]
     assert losses[0] > losses[-1] + 0.25
     assert result.final_val_loss < math.log(TINY.vocab_size) - 0.7
-    assert [s for s, _ in log.history("val/loss")] == [10, 20, 30]
+    assert [s for s, _ in log.history("val/loss")] == [1, 2, 4, 8, 10, 20, 30], "log-spaced early, then every eval_every"
     assert [s for s, _ in log.history("train/loss")] == [5, 10, 15, 20, 25, 30]
     last = dict(log.events[-2][1])  # train event of the last step; the last event is the final eval
     for key in ("lr", "tokens", "flops", "tokens_per_s", "train/aux_loss", "train/z_loss"):
@@ -155,3 +155,16 @@ def test_progress_line_shows_step_tokens_loss_throughput_and_eta(data):
     assert len(lines) == 2
     assert lines[0].startswith("step 2/4 | tokens 1,024 | loss ")
     assert "tok/s" in lines[0] and "ETA 0:00:" in lines[0]
+
+
+def test_eval_schedule_is_log_spaced_early_then_regular_and_always_the_last_step():
+    from moe.train_plan import is_eval_step
+
+    default = TrainConfig(eval_every=20)
+    assert [s for s in range(1, 246) if is_eval_step(default, s, 245)] == [
+        1, 2, 4, 8, 16, 20, 40, 60, 80, 100, 120, 140, 160, 180, 200, 220, 240, 245
+    ]  # fmt: skip
+    regular = TrainConfig(eval_every=20, eval_early=False)
+    assert [s for s in range(1, 61) if is_eval_step(regular, s, 60)] == [20, 40, 60]
+    end_only = TrainConfig(eval_every=0, eval_early=False)
+    assert [s for s in range(1, 11) if is_eval_step(end_only, s, 10)] == [10]
