@@ -95,10 +95,21 @@ def test_status_json_keeps_the_step_current_and_records_the_threads(compose, shr
 
 
 @pytest.mark.slow
-def test_rerunning_a_finished_sweep_starts_nothing_and_creates_no_sweep_folder_or_parent_run(shrunk, tmp_path):
+def test_rerunning_a_finished_sweep_starts_nothing_and_creates_no_sweep_folder_or_parent_run(
+    shrunk, tmp_path
+):
     env = {**os.environ, "MOE_JOBS": "1", "MOE_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    args = [sys.executable, "-m", "studies.run", "-m", *shrunk, "infra=basic", "granularity=1,2", "study.name=rerun"]
+    args = [
+        sys.executable,
+        "-m",
+        "studies.run",
+        "-m",
+        *shrunk,
+        "infra=basic",
+        "granularity=1,2",
+        "study.name=rerun",
+    ]
     first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     study = tmp_path / "outputs" / "rerun"
@@ -118,14 +129,14 @@ def test_sigterm_to_the_sweep_process_preempts_its_jobs_and_leaves_no_process(sh
     env = {**os.environ, "MOE_JOBS": "2", "MOE_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     args = [sys.executable, "-m", "studies.run", "-m", *shrunk, "granularity=1,2", "tokens=204800",
-            "train.checkpoint_every=5", "study.name=sigterm"]  # fmt: skip
+            "train.checkpoint_every=5", "train.eval_every=1", "study.name=sigterm"]  # fmt: skip
     sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)  # fmt: skip
     runs = tmp_path / "outputs" / "sigterm" / "runs"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        steps = [(read_status(d) or {}).get("step", 0) for d in runs.iterdir()] if runs.is_dir() else []
-        if len(steps) == 2 and min(steps) > 0:
+        logs = [d / "metrics.jsonl" for d in runs.iterdir()] if runs.is_dir() else []
+        if len(logs) == 2 and all(p.exists() and p.stat().st_size > 0 for p in logs):
             break
         time.sleep(0.5)
     else:
@@ -140,3 +151,22 @@ def test_sigterm_to_the_sweep_process_preempts_its_jobs_and_leaves_no_process(sh
     assert left.stdout.strip() == "", f"processes left in the sweep's group: {left.stdout}"
     for d in runs.iterdir():
         assert json.loads((d / "status.json").read_text())["reason"].startswith("stopped on request")
+
+
+def test_resuming_on_another_thread_count_warns_that_the_curve_is_not_bitwise(
+    compose, shrunk, tmp_path, capsys
+):
+    from moe.train import TrainingInterrupted
+    from studies.runfiles import write_status
+
+    cfg = compose([*shrunk, "granularity=2", "train.checkpoint_every=2"])
+    calls = iter(range(1, 1000))
+    with pytest.raises(TrainingInterrupted):
+        run_point(cfg, cwd=tmp_path, stop_requested=lambda: next(calls) >= 4)
+    (run_dir,) = (tmp_path / "outputs" / "default" / "runs").iterdir()
+    status = read_status(run_dir)
+    write_status(run_dir, status["status"], status["step"], status["reason"], threads=7, world_size=1)
+    capsys.readouterr()
+    assert run_point(cfg, cwd=tmp_path).action == "resume"
+    out = capsys.readouterr().out
+    assert f"trained on 7 torch threads before and resumes on {torch.get_num_threads()}" in out
