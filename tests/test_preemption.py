@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from studies.preemption import Preemption
 from studies.execute import run_point
+from studies.preemption import Preemption
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -43,10 +43,14 @@ def nothing_written(root: Path) -> None:
     ],
     ids=["eps_zero", "negative_decay", "beta1_one", "lr_nan", "garbage_uri", "unwritable_root"],
 )  # fmt: skip
-def test_a_single_run_is_validated_like_a_sweep_before_hydra_writes_its_folder(shrunk, tmp_path, bad, fragment):
+def test_a_single_run_is_validated_like_a_sweep_before_hydra_writes_its_folder(
+    shrunk, tmp_path, bad, fragment
+):
     proc = studies_run([*shrunk, *bad], tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stderr.startswith("Run not started: ") or "\nRun not started: " in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.startswith("Run not started: ") or "\nRun not started: " in proc.stderr, proc.stderr[
+        -2000:
+    ]
     assert fragment in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     nothing_written(tmp_path)
