@@ -177,7 +177,7 @@ class StudyCallback(Callback):
                 baseline=config.study.baseline, parent_run_id=self.parent_run_id,
                 best_lr=config.study.get("best_lr"),
             )  # fmt: skip
-            print(f"Report: {path}")
+            print(f"Report (the whole study {config.study.name!r}: every DONE point of it, not only this sweep's): {path}")
             from analysis.findings import read_findings
 
             print("\n".join(read_findings(path)))
