@@ -226,7 +226,8 @@ def train(
 ) -> TrainResult:
     """Train on `data` for `train.tokens` tokens, logging through `logger`.
 
-    checkpoint_dir: where checkpoints go every `train.checkpoint_every` steps (None: none are written).
+    checkpoint_dir: where checkpoints go every `train.checkpoint_every` steps and, unless that is 0, at the
+    last step (None: none are written).
     resume: a state from `moe.checkpoint.load_latest`; training continues after its step.
     stop_requested: polled after every step; when it returns True a checkpoint is written and
     TrainingInterrupted is raised (preemption). NaN/inf loss raises NonFiniteLossError.
@@ -403,6 +404,8 @@ def train(
 
     # --- final -----------------------------------------------------------------------------------
     check_finite()
+    if train.checkpoint_every and start < plan.steps:  # a finished run keeps its final weights (export, eval)
+        checkpoint(plan.steps)  # every rank, as in the loop: checkpoint() ends in a barrier
     wall = time.perf_counter() - t_start
     tokens = plan.steps * plan.batch_tokens
     trained = (plan.steps - start) * plan.batch_tokens

@@ -97,7 +97,8 @@ class TrainConfig:
     compile: bool = False
     """Wrap the model in torch.compile."""
     checkpoint_every: int = 100
-    """Write a resumable checkpoint every this many steps (when a checkpoint folder is given); 0: never."""
+    """Write a resumable checkpoint every this many steps and at the last one (when a checkpoint folder is
+    given), so a finished run keeps its final weights; 0: never."""
     keep_last: int = 2
     """Checkpoints kept on disk (older ones are deleted after a new one is written)."""
 

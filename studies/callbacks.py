@@ -125,16 +125,25 @@ class StudyCallback(Callback):
 
     def _nothing_to_start(self, config: DictConfig, points: list[Point], actions: list[str]) -> None:
         """Every point is DONE or a FAILED one not retried: complete their records, report, stop."""
-        done = [p for p, a in zip(points, actions, strict=True) if a == "skip"]
-        for point in done:
-            complete_done_record(point)
-        print(f"\nNothing to start: {len(done)} of {len(points)} points are DONE (no sweep folder or MLflow "
-              "parent run created)" + (f"; {len(points) - len(done)} FAILED, not retried" if len(done) < len(points)
-                                       else "") + ".\n" + format_table([skipped_record(p) for p in done]))  # fmt: skip
+        records = []
+        for point, action in zip(points, actions, strict=True):
+            if action == "skip":
+                complete_done_record(point)
+                records.append(skipped_record(point))
+            else:
+                status = runfiles.read_status(point.run_dir) or {}
+                records.append({"variant": point.variant, "tags": point.tags(), "status": "FAILED",
+                                "error": f"FAILED earlier at step {status.get('step')}: {status.get('reason')}"})  # fmt: skip
+        done = sum(r["status"] == "DONE" for r in records)
+        print(f"\nStudy {config.study.name!r}: nothing to start, {done}/{len(points)} points done "
+              f"(no sweep folder or MLflow parent run created)\n{format_table(records)}")  # fmt: skip
         if self.report and done:
             self._report(config, tracking_uri_of(config))
-        if len(done) < len(points):
-            refuse(f"{len(points) - len(done)} of {len(points)} points FAILED earlier; --retry-failed retries them")
+        failed = [r for r in records if r["status"] != "DONE"]
+        if failed:
+            reasons = "\n".join(f"  {r['variant']}: {r['error']}" for r in failed)
+            refuse(f"{len(failed)} of {len(points)} sweep points failed earlier and were not retried "
+                   f"(--retry-failed retries them):\n{reasons}")  # fmt: skip
         raise SystemExit(0)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -34,7 +34,7 @@ class _Quiet:
 
 
 def trained_run(compose, shrunk, tmp_path: Path, overrides: list[str], done: bool = True) -> Path:
-    """A run folder as studies.point leaves it, trained for real (moe.train.train, 12 steps), with the
+    """A run folder as studies.point leaves it, trained for real (moe.train.train, 13 steps, checkpoints at 12 and the last), with the
     DONE status at the step of its last checkpoint."""
     run = load_run_config(compose([*shrunk, "tokens=6656", *overrides]))
     point = build_point(run, cwd=tmp_path)
@@ -102,7 +102,7 @@ def test_export_of_a_run_that_is_not_done_names_the_key_and_writes_nothing(
     compose, shrunk, tmp_path, one_thread
 ):
     run_dir = trained_run(compose, shrunk, tmp_path, ["granularity=1"], done=False)
-    with pytest.raises(ValueError, match=rf"run {run_dir.name} is not DONE: FAILED at step 12"):
+    with pytest.raises(ValueError, match=rf"run {run_dir.name} is not DONE: FAILED at step 13"):
         export_run(run_dir, tmp_path / "hf")
     assert not any(p.name.startswith((".tmp", "hf")) for p in tmp_path.iterdir())
     assert main([str(run_dir), str(tmp_path / "hf")]) == 2
@@ -110,11 +110,11 @@ def test_export_of_a_run_that_is_not_done_names_the_key_and_writes_nothing(
 
 def test_export_refuses_a_checkpoint_older_than_the_done_step(compose, shrunk, tmp_path, one_thread):
     run_dir = trained_run(compose, shrunk, tmp_path, ["granularity=1"])
-    runfiles.write_status(run_dir, "DONE", 13)
-    with pytest.raises(ValueError, match="DONE at step 13 but its newest checkpoint is step 12"):
+    runfiles.write_status(run_dir, "DONE", 14)
+    with pytest.raises(ValueError, match="DONE at step 14 but its newest checkpoint is step 13"):
         export_run(run_dir, tmp_path / "hf")
-    assert export_run(run_dir, tmp_path / "hf", allow_earlier_checkpoint=True).step == 12
-    assert json.loads((tmp_path / "hf" / "export.json").read_text())["done_step"] == 13
+    assert export_run(run_dir, tmp_path / "hf", allow_earlier_checkpoint=True).step == 13
+    assert json.loads((tmp_path / "hf" / "export.json").read_text())["done_step"] == 14
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         export_run(run_dir, tmp_path / "hf", allow_earlier_checkpoint=True)
 

@@ -116,7 +116,7 @@ def test_rerunning_a_finished_sweep_starts_nothing_and_creates_no_sweep_folder_o
     sweeps = sorted((study / "multirun").iterdir())
     again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Nothing to start: 2 of 2 points are DONE" in again.stdout
+    assert "Study 'rerun': nothing to start, 2/2 points done" in again.stdout
     assert sorted((study / "multirun").iterdir()) == sweeps
     client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rerun")

@@ -129,10 +129,10 @@ def test_resume_refuses_a_checkpoint_of_another_plan(data, tmp_path):
 
 def test_periodic_checkpoints_keep_only_the_last_k(data, tmp_path):
     train(TINY, data, OptimConfig(), FAST, ListLogger(), progress=None, checkpoint_dir=tmp_path)
-    # every 3 steps of 16 (none at the last step: the run is complete then), keep_last=2
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [15, 12]
+    # every 3 steps of 16 and the last one (a finished run keeps its final weights), keep_last=2
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [16, 15]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step_000000012.pt", "step_000000012.pt.sha256", "step_000000015.pt", "step_000000015.pt.sha256",
+        "step_000000015.pt", "step_000000015.pt.sha256", "step_000000016.pt", "step_000000016.pt.sha256",
     ]  # fmt: skip
 
 
