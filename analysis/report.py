@@ -24,7 +24,7 @@ from analysis.findings import FINDINGS_FILE, finding_sentences, read_findings
 from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
 from analysis.load import Study, check_tracking_server, load_study
 from analysis.paired import paired_differences
-from analysis.report_md import FINAL_COLUMNS, fairness_sections, final_labels, render
+from analysis.report_md import FINAL_COLUMNS, fairness_sections, final_labels, render, with_downstream
 from analysis.savings import pick_baselines, step_savings
 from analysis.tuning import best_lr_runs, lr_tuning, use_best_lr
 from studies import runfiles
@@ -160,6 +160,9 @@ def write_report(
     text = render(
         s, findings, fair, finals, savings, savings_note, paired, fit_table, laws, figures, smoothing
     )
+    downstream = out / "downstream.md"  # written by `python -m studies.eval` (lm-evaluation-harness)
+    if downstream.exists():
+        text = with_downstream(text, downstream.read_text())
     report = out / "report.md"
     report.write_text(text)
     (out / FINDINGS_FILE).write_text("".join(f + "\n" for f in findings))

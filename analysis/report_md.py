@@ -167,3 +167,14 @@ def render(
             ]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)
+
+
+DOWNSTREAM = "## Downstream accuracy"
+
+
+def with_downstream(report: str, downstream: str) -> str:
+    """report.md with its downstream section (studies.eval's downstream.md, first heading dropped)
+    replaced or appended: written by the report and by the evaluation, whichever runs last."""
+    head = report.split(f"\n{DOWNSTREAM}\n", 1)[0].rstrip("\n")
+    body = downstream.split("\n", 1)[-1].lstrip()
+    return f"{head}\n\n{DOWNSTREAM}\n\n{body}"

@@ -74,15 +74,6 @@ def check_tracking_uri(uri: str, timeout_s: float = HEALTH_TIMEOUT_S) -> None:
     )
 
 
-def check_name(key: str, value: str) -> None:
-    """A name used as a folder under paths.root stays a single folder there."""
-    if not value or value in (".", "..") or "/" in value or "\\" in value or value != value.strip():
-        raise ValueError(
-            f"{key}={value!r} must be a plain folder name (no '/', '\\\\', '..' or surrounding spaces): "
-            "it names the study's folder under paths.root"
-        )
-
-
 def check_device(device: str) -> None:
     """train.device=cuda needs CUDA here; refused before a job would start and fail."""
     if device == "cuda" and not torch.cuda.is_available():

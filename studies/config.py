@@ -119,6 +119,14 @@ class StudyConfig:
     """Compare each variant at its own best optim.lr (analysis.tuning). None: when a variant has several
     learning rates; true with a one-point grid is refused."""
 
+    def __post_init__(self) -> None:
+        name = self.name
+        if not name or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
+            raise ValueError(
+                f"study.name={name!r} must be a plain folder name (no '/', '\\', '..' or surrounding "
+                "spaces): it names the study's folder under paths.root"
+            )
+
 
 @dataclass
 class InfraConfig:
@@ -130,6 +138,11 @@ class InfraConfig:
     """Nodes per point; with tasks_per_node, the point's data-parallel ranks (docs/distributed.md)."""
     tasks_per_node: int = 1
     """Tasks (data-parallel ranks) per node; one GPU each on a GPU cluster."""
+
+    def __post_init__(self) -> None:
+        for key in ("threads", "nodes", "tasks_per_node"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"infra.{key}={getattr(self, key)} must be >= 1")
 
 
 @dataclass

@@ -150,6 +150,11 @@ def write_report(study_dir: Path, tasks: list[str], points: list[PointScores]) -
     path = study_dir / "report" / "downstream.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+    report = path.parent / "report.md"
+    if report.exists():  # the study's report shows the accuracies too (analysis regenerates it the same way)
+        from analysis.report_md import with_downstream
+
+        report.write_text(with_downstream(report.read_text(), path.read_text()))
     return path
 
 

@@ -212,9 +212,6 @@ class Point:
 def build_point(run: RunConfig, *, cwd: Path | None = None, vocab_size: int | None = None) -> Point:
     """Derive and validate everything about a point that needs no data files; ValueError naming the key.
     vocab_size: the prepared data's vocabulary (studies.execute passes it); None: data_vocab(run)."""
-    for key in ("threads", "nodes", "tasks_per_node"):
-        if getattr(run.infra, key) < 1:
-            raise ValueError(f"infra.{key}={getattr(run.infra, key)} must be >= 1")
     world = run.infra.nodes * run.infra.tasks_per_node
     if world > 1 and run.infra.name == "basic":
         raise ValueError(

@@ -141,7 +141,6 @@ def validate_point(run: RunConfig, launcher: dict, seen: Validation) -> Point:
     and accounting (build_point), the data (prepared once per distinct data config, into the cache the
     jobs then read) and that the budget fits in one epoch of it unless data.allow_repeat, the model built
     on the meta device against the accounting, the training memory against the target's, the MLflow URI."""
-    checks.check_name("study.name", run.study.name)
     checks.check_device(run.train.device)
     checks.check_scheduler(str(launcher.get("_target_", "")))
     point = build_point(run, cwd=seen.cwd)  # derivation and memory errors before any data work

@@ -113,3 +113,12 @@ def test_report_on_runs_too_short_to_fit_still_writes_and_explains(tmp_path):
     assert savings["savings_steps"].isna().all()
     assert savings["fit_error"].str.contains("data point").all()
     assert (root / "report" / "savings.png").exists()
+
+
+def test_the_downstream_section_is_replaced_not_repeated():
+    from analysis.report_md import with_downstream
+
+    once = with_downstream("# Study report\n\ntext\n", "# Downstream\n\n| G | acc |\n")
+    twice = with_downstream(once, "# Downstream\n\n| G | acc2 |\n")
+    assert twice.count("## Downstream accuracy") == 1 and "acc2" in twice and "| G | acc |" not in twice
+    assert twice.startswith("# Study report\n\ntext")

@@ -71,6 +71,12 @@ def test_study_points_are_scored_logged_to_mlflow_and_reported_g1_vs_g8(compose,
     again = evaluate_study(study, ["tiny_code_mc"], include_path=tasks)
     assert {p.run_key: p.scores for p in again} == {p.run_key: p.scores for p in points}
     assert any((study / "lm_eval_cache").iterdir())
+    # the study's report carries the comparison too, whichever of the two is written last
+    from analysis.report import write_report
+
+    write_report(study)
+    full = (study / "report" / "report.md").read_text()
+    assert full.count("## Downstream accuracy") == 1 and "G=8 vs G=1 average accuracy" in full
 
 
 def test_unknown_task_and_an_empty_study_are_refused(tmp_path, capsys):
