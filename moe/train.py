@@ -382,7 +382,10 @@ def train(
             val_loss = evaluate(model, val_batches, device, autocast, val_forwards, all_val[0])
             if not math.isfinite(val_loss):
                 raise NonFiniteLossError("val/loss", step, val_loss)
-            logger.log_metrics({"val/loss": val_loss, "tokens": tokens}, step)
+            logged = step % train.log_every == 0 or step == plan.steps  # this step's train event has tokens
+            logger.log_metrics(
+                {"val/loss": val_loss} if logged else {"val/loss": val_loss, "tokens": tokens}, step
+            )
             eval_s += time.perf_counter() - t_eval
             total_eval_s += time.perf_counter() - t_eval
 
