@@ -54,7 +54,7 @@ def test_mixtral_8x7b_matches_published_46_7b_total_and_12_9b_active():
 
 def test_planning_at_mixtral_published_context_adds_only_attention_flops():
     short = _one(["model=mixtral_8x7b", *BIG_BATCH])
-    long = _one(["model=mixtral_8x7b", "model.seq_len=32768", *BIG_BATCH])
+    long = _one(["model=mixtral_8x7b", "model.seq_len=32768", "train.eval_tokens=32768", *BIG_BATCH])
     assert long.params_total == short.params_total
     # QK^T and AV: 4 * n_layers * seq_len * d_model forward FLOPs per token (non-causal), x3 to train.
     extra = 3 * 4 * 32 * (32768 - 4096) * 4096
