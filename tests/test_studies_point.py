@@ -29,7 +29,7 @@ def test_run_dir_holds_config_metrics_summary_and_status(finished):
     assert config.model.moe.granularity == 2 and config.model.name == "tiny" and config.train.tokens == 10240
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("step" in line for line in lines)
-    assert [x["step"] for x in lines if "val/loss" in x] == [10, 20]
+    assert [x["step"] for x in lines if "val/loss" in x] == [1, 2, 4, 8, 10, 20]  # log-spaced early, then every 10
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "DONE" and summary["run_key"] == result.run_key
     assert summary["final"]["val/loss"] == pytest.approx(result.val_loss)
