@@ -227,7 +227,7 @@ class RunConfig:
     experts: int | None = None
     """E (expansion rate) at the preset's expert size: total params grow with E, active ones do not."""
     tokens: int = 2_000_000
-    """Training budget in tokens (train.tokens follows it)."""
+    """Training budget in tokens: the only key for it (the point's train.tokens is derived from it)."""
     budget_from: BudgetFrom = "tokens"
     """tokens: every point trains on `tokens`; dense_flops: `tokens` is the budget of the dense model
     with the same total params, and a MoE gets the tokens that cost the same training FLOPs."""
