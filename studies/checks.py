@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from moe.memory import MemoryEstimate, estimate_memory, local_memory_bytes, train_precision
+from moe.memory import MemoryEstimate, local_memory_bytes, train_precision
 from moe.memory import check_memory as memory_check
 from moe.parallel import resolve_layout
 from studies import tracking
@@ -92,7 +92,7 @@ def check_scheduler(launcher_target: str) -> None:
         )
 
 
-def check_memory(point: Point, launcher: dict) -> MemoryEstimate:
+def check_memory(point: Point, launcher: dict) -> MemoryEstimate | None:
     """Refuse a point whose estimated training memory per rank (moe.memory, docs/memory.md) exceeds
     what a rank can have: this machine's memory locally, hydra.launcher.mem_gb per node on SLURM."""
     train = point.train
@@ -106,9 +106,8 @@ def check_memory(point: Point, launcher: dict) -> MemoryEstimate:
     tasks = point.run.infra.tasks_per_node
     if str(launcher.get("_target_", "")).endswith("SlurmLauncher") and device == "cpu":
         mem_gb = launcher.get("mem_gb")
-        if not mem_gb:
-            return estimate_memory(point.model, point.plan.micro_batch_size, precision=precision,
-                                   device=device, **shape)  # fmt: skip
+        if not mem_gb:  # nothing stated to check against
+            return None
         limit, target = int(float(mem_gb) * 2**30) // tasks, f"hydra.launcher.mem_gb={mem_gb}"
     else:
         limit = local_memory_bytes(device) // (tasks if device == "cpu" else 1)

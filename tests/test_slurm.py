@@ -282,6 +282,31 @@ def test_a_point_on_two_slurm_tasks_trains_data_parallel_into_one_mlflow_run(clu
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 10  # rank 0 alone logged
 
 
+def interrupted_sweep(args: list[str], cwd: Path, interrupt: list[str], timeout: float = 400):
+    """Start `studies.run -m args` on the cluster, wait until its one point logged 10 training steps,
+    run `interrupt + [job id]`, and wait for the sweep: (process, stdout, stderr, run dir, job dir)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "studies.run", "-m", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            logs = list(cwd.glob("outputs/default/runs/*/metrics.jsonl"))
+            if logs and logs[0].read_text().count('"train/loss"') >= 10:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "the job never got going"
+            time.sleep(0.1)
+        # submitit submits a one-point sweep as a plain job, not an array: the folder is the job id
+        (job_dir,) = [p for p in cwd.glob("outputs/default/multirun/*/.submitit/*") if p.is_dir()]
+        subprocess.run([*interrupt, job_dir.name], check=True)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc, out, err, logs[0].parent, job_dir
+
+
 @pytest.mark.slow
 def test_time_limited_sweep_point_is_requeued_resumes_and_matches_the_uninterrupted_run(
     cluster, compose, shrunk, tmp_path, one_thread
@@ -299,29 +324,15 @@ def test_time_limited_sweep_point_is_requeued_resumes_and_matches_the_uninterrup
     reference = run_point(compose([*overrides, f"paths.root={tmp_path / 'ref'}"]), cwd=tmp_path)
 
     db = tmp_path / "store.db"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     # timeout_min below submitit's 10-minute margin: it counts any USR2 as the time-limit warning, which
     # is what SLURM sends signal_delay_s before --time (the test sends it earlier, at a known step).
     args = [*overrides, "infra=slurm", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
             "hydra.callbacks.study.report=false", f"tracking.uri=sqlite:///{db}"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "studies.run", "-m", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    run_dir = tmp_path / "outputs" / "default" / "runs" / reference.run_key
+    # How SLURM delivers --signal=USR2@signal_delay_s (and submitit's own SlurmJob._interrupt(timeout=True))
+    proc, out, err, run_dir, job_dir = interrupted_sweep(args, tmp_path, ["scancel", "--signal=USR2"], 300)
+    assert run_dir.name == reference.run_key
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    try:
-        while not (metrics.exists() and metrics.read_text().count('"train/loss"') >= 10):
-            assert proc.poll() is None and time.monotonic() < deadline, "the job never got going"
-            time.sleep(0.1)
-        (job_dir,) = [p for p in tmp_path.glob("outputs/default/multirun/*/.submitit/*") if p.is_dir()]
-        job_id = job_dir.name  # submitit submits a one-point sweep as a plain job, not an array
-        # How SLURM delivers --signal=USR2@signal_delay_s (and submitit's own SlurmJob._interrupt(timeout=True))
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    job_id = job_dir.name
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     assert "1/1 points done" in out, out[-3000:]
 
@@ -356,28 +367,10 @@ def test_scontrol_requeue_checkpoints_on_sigterm_and_the_requeued_job_resumes(cl
     id queued again): the point checkpoints at its next step, is PREEMPTED, and the requeued job resumes
     it to DONE instead of retraining from its last periodic checkpoint."""
     db = tmp_path / "store.db"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = [*shrunk, "granularity=2", "tokens=61440", "train.log_every=1", "train.checkpoint_every=1000",
             "infra=slurm", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
             "hydra.callbacks.study.report=false", f"tracking.uri=sqlite:///{db}"]  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "studies.run", "-m", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            logs = list(tmp_path.glob("outputs/default/runs/*/metrics.jsonl"))
-            if logs and logs[0].read_text().count('"train/loss"') >= 10:
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, "the job never got going"
-            time.sleep(0.1)
-        run_dir = logs[0].parent
-        (job_dir,) = [p for p in tmp_path.glob("outputs/default/multirun/*/.submitit/*") if p.is_dir()]
-        subprocess.run(["scontrol", "requeue", job_dir.name], check=True)
-        out, err = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    proc, out, err, run_dir, job_dir = interrupted_sweep(args, tmp_path, ["scontrol", "requeue"])
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     assert "1/1 points done" in out, out[-3000:]
     logs = "".join(p.read_text() for p in job_dir.glob("*_log.*"))
