@@ -54,6 +54,13 @@ def smoothed_label(smoothing: Smoothing) -> str:
     return f"final val loss (smoothed, {smoothing.describe()})"
 
 
+def final_smoothed(steps, values, smoothing: Smoothing = Smoothing()) -> float:
+    """The last point of the smoothed curve: a run's "final val loss (smoothed, ...)"."""
+    if len(values) == 0:
+        raise ValueError("no values to smooth: the run logged no val/loss")
+    return float(smooth(values, smoothing, steps)[-1])
+
+
 def smooth(values, smoothing: Smoothing = Smoothing(), steps=None) -> np.ndarray:
     """Smooth a curve using only past points (trailing), so the last value is not pulled by the future.
 

@@ -25,11 +25,14 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from analysis.derive import RAW_LABEL, Smoothing, final_smoothed, smoothed_label
 from moe.train import NonFiniteLossError, TrainingInterrupted, TrainResult
 from studies import runfiles, tracking
 from studies.mlflow_logger import FanOut, MlflowLogger, OfflineRun, SkipLogged
 from studies.point import Point
 
+FINAL_METRICS = {"val/loss": "final/val_loss_raw", "val/loss_smoothed": "final/val_loss_smoothed"}
+"""summary.json's final numbers -> the MLflow metrics that carry them (labels: summary.json)."""
 STATUS_EVERY_S = 10.0  # status.json's step is refreshed at most this often while a point trains
 
 
@@ -153,15 +156,19 @@ class PointRecord:
         self.result = result
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc is None and self.result is not None:
+            final, labels = self.finals(self.result)
+            # through the run's logger, so metrics.jsonl holds them too and `studies.sync` backfills them
+            self.logger.log_metrics({FINAL_METRICS[k]: v for k, v in final.items() if k in FINAL_METRICS},
+                                    self.result.steps)  # fmt: skip
         self.metrics.close()
         mlf, run_id = self.opened.mlflow, self.opened.run_id
         if exc is None:
             result = self.result
             if result is None:
                 raise RuntimeError("PointRecord left without finish(result) or an exception")
-            final = {"val/loss": result.final_val_loss, "train/loss": result.final_train_loss}
             runfiles.write_summary(self.run_dir, self.summary(
-                status="DONE", final=final, steps=result.steps, tokens=result.tokens, flops=result.flops,
+                status="DONE", final=final, final_labels=labels, steps=result.steps, tokens=result.tokens, flops=result.flops,
                 wall_s=time.perf_counter() - self._t0, tokens_per_s=result.tokens_per_s,
             ))  # fmt: skip
             runfiles.write_status(self.run_dir, "DONE", result.steps, **self.status_extra)
@@ -191,6 +198,18 @@ class PointRecord:
         self._close_mlflow(ok=False)
         if reason.startswith("no space left"):  # torch's own words for it name no path
             raise OSError(errno.ENOSPC, reason) from exc
+
+    def finals(self, result: TrainResult) -> tuple[dict[str, float], dict[str, str]]:
+        """The run's final numbers and their labels, the names the report and the sweep table use."""
+        final = {"val/loss": result.final_val_loss, "train/loss": result.final_train_loss}
+        labels = {"val/loss": RAW_LABEL, "train/loss": "final train loss (raw)"}
+        values = runfiles.metric_values(runfiles.read_events(self.run_dir / runfiles.METRICS))
+        val = sorted((step, v) for (key, step), v in values.items() if key == "val/loss")
+        if val:
+            smoothing = Smoothing()
+            final["val/loss_smoothed"] = final_smoothed([s for s, _ in val], [v for _, v in val], smoothing)
+            labels["val/loss_smoothed"] = smoothed_label(smoothing)
+        return final, labels
 
     def _close_mlflow(self, ok: bool) -> None:
         mlf = self.opened.mlflow

@@ -71,3 +71,22 @@ def test_mlflow_run_has_tags_params_metric_history_and_artifacts(finished):
     local = mlflow.artifacts.download_artifacts(run_id=result.mlflow_run_id, artifact_path="summary.json",
                                                 tracking_uri=f"sqlite:///{study_dir / 'mlflow.db'}")  # fmt: skip
     assert json.loads(open(local).read())["mlflow_run_id"] == result.mlflow_run_id
+
+
+def test_summary_and_mlflow_carry_the_final_raw_and_smoothed_val_loss_the_report_uses(finished):
+    from analysis.derive import RAW_LABEL, Smoothing, smooth, smoothed_label
+
+    result, study_dir = finished
+    run_dir = study_dir / "runs" / result.run_key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    val = [(x["step"], x["val/loss"]) for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+           if "val/loss" in x]  # fmt: skip
+    expected = smooth([v for _, v in val], Smoothing(), [s for s, _ in val])[-1]
+    assert summary["final"]["val/loss"] == val[-1][1]
+    assert summary["final"]["val/loss_smoothed"] == pytest.approx(expected)
+    assert summary["final"]["val/loss_smoothed"] != summary["final"]["val/loss"]
+    assert summary["final_labels"]["val/loss"] == RAW_LABEL
+    assert summary["final_labels"]["val/loss_smoothed"] == smoothed_label(Smoothing())
+    run = MlflowClient(f"sqlite:///{study_dir / 'mlflow.db'}").get_run(result.mlflow_run_id)
+    assert run.data.metrics["final/val_loss_raw"] == pytest.approx(summary["final"]["val/loss"])
+    assert run.data.metrics["final/val_loss_smoothed"] == pytest.approx(summary["final"]["val/loss_smoothed"])
