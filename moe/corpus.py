@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe.progress import interactive, stage
+
 Document = tuple[str, str]
 
 FORMAT_VERSION = 1
@@ -44,7 +46,12 @@ STDLIB_SKIP_DIRS = frozenset(
 # The same for installed packages, plus test helpers and vendored copies of other projects.
 SITE_SKIP_DIRS = STDLIB_SKIP_DIRS | {"testing", "_vendor", "vendor", "vendored", "third_party"}
 
-EMBEDDED_PACKAGES = (("torch", "torch"), ("mlflow", "mlflow"), ("hydra", "hydra-core"), ("submitit", "submitit"))
+EMBEDDED_PACKAGES = (
+    ("torch", "torch"),
+    ("mlflow", "mlflow"),
+    ("hydra", "hydra-core"),
+    ("submitit", "submitit"),
+)
 """(import name, distribution) of the installed packages whose .py sources join the stdlib corpus.
 All four are pinned exactly in constraints/cpu.txt, so two installs with the same pins read the same files."""
 # A machine-written module announces itself near its top; build-stamped version files differ per wheel.
@@ -86,9 +93,7 @@ def _py_sources(root: Path, prefix: str, skip_dirs: frozenset[str], is_generated
     docs: list[Document] = []
     for dirpath, dirnames, filenames in os.walk(root):
         # config-3.x-<platform> holds the build's Makefile and static library
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in skip_dirs and not d.startswith(("config-", "."))
-        )
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith(("config-", ".")))
         for fname in sorted(filenames):
             if not fname.endswith(".py"):
                 continue
@@ -346,7 +351,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     length = len(texts) if isinstance(texts, list) else None  # a stream (data.source=hf) has no length
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    with stage(f"training the BPE tokenizer (vocabulary {vocab_size:,})", length) as advance:
+        trainer.show_progress = interactive()  # tokenizers' own bar on a terminal; its count is all we have
+        tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+        if length:
+            advance(length)
     return tokenizer
 
 
@@ -355,7 +364,7 @@ def write_shard(tokenizer, docs: list[Document], path: Path, dtype: str, eod_id:
     appending to `path`; returns the token count."""
     eod = np.array([tokenizer.token_to_id(EOD_TOKEN) if eod_id is None else eod_id], DTYPES[dtype])
     n = 0
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, stage(f"tokenizing {path.stem}", len(docs)) as advance:
         for i in range(0, len(docs), ENCODE_CHUNK_DOCS):
             texts = [text for _, text in docs[i : i + ENCODE_CHUNK_DOCS]]
             for enc in tokenizer.encode_batch_fast(texts, add_special_tokens=False):
@@ -363,6 +372,7 @@ def write_shard(tokenizer, docs: list[Document], path: Path, dtype: str, eod_id:
                 f.write(ids.tobytes())
                 f.write(eod.tobytes())
                 n += len(ids) + 1
+            advance(len(texts))
     return n
 
 

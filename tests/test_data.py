@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import multiprocessing as mp
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -257,6 +258,20 @@ def test_text_folder_with_txt_md_and_jsonl_documents(tmp_path):
     moved = tmp_path / "moved"
     (tmp_path / "corpus").rename(moved)
     assert prepare_data(replace(cfg, path=str(moved))).fingerprint == prepared.fingerprint
+
+
+def test_preparing_data_reports_tokenizer_training_and_tokenisation_progress_in_a_log(tmp_path, capfd):
+    write_text_folder(tmp_path / "corpus")
+    cfg = DataConfig(source="text", path=str(tmp_path / "corpus"), vocab_size=300, val_fraction=0.5)
+    prepared = prepare_data(replace(cfg, cache_dir=str(tmp_path / "cache")))
+    meta = read_meta(prepared)
+    err = capfd.readouterr().err  # not a terminal: plain start and end lines, no redrawn bar
+    assert "data: training the BPE tokenizer (vocabulary 300)" in err
+    assert f"data: tokenizing train ({meta['n_train_docs']:,} docs) ..." in err
+    assert re.search(rf"data: tokenizing val done, {meta['n_val_docs']:,} docs in [0-9.]+ s", err)
+    assert "\r" not in err
+    prepare_data(replace(cfg, cache_dir=str(tmp_path / "cache")))
+    assert "data:" not in capfd.readouterr().err, "a cached corpus is not prepared again"
 
 
 def test_tokens_source_round_trip(tmp_path):
@@ -518,7 +533,9 @@ def test_default_corpus_has_12m_training_tokens_records_packages_and_rebuilds_id
     again = prepare_data(default_cfg(tmp_path / "b"))
     assert again.fingerprint == prepared.fingerprint
     for name in ("train.bin", "val.bin", "tokenizer.json"):
-        assert (again.train_path.parent / name).read_bytes() == (prepared.train_path.parent / name).read_bytes()
+        assert (again.train_path.parent / name).read_bytes() == (
+            prepared.train_path.parent / name
+        ).read_bytes()
     # a context-free model's loss is the unigram entropy; it must be well above 0 and below log(V)
     assert 4.0 < unigram_entropy(prepared.val_path) < math.log(2048)
 
