@@ -217,3 +217,22 @@ class PointRecord:
         names = (runfiles.CONFIG, runfiles.METRICS, runfiles.SUMMARY)
         mlf.log_artifacts(self.run_dir / n for n in names if (self.run_dir / n).exists())
         tracking.end_run(self.uri, self.opened.run_id, ok)
+
+
+def record_failure_from_another_thread(record: PointRecord, exc: Exception, timeout_s: float) -> bool:
+    """Record `exc` as how the point ended, from a thread other than the one training it (the heartbeat
+    thread, when the training thread is stuck in a collective and the process is about to exit): the same
+    record as the block ending with `exc` (status.json FAILED first, then summary.json and MLflow). Waits
+    at most timeout_s (MLflow slow or unreachable); True if the record was finished in time."""
+    import threading  # here: the module's imports are another session's to edit just now
+
+    def leave() -> None:
+        try:
+            raise exc  # so that summary.json's traceback is this exception's
+        except Exception:  # noqa: BLE001 - recorded, not handled
+            record.__exit__(type(exc), exc, exc.__traceback__)
+
+    thread = threading.Thread(target=leave, name="moe-record-failure", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return not thread.is_alive()
