@@ -10,7 +10,9 @@ as if they were seeds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -105,23 +107,33 @@ def use_best_lr(tuning: LrTuning, best_lr: bool | None) -> bool:
     """
     if best_lr is None:
         return tuning.swept
+    grids = {key: list(g["lr"]) for key, g in tuning.grid.groupby(GROUP, dropna=False, sort=True)}
+    bad = lr_grid_errors(grids, best_lr)
+    if bad:
+        raise ValueError("; ".join(bad))
+    return best_lr
+
+
+def lr_grid_errors(grids: Mapping[tuple[Any, Any, Any], Sequence[Any]], best_lr: bool) -> list[str]:
+    """The one rule for LR grids, shared by the report and by the sweep's check before any job.
+
+    grids: (model, tokens, variant) -> the learning rates run for it. best_lr=True needs >= 2 of them for
+    every variant; best_lr=False needs exactly one (runs at different LRs are not seeds)."""
     bad = []
-    for (model, tokens, variant), g in tuning.grid.groupby(GROUP, dropna=False, sort=True):
+    for (model, tokens, variant), values in sorted(grids.items(), key=lambda kv: tuple(map(str, kv[0]))):
         where = f"for variant {variant} at model={model} tokens={fmt_tokens(tokens)}"
-        lrs = ", ".join(fmt_lr(v) for v in g["lr"])
-        if best_lr and len(g) == 1:
+        lrs = ", ".join(fmt_lr(v) for v in values)
+        if best_lr and len(values) == 1:
             bad.append(
                 f"{LR} has one value ({lrs}) {where}: a best-LR comparison needs at least 2 learning "
                 f"rates (sweep -m {LR}=...)"
             )
-        elif not best_lr and len(g) > 1:
+        elif not best_lr and len(values) > 1:
             bad.append(
-                f"{LR} has {len(g)} values ({lrs}) {where}: runs at different learning rates are not "
+                f"{LR} has {len(values)} values ({lrs}) {where}: runs at different learning rates are not "
                 f"seeds; compare each variant at its best LR (best_lr=True, --best-lr) or report one {LR}"
             )
-    if bad:
-        raise ValueError("; ".join(bad))
-    return best_lr
+    return bad
 
 
 def best_lr_runs(runs: pd.DataFrame, tuning: LrTuning) -> pd.DataFrame:

@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from analysis.tuning import lr_grid_errors
 from moe.accounting import count_params_of_module
 from moe.data import PreparedData, check_budget, prepare_data
 from moe.model import Transformer
@@ -196,17 +197,14 @@ def validate_jobs(jobs: Sequence[Job], cwd: Path | None = None) -> list[Point]:
 
 
 def check_lr_grids(points: Sequence[Point]) -> None:
-    """study.best_lr=true needs at least two learning rates per (variant, model, tokens)."""
-    grids: dict[tuple[str, str, int], set[float]] = {}
+    """study.best_lr=true needs at least two learning rates per (variant, model, tokens): the report's
+    rule (analysis.tuning.lr_grid_errors), checked before any job."""
+    grids: dict[tuple[str, int, str], set[float]] = {}
     for p in points:
-        grids.setdefault((p.variant, p.run.model.name, p.train.tokens), set()).add(p.run.optim.lr)
-    for (variant, model, tokens), lrs in sorted(grids.items()):
-        if len(lrs) < 2:
-            raise ValueError(
-                f"study.best_lr=true but optim.lr has one value ({min(lrs):g}) for variant {variant} at "
-                f"model={model} tokens={tokens}: a best-LR comparison needs at least 2 learning rates "
-                "(sweep -m optim.lr=1e-3,3e-3,1e-2)"
-            )
+        grids.setdefault((p.run.model.name, p.train.tokens, p.variant), set()).add(p.run.optim.lr)
+    bad = lr_grid_errors({key: sorted(lrs) for key, lrs in grids.items()}, best_lr=True)
+    if bad:
+        raise ValueError(f"study.best_lr=true but {bad[0]}")
 
 
 def validate_overrides(override_lists: Sequence[Sequence[str]], cwd: Path | None = None) -> list[Point]:
