@@ -4,7 +4,11 @@
     on_multirun_start   validate every point, print what each will do; nothing to start: say so and
                         stop (no parent run, no sweep folder); else claim a fresh sweep folder and open
                         the sweep's MLflow parent run
-    on_multirun_end     the sweep's table, the MLflow hint, the analysis report, non-zero exit on failure
+    on_multirun_start   (also) copy the code the jobs import (studies.snapshot) and write sweep.json
+                        (parent run id, tracking URI, report settings) for studies.finish
+    on_multirun_end     studies.finish.finish_sweep: the sweep's table, the parent run, the report;
+                        non-zero exit on failure. Detached (launch.detach): say where to follow the
+                        jobs and how the end of the sweep runs, exit 0
 
 Hydra turns exceptions raised in callbacks into warnings and exits 0; a refused or failed sweep must
 exit non-zero, so these print the reason and raise SystemExit, which Hydra does not catch.
@@ -14,15 +18,22 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from studies import lifecycle, runfiles, tracking
+from studies import lifecycle, runfiles, snapshot, tracking
 from studies.execute import complete_done_record
+from studies.finish import (
+    SWEEP_RECORD,
+    failure_message,
+    finish_sweep,
+    format_table,
+    update_sweep_record,
+    write_study_report,
+)
 from studies.point import Point
 from studies.sweep import jobs_of, validate_jobs, varying
 
@@ -42,24 +53,18 @@ def refuse(message: str, code: int = 1) -> None:
     raise SystemExit(code)
 
 
-def format_table(records: list[dict[str, Any]]) -> str:
-    header = ("variant", "model", "seed", "params", "active", "tokens", "final val loss (raw)", "status")
-    rows = [header]
-    for r in records:
-        tags = r.get("tags") or {}
-        val = r.get("val_loss")
-        rows.append((
-            str(r.get("variant", "?")), tags.get("model", "?"), tags.get("seed", "?"),
-            f"{r['params_total']:,}" if r.get("params_total") else "-",
-            f"{r['params_active']:,}" if r.get("params_active") else "-",
-            f"{r['tokens']:,}" if r.get("tokens") else "-",
-            f"{val:.4f}" if isinstance(val, float) else "-",
-            r.get("status", "?"),
-        ))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def detach_refusal(config: DictConfig, points: int) -> None:
+    """launch.detach=true where the jobs could not run on without this process: refused before anything."""
+    target = str(config.hydra.launcher.get("_target_", ""))
+    if not target.startswith("hydra_plugins.moe_scaling."):
+        refuse(f"Sweep not started: launch.detach=true (--detach) needs a submitit launcher (infra=local or "
+               f"infra=slurm); infra={config.infra.name} runs the points inside this process")  # fmt: skip
+    batch = config.hydra.sweeper.get("max_batch_size")
+    if target.endswith(".LocalLauncher") and batch is not None and points > int(batch):
+        # Hydra launches local batches one after another; detached, nothing would wait between them
+        refuse(f"Sweep not started: launch.detach=true with infra=local starts every point at once, but the "
+               f"sweep has {points} points and hydra.sweeper.max_batch_size={batch} (the jobs this machine "
+               f"runs at once): run it without --detach, or set hydra.sweeper.max_batch_size={points}")  # fmt: skip
 
 
 def skipped_record(point: Point) -> dict[str, Any]:
@@ -78,8 +83,12 @@ class StudyCallback(Callback):
         self.report = report
         self.validate = validate
         self.parent_run_id: str | None = None
+        self._env_before: dict[str, str | None] = {}  # plain data: Hydra pickles callbacks into jobs
 
     def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        if config.launch.detach:
+            refuse("Run not started: launch.detach=true (--detach) needs a sweep (-m): a single run "
+                   "trains inside this process")  # fmt: skip
         if not self.validate:
             return
         try:
@@ -92,6 +101,8 @@ class StudyCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
         jobs = jobs_of(config)
+        if config.launch.detach:
+            detach_refusal(config, len(jobs))
         labels = varying([job for job, _ in jobs])
         points: list[Point] = []
         if self.validate:
@@ -115,13 +126,23 @@ class StudyCallback(Callback):
         except FileExistsError:
             refuse(f"Sweep not started: its folder {sweep_dir} exists already (hydra.sweep.dir); "
                    "set another hydra.sweep.dir")  # fmt: skip
+        code = snapshot.take_snapshot(sweep_dir)
+        self._env_before = snapshot.point_jobs_at(code.dir)
+        uri = tracking_uri_of(config)
         self.parent_run_id = tracking.start_run(
-            tracking_uri_of(config), config.study.name, study_dir_of(config) / "mlartifacts",
+            uri, config.study.name, study_dir_of(config) / "mlartifacts",
             run_name=f"sweep-{sweep_dir.name}",
-            tags={"kind": "sweep", "study": config.study.name, "git_sha": tracking.git_sha(),
-                  "sweep_dir": str(sweep_dir.resolve()), "points": str(len(jobs))},
+            tags={"kind": "sweep", "study": config.study.name, "git_sha": code.git_sha or tracking.git_sha(),
+                  "sweep_dir": str(sweep_dir.resolve()), "points": str(len(jobs)), **code.tags()},
         )  # fmt: skip
         os.environ[PARENT_ENV] = self.parent_run_id
+        update_sweep_record(
+            sweep_dir, study=config.study.name, study_dir=str(study_dir_of(config).resolve()),
+            sweep_dir=str(sweep_dir.resolve()), tracking_uri=uri, parent_run_id=self.parent_run_id,
+            report=self.report, baseline=config.study.baseline, best_lr=config.study.get("best_lr"),
+            points=len(jobs), detach=bool(config.launch.detach), infra=config.infra.name,
+            code={"dir": str(code.dir), "git_sha": code.git_sha, "dirty": code.dirty},
+        )  # fmt: skip
 
     def _nothing_to_start(self, config: DictConfig, points: list[Point], actions: list[str]) -> None:
         """Every point is DONE or a FAILED one not retried: complete their records, report, stop."""
@@ -138,7 +159,8 @@ class StudyCallback(Callback):
         print(f"\nStudy {config.study.name!r}: nothing to start, {done}/{len(points)} points done "
               f"(no sweep folder or MLflow parent run created)\n{format_table(records)}")  # fmt: skip
         if self.report and done:
-            self._report(config, tracking_uri_of(config))
+            write_study_report(study_dir_of(config), tracking_uri_of(config), config.study.name,
+                               config.study.baseline, config.study.get("best_lr"), None)  # fmt: skip
         failed = [r for r in records if r["status"] != "DONE"]
         if failed:
             reasons = "\n".join(f"  {r['variant']}: {r['error']}" for r in failed)
@@ -148,47 +170,19 @@ class StudyCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(PARENT_ENV, None)
-        uri = tracking_uri_of(config)
-        sweep_dir = Path(config.hydra.sweep.dir)
-        records = runfiles.read_job_records(sweep_dir)
-        busy = [r for r in records if r.get("status") == "BUSY"]
-        failed = [r for r in records if r.get("status") not in ("DONE", "BUSY")]
-        table = format_table(records)
-        print(f"\nStudy {config.study.name!r}, sweep {sweep_dir.name}: "
-              f"{len(records) - len(failed) - len(busy)}/{len(records)} points done\n{table}")  # fmt: skip
-        for r in busy:
-            print(f"  {r.get('variant')}: {r.get('error')}")
-        (sweep_dir / "summary.txt").write_text(table + "\n")
-        if self.parent_run_id:
-            from studies.mlflow_logger import MlflowLogger
-
-            parent = MlflowLogger(uri, self.parent_run_id)
-            parent.set_tags({"points_done": str(len(records) - len(failed) - len(busy)),
-                             "points_failed": str(len(failed)), "points_busy": str(len(busy))})  # fmt: skip
-            parent.log_artifacts([sweep_dir / "summary.txt"])
-            tracking.end_run(uri, self.parent_run_id, ok=not failed)
-        print(f"\nMLflow UI:  {tracking.ui_command(uri)}")
-        if self.report:
-            self._report(config, uri)
-        if failed:
-            reasons = "\n".join(
-                f"  {r.get('variant', 'job ' + str(r.get('job')))}: {r.get('error')}" for r in failed
-            )
-            refuse(f"{len(failed)} of {len(records)} sweep points failed:\n{reasons}")
-
-    def _report(self, config: DictConfig, uri: str) -> None:
-        """The analysis is a guest here: its failure is printed, never fails the sweep."""
-        try:
-            from analysis.report import write_report
-
-            path = write_report(
-                study_dir_of(config), tracking_uri=uri, study=config.study.name,
-                baseline=config.study.baseline, parent_run_id=self.parent_run_id,
-                best_lr=config.study.get("best_lr"),
-            )  # fmt: skip
-            print(f"Report (the whole study {config.study.name!r}: every DONE point of it, not only this sweep's): {path}")
-            from analysis.findings import read_findings
-
-            print("\n".join(read_findings(path)))
-        except Exception:  # noqa: BLE001 - any analysis error must not fail a finished sweep
-            print("analysis report failed (the sweep itself is recorded):\n" + traceback.format_exc())
+        snapshot.restore_env(self._env_before)
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        if config.launch.detach:
+            print(f"\nDetached: the sweep's jobs run on (ids and logs above). Follow them with\n"
+                  f"  python -m studies.status {sweep_dir}")  # fmt: skip
+            finisher = (runfiles.read_json(sweep_dir / SWEEP_RECORD) or {}).get("finish_job")
+            if finisher:
+                print(f"The end of the sweep (table, MLflow parent run, report) runs as SLURM job "
+                      f"{finisher['job_id']} once they have ended ({finisher['dependency']}); log {finisher['log']}")  # fmt: skip
+            else:
+                print(f"Once they have ended, finish the sweep (table, MLflow parent run, report) with\n"
+                      f"  python -m studies.finish {sweep_dir}")  # fmt: skip
+            return
+        result = finish_sweep(sweep_dir, report=self.report, even_if_running=True)
+        if result.failed:
+            refuse(failure_message(result))

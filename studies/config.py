@@ -172,6 +172,9 @@ class LaunchConfig:
     logs), auto (live on a terminal, else lines) or off."""
     progress_every_s: float = 30.0
     """lines mode: a point's line is repeated at most this often (state changes print at once)."""
+    detach: bool = False
+    """Submit the sweep's jobs and return without waiting (`--detach`); the end-of-sweep work runs as a
+    SLURM job after the array (afterany), or by hand with `python -m studies.finish <sweep dir>`."""
 
 
 @dataclass

@@ -21,6 +21,11 @@ launchers (docs/lifecycle.md):
    there (a `kill`, a closed session, a SLURM step ending) is forwarded to the local jobs, which
    checkpoint at their next step and record PREEMPTED (resumable, studies.preemption); the sweep waits
    for them, so no process is left behind, and exits non-zero. SLURM jobs are left to SLURM.
+
+Every launch records its jobs (id, log, run folder, steps) in the sweep folder's sweep.json, for
+`python -m studies.status` and studies.finish. Detached (launch.detach, docs/slurm.md) it returns once
+they are submitted: on SLURM with the end-of-sweep job queued behind the array (afterany); locally with
+the jobs ignoring SIGHUP and writing nothing to this terminal, so they outlive this process.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -46,10 +52,44 @@ from studies.preemption import preemption
 
 log = logging.getLogger(__name__)
 JOB_STOP_WAIT_S = 120.0  # how long a terminated sweep waits for its local jobs to checkpoint and end
+FINISH_TIMEOUT_MIN = 60  # the end-of-sweep SLURM job: table, MLflow parent run, report
 
 
 def failure_record(error: str, job: str) -> dict[str, Any]:
     return {"status": "FAILED", "error": error, "job": job}
+
+
+def _detached_return(overrides: list[str], job: Any) -> JobReturn:
+    """What Hydra's sweeper gets for a job left running: a completed return (it would stop otherwise)."""
+    ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
+    ret.return_value = {"status": "DETACHED", "job_id": str(job.job_id)}
+    return ret
+
+
+@contextlib.contextmanager
+def _detached_local(sweep_dir: Path) -> Iterator[None]:
+    """Local jobs started in the block outlive this process: they ignore SIGHUP (a closed terminal), as
+    under nohup (an ignored signal stays ignored across exec), and their controllers write to a file, not
+    to this process's stdout and stderr, which a caller may be reading to the end."""
+    log_path = sweep_dir / ".submitit" / "controllers.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    target = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(target, 1)
+        os.dup2(target, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(target)
+        signal.signal(signal.SIGHUP, previous)
 
 
 class DurableSubmititLauncher(BaseSubmititLauncher):
@@ -96,26 +136,32 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
         for num, overrides in zip(nums, job_overrides, strict=True):
             log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
         state = Singleton.get_state()
-        jobs = executor.map_array(
-            self, [list(o) for o in job_overrides], ["hydra.sweep.dir"] * len(nums), nums,
-            [f"job_id_for_{n}" for n in nums], [state] * len(nums),
-        )  # fmt: skip
+        detach = bool(self.config.launch.detach)
+        quiet = _detached_local(sweep_dir) if detach and self._EXECUTOR == "local" else contextlib.nullcontext()
+        with quiet:
+            jobs = executor.map_array(
+                self, [list(o) for o in job_overrides], ["hydra.sweep.dir"] * len(nums), nums,
+                [f"job_id_for_{n}" for n in nums], [state] * len(nums),
+            )  # fmt: skip
         for job, num in zip(jobs, nums, strict=True):
             print(f"job #{num}: {job.job_id}, log {job.paths.stdout}", flush=True)
+        tracked, batch_tokens = self._tracked(jobs, job_overrides)
+        self._record_jobs(sweep_dir, jobs, nums, tracked, batch_tokens)
+        if detach:
+            if self._EXECUTOR == "slurm":
+                self._submit_finish(sweep_dir, jobs)
+            return [_detached_return(list(o), job) for job, o in zip(jobs, job_overrides, strict=True)]
         with self._terminate_jobs_on_sigterm(jobs):
-            self._show_progress(jobs, job_overrides)
+            self._show_progress(jobs, tracked, batch_tokens)
             return [self._collect(job, list(o), n) for job, o, n in zip(jobs, job_overrides, nums, strict=True)]
 
-    def _show_progress(self, jobs: list[Any], job_overrides: Sequence[Sequence[str]]) -> None:
-        """Live progress from the run folders until every job of the batch has ended (studies.progress)."""
+    def _tracked(self, jobs: list[Any], job_overrides: Sequence[Sequence[str]]) -> tuple[list[Any], list[int]]:
+        """Each job as the progress view and studies.status know it, and its point's batch tokens."""
         from studies.config import load_run_config
         from studies.point import build_point
-        from studies.progress import ProgressView, Tracked, watch
+        from studies.progress import Tracked
         from studies.sweep import varying
 
-        launch = self.config.launch
-        if launch.progress == "off":
-            return
         given = set(self.config.hydra.overrides.task)
         labels = varying([[o for o in filter_overrides(job) if o not in given] for job in job_overrides])
         tracked, batch_tokens = [], []
@@ -125,6 +171,47 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
             tracked.append(Tracked(label, point.variant, point.run_dir, point.plan.steps, str(job.job_id),
                                    Path(job.paths.stdout)))  # fmt: skip
             batch_tokens.append(point.plan.batch_tokens)
+        return tracked, batch_tokens
+
+    def _record_jobs(self, sweep_dir: Path, jobs: list[Any], nums: list[int], tracked: list[Any],
+                     batch_tokens: list[int]) -> None:  # fmt: skip
+        from studies.finish import update_sweep_record
+
+        host = socket.gethostname()
+        records = [{"num": num, "job_id": t.job_id, "log": str(t.log), "label": t.label, "variant": t.variant,
+                    "run_dir": str(Path(t.run_dir).resolve()), "steps": t.steps, "batch_tokens": b, "host": host,
+                    "pid": getattr(getattr(job, "_process", None), "pid", None)}
+                   for job, num, t, b in zip(jobs, nums, tracked, batch_tokens, strict=True)]  # fmt: skip
+        update_sweep_record(sweep_dir, executor=self._EXECUTOR, add_jobs=records)
+
+    def _submit_finish(self, sweep_dir: Path, jobs: list[Any]) -> None:
+        """The end-of-sweep work as a SLURM job that starts once every job of the array has ended."""
+        import submitit
+
+        from studies.finish import finish_job, update_sweep_record
+
+        array_id = str(jobs[0].job_id).split("_")[0]
+        dependency = f"afterany:{array_id}"
+        params = dict(self.params)
+        executor = submitit.AutoExecutor(cluster="slurm", folder=str(sweep_dir / ".submitit" / "%j"))
+        cluster_keys = {f"slurm_{k}": params[k] for k in ("partition", "account", "qos", "setup") if params.get(k)}
+        executor.update_parameters(
+            name=f"{params.get('name', 'sweep')}-finish", timeout_min=FINISH_TIMEOUT_MIN, cpus_per_task=1,
+            mem_gb=params.get("mem_gb") or 4, nodes=1, tasks_per_node=1, **cluster_keys,
+            slurm_additional_parameters={**params.get("additional_parameters", {}), "dependency": dependency},
+        )  # fmt: skip
+        job = executor.submit(finish_job, str(sweep_dir.resolve()))
+        print(f"end of sweep: SLURM job {job.job_id} ({dependency}), log {job.paths.stdout}", flush=True)
+        update_sweep_record(sweep_dir, finish_job={"job_id": str(job.job_id), "dependency": dependency,
+                                                   "log": str(job.paths.stdout)})  # fmt: skip
+
+    def _show_progress(self, jobs: list[Any], tracked: list[Any], batch_tokens: list[int]) -> None:
+        """Live progress from the run folders until every job of the batch has ended (studies.progress)."""
+        from studies.progress import ProgressView, watch
+
+        launch = self.config.launch
+        if launch.progress == "off":
+            return
         view = ProgressView(tracked, batch_tokens, launch.progress, every_s=launch.progress_every_s)
         watch(view, lambda: [str(job.state) for job in jobs], lambda: all(job.done() for job in jobs))
 

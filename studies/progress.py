@@ -110,6 +110,13 @@ def rows(
 HEADER = ("point", "variant", "state", "step", "train loss", "val loss (raw)", "tokens/s", "ETA")
 
 
+def plain_table(header: Sequence[str], table_rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell (the lines mode's view, studies.status)."""
+    table = [tuple(header), *map(tuple, table_rows)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table)
+
+
 class ProgressView:
     """Polls the run folders and shows them; `close()` leaves the last view on screen."""
 

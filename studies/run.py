@@ -28,10 +28,12 @@ from studies.config import load_run_config, register_configs
 from studies.execute import run_point
 from studies.point import build_point
 from studies.preemption import install as install_stop_signals
+from studies.snapshot import project_root
 
 register_configs()
 
-FLAGS = {"--dry-run": "launch.dry_run=true", "--retry-failed": "launch.retry_failed=true"}
+FLAGS = {"--dry-run": "launch.dry_run=true", "--retry-failed": "launch.retry_failed=true",
+         "--detach": "launch.detach=true"}
 
 
 def fails_its_job(hc) -> bool:
@@ -51,12 +53,12 @@ def main(cfg: DictConfig) -> dict:
                            job=f"{job_dir.parent.name}/{job_dir.name}")  # fmt: skip
     except TrainingInterrupted as exc:
         record = {"status": "PREEMPTED", "error": str(exc), "job": job_dir.name, **point_identity(cfg)}
-        runfiles.write_job_record(job_dir, record)
+        write_record(job_dir, record)
         raise
     except Exception as exc:
         record = {"status": "FAILED", "error": f"{type(exc).__name__}: {exc}", "job": job_dir.name}
         record.update(point_identity(cfg))
-        runfiles.write_job_record(job_dir, record)
+        write_record(job_dir, record)
         if not multirun or fails_its_job(hc):
             raise
         # In-process sweep: keep going; the end-of-sweep callback reports the failure and exits non-zero.
@@ -65,8 +67,13 @@ def main(cfg: DictConfig) -> dict:
     if result is None:  # a rank other than 0 of a data-parallel point: rank 0 writes the record
         return {}
     record = dataclasses.asdict(result)
-    runfiles.write_job_record(job_dir, record)
+    write_record(job_dir, record)
     return record
+
+
+def write_record(job_dir: Path, record: dict) -> None:
+    """point.json, with the folder the job imported the project from (the sweep's code snapshot)."""
+    runfiles.write_job_record(job_dir, {**record, "code": str(project_root())})
 
 
 def point_identity(cfg: DictConfig) -> dict:
