@@ -4,7 +4,8 @@ Order: prepare the data (the cache the sweep's validation filled), derive the po
 vocabulary, take ownership of its run folder (studies.lifecycle.owned), decide (start / resume / skip
 / retry / refuse), then train inside a PointRecord, which sets the final status however training ends.
 A job of several tasks trains the point data-parallel: rank 0 owns and records it and tells the other
-ranks what it decided (studies.ranks); they train alongside and return None.
+ranks what it decided (studies.ranks); they train alongside and return None. A peer failure that leaves
+rank 0 stuck in a collective is recorded from its heartbeat thread (ranks.RecordPeerFailure).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from moe.checkpoint import checkpoint_path, load_checkpoint, load_latest
 from moe.data import PreparedData, check_budget, prepare_data, unigram_entropy
+from moe.distributed import PeerFailure
 from moe.train import train
 from studies import lifecycle, ranks, runfiles, sync, tracking
 from studies.config import RunConfig, load_run_config
@@ -79,7 +82,8 @@ def run_point(
     TrainingInterrupted after a checkpoint when stop_requested() turned True (preemption)."""
     run = load_run_config(cfg)
     retry = run.launch.retry_failed if retry_failed is None else retry_failed
-    with ranks.point_process_group(run.train.device) as env:
+    failures = ranks.RecordPeerFailure(hydra_job_dir())
+    with ranks.point_process_group(run.train.device, on_peer_failure=failures) as env:
         if env.world_size != run.infra.nodes * run.infra.tasks_per_node:
             raise ValueError(
                 f"the job has {env.world_size} tasks but infra.nodes={run.infra.nodes} x "
@@ -95,7 +99,7 @@ def run_point(
             ranks.share(decision)
 
         try:
-            return _lead_point(run, parent_run_id, cwd, retry, stop_requested, tell, job)
+            return _lead_point(run, parent_run_id, cwd, retry, stop_requested, tell, job, failures)
         except BaseException as exc:
             if not told:  # the other ranks are waiting for a decision: let them stop too
                 ranks.share(("error", f"{type(exc).__name__}: {exc}"))
@@ -125,12 +129,14 @@ def _lead_point(
     stop_requested: Callable[[], bool] | None,
     tell: Callable[[tuple[str, Any]], None],
     job: str | None,
+    failures: ranks.RecordPeerFailure,
 ) -> PointResult:
     """Rank 0 (or the only rank): own, decide, record and train."""
     point, prepared, epochs = prepared_point(run, cwd)
     try:
         with lifecycle.owned(point.run_dir, job):
-            return _decide_and_train(point, prepared, epochs, parent_run_id, retry, stop_requested, tell)
+            return _decide_and_train(point, prepared, epochs, parent_run_id, retry, stop_requested, tell,
+                                     failures)  # fmt: skip
     except lifecycle.PointBusyError as exc:
         print(f"[{point.variant}] {exc}", flush=True)
         tell(("busy", 0))
@@ -145,6 +151,7 @@ def _decide_and_train(
     retry: bool,
     stop_requested: Callable[[], bool] | None,
     tell: Callable[[tuple[str, Any]], None],
+    failures: ranks.RecordPeerFailure,
 ) -> PointResult:
     run, run_dir = point.run, point.run_dir
     plan = lifecycle.lifecycle(run_dir, retry)
@@ -175,16 +182,27 @@ def _decide_and_train(
               f"({acct['acct.params_active']:,} active), {point.plan.steps} steps of {point.plan.batch_tokens} "
               f"tokens" + (f" on {point.plan.world_size} ranks" if point.plan.world_size > 1 else "")
               + f" -> {run_dir}" + (f" (resuming after step {start})" if start else ""), flush=True)  # fmt: skip
+        failures.watch(record)
         tell(("train", start))
-        result = train(
-            point.model, prepared, run.optim, point.train, record.logger,
-            progress=lambda line: print(f"[{point.variant}] {line}", flush=True),
-            checkpoint_dir=run_dir / runfiles.CHECKPOINTS, resume=state, stop_requested=stop_requested,
-            parallel=run.parallel,
-        )  # fmt: skip
+        try:
+            result = train(
+                point.model, prepared, run.optim, point.train, record.logger,
+                progress=lambda line: print(f"[{point.variant}] {line}", flush=True),
+                checkpoint_dir=run_dir / runfiles.CHECKPOINTS, resume=state, stop_requested=stop_requested,
+                parallel=run.parallel,
+            )  # fmt: skip
+        except PeerFailure as exc:  # the record's failure_reason says it too; the tag is for filtering
+            record.opened.mlflow.set_tags(ranks.failed_rank_tags(exc))
+            raise
         record.finish(result)
     return _result(point, "DONE", action=plan.action, tokens=result.tokens, val_loss=result.final_val_loss,
                    train_loss=result.final_train_loss, mlflow_run_id=record.opened.run_id)  # fmt: skip
+
+
+def hydra_job_dir() -> Path | None:
+    """The folder of the Hydra job running this process (where studies.run writes point.json), or None
+    (run_point also runs outside Hydra: tests, scripts)."""
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
 def _warn_if_threads_changed(point: Point, previous_status: str | None) -> None:

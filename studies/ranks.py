@@ -4,20 +4,32 @@
 `run_point`; `point_process_group` turns submitit's job environment into torch.distributed's variables
 (submitit's own TorchDistributedEnvironment) and joins the group. Rank 0 owns the point's records
 (status, MLflow, checkpoints) and tells the other ranks what it decided with `share`.
+
+A failed peer (docs/distributed.md, "Rank failures") reaches the records in one of two ways. Usually the
+survivors' collective raises (gloo sees the closed connection) and moe.train re-raises it as PeerFailure:
+rank 0's PointRecord records FAILED as for any exception. A survivor stuck in a collective that never
+returns (NCCL, or a peer that froze without dying) is ended by its heartbeat thread instead, which first
+calls `RecordPeerFailure`: rank 0 records FAILED from that thread, then the process exits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import submitit
 import torch.distributed as dist
 from submitit.helpers import TorchDistributedEnvironment
 
-from moe.distributed import DistEnv, active_world, distributed_env
+from moe.distributed import DistEnv, PeerFailure, active_world, distributed_env
+from studies import runfiles
+from studies.record import PointRecord, record_failure_from_another_thread
+
+RECORD_WAIT_S = 10.0  # the longest a stuck rank 0 spends recording a peer failure before it exits
 
 
 def job_tasks() -> int:
@@ -29,11 +41,14 @@ def job_tasks() -> int:
 
 
 @contextlib.contextmanager
-def point_process_group(device: str = "auto") -> Iterator[DistEnv]:
-    """Join the point's process group when its job has several tasks (or torchrun started it)."""
+def point_process_group(
+    device: str = "auto", on_peer_failure: Callable[[PeerFailure], None] | None = None
+) -> Iterator[DistEnv]:
+    """Join the point's process group when its job has several tasks (or torchrun started it).
+    on_peer_failure: called from the heartbeat thread before a rank stuck in a collective exits."""
     if "WORLD_SIZE" not in os.environ and job_tasks() > 1:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    with distributed_env(device) as env:
+    with distributed_env(device, on_peer_failure=on_peer_failure) as env:
         yield env
 
 
@@ -44,3 +59,41 @@ def share(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def failed_rank_tags(failure: PeerFailure) -> dict[str, str]:
+    """The MLflow tag naming the failed rank ("store" when the rendezvous store's host is unknown)."""
+    return {"failed_rank": "store" if failure.rank is None else str(failure.rank)}
+
+
+class RecordPeerFailure:
+    """on_peer_failure of a point's ranks: once rank 0 trains inside its PointRecord (`watch`), a peer
+    failure that leaves it stuck in a collective is recorded as the exception would have been (status.json
+    FAILED naming the rank, summary.json, MLflow FAILED with failure_reason and failed_rank), and the job's
+    point.json too, since studies.run will not get to write it. Other ranks and earlier phases record
+    nothing: rank 0 owns the records, and before training none says RUNNING."""
+
+    def __init__(self, job_dir: Path | None):
+        self.job_dir = job_dir
+        """The Hydra job's folder (point.json), None outside a Hydra job."""
+        self.record: PointRecord | None = None
+
+    def watch(self, record: PointRecord) -> None:
+        self.record = record
+
+    def __call__(self, failure: PeerFailure) -> None:
+        record = self.record
+        if record is None:
+            return
+        point = record.point
+        error = f"{type(failure).__name__}: {failure}"
+        print(f"[{point.variant}] {error}: recording FAILED, then ending this stuck rank", file=sys.stderr,
+              flush=True)  # fmt: skip
+        if self.job_dir is not None:
+            identity = {"variant": point.variant, "run_key": point.run_key, "tags": point.tags()}
+            runfiles.write_job_record(self.job_dir, {"status": "FAILED", "error": error, "job": self.job_dir.name,
+                                                     **identity})  # fmt: skip
+        record.opened.mlflow.set_tags(failed_rank_tags(failure))
+        if not record_failure_from_another_thread(record, failure, RECORD_WAIT_S):
+            print(f"[{point.variant}] MLflow not told within {RECORD_WAIT_S:.0f} s; status.json says FAILED "
+                  f"(`python -m studies.sync {point.study_dir}` completes the run)", file=sys.stderr, flush=True)  # fmt: skip
