@@ -1,0 +1,145 @@
+"""studies.study_view against a real `mlflow server` and headless Chromium: after a real `granularity=1,8`
+sweep, the URL the sweep prints opens MLflow's UI on both points' val/loss and train/loss curves, the
+parent run carries the study's summary, and a server that refuses the view is reported, not raised."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import SHRINK
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from test_server import assert_not_blank, chromium, chromium_run, page_text, repo_env
+
+from studies import tracking
+from studies.server import ServerSettings, free_port, group_alive, running_server
+from studies.study_view import (
+    LOSS_KEYS,
+    RUN_NOTE_TAG,
+    VIEW_KEY,
+    VIEW_NAME,
+    VIEW_TAG_PREFIX,
+    publish_study_view,
+    view_url,
+)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line contains `text` (the test's tmp dir: server store, browser profile)."""
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if text in line and not line.split()[1].startswith("Z")]
+
+
+@pytest.fixture(scope="module")
+def published_study(tmp_path_factory, data_cache):
+    """A real server, one finished sweep with its report, and the study view published on it:
+    (tracking url, experiment id, parent run id, StudyView, tmp dir)."""
+    tmp = tmp_path_factory.mktemp("ui")
+    settings = ServerSettings(f"sqlite:///{tmp}/server/mlflow.db", str(tmp / "artifacts"), port=free_port(),
+                              workers=1)  # fmt: skip
+    with open(tmp / "server.log", "w") as log, running_server(settings, log=log) as server:
+        url = server.url
+        overrides = [*SHRINK, f"data.cache_dir={data_cache}", f"paths.root={tmp / 'outputs'}",
+                     "granularity=1,8", "infra=basic", f"tracking.uri={url}"]  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "studies.run", "-m", *overrides], cwd=tmp, env=repo_env(MOE_THREADS="1"),
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        client = MlflowClient(url)
+        exp_id = client.get_experiment_by_name("default").experiment_id
+        (parent,) = client.search_runs([exp_id], "tags.kind = 'sweep'")
+        report = tmp / "outputs" / "default" / "report" / "report.md"
+        assert report.exists(), proc.stdout[-3000:]
+        view = publish_study_view(
+            url, parent.info.run_id, "default", Path(parent.data.tags["sweep_dir"]), report
+        )
+        yield url, exp_id, parent.info.run_id, view, tmp
+    assert not group_alive(server.process.pid), "mlflow server processes survived"
+    assert processes_mentioning(str(tmp)) == []
+
+
+@pytest.mark.slow
+def test_printed_url_opens_on_every_points_val_and_train_loss_curves(published_study):
+    url, exp_id, _, view, tmp = published_study
+    chromium()  # skips the test when no headless browser is installed
+    assert view.problems == [] and view.url == view_url(url, exp_id)
+    assert view.url in view.hint()
+    points = [r.info.run_name for r in MlflowClient(url).search_runs([exp_id], "tags.kind = 'point'")]
+    assert len(points) == 2
+
+    # The view as the "Views" menu opens it (table): the points listed flat, not folded under the parent.
+    table_png = tmp / "study-view-table.png"
+    table_url = view_url(url, exp_id, mode="TABLE")
+    chromium_run(table_url, f"--screenshot={table_png}", tmp / "profile-table-shot")
+    table = page_text(table_url, tmp / "table")
+    assert VIEW_NAME in table and "2 matching runs" in table
+    assert all(name in table for name in points)
+
+    # Exactly the URL the sweep prints: the chart view with one val/loss and one train/loss chart,
+    # each with a series per point (the legend reads "<run name> (<metric>)").
+    chart_png = tmp / "study-view-chart.png"
+    chromium_run(view.url, f"--screenshot={chart_png}", tmp / "profile-chart-shot")
+    charts = page_text(view.url, tmp / "chart")
+    assert (
+        "Loss curves (2)" in charts
+        and "No charts in this section" not in charts.split("Loss curves")[1][:200]
+    )
+    section = charts[charts.index("Loss curves (2)") :]
+    for key in LOSS_KEYS:
+        assert f" {key} " in section, key
+        for name in points:
+            assert f"{name} ({key})" in section, (name, key)
+    for png in (table_png, chart_png):
+        assert_not_blank(Image.open(png).convert("RGB"))
+    assert processes_mentioning(str(tmp / "profile")) == [], "chromium left processes behind"
+
+
+@pytest.mark.slow
+def test_parent_run_carries_the_savings_the_findings_and_the_report(published_study):
+    url, exp_id, parent_id, view, tmp = published_study
+    client = MlflowClient(url)
+    parent = client.get_run(parent_id)
+    savings_csv = tmp / "outputs" / "default" / "report" / "savings.csv"
+    if savings_csv.exists():  # the 20-step study may be too short for a savings fit; then none is logged
+        assert any(k.startswith("savings_steps/") for k in parent.data.metrics), parent.data.metrics
+    note = parent.data.tags[RUN_NOTE_TAG]
+    assert view.url in note and "report/report.md" in note
+    assert "report/report.md" in [a.path for a in client.list_artifacts(parent_id, "report")]
+    tag = client.get_experiment(exp_id).tags[VIEW_TAG_PREFIX + VIEW_KEY]
+    assert VIEW_NAME in tag
+    # Publishing again (the next sweep) replaces the view and keeps its creation time.
+    again = publish_study_view(url, parent_id, "default", tmp, None)
+    assert again.problems == [] and again.url == view.url
+    assert (
+        client.get_experiment(exp_id).tags[VIEW_TAG_PREFIX + VIEW_KEY].split('"createdAt": ')[1][:13]
+        == (tag.split('"createdAt": ')[1][:13])
+    )
+
+
+@pytest.mark.slow
+def test_a_server_that_refuses_the_view_is_reported_and_nothing_raises(published_study):
+    url, _, _, _, tmp = published_study
+    # A deleted experiment: the server refuses its tags and its runs' writes.
+    parent = tracking.start_run(
+        url, "deleted-study", tmp / "unused", run_name="sweep-x", tags={"kind": "sweep"}
+    )
+    client = MlflowClient(url)
+    client.delete_experiment(client.get_experiment_by_name("deleted-study").experiment_id)
+    report = tmp / "outputs" / "default" / "report" / "report.md"
+    view = publish_study_view(url, parent, "deleted-study", tmp, report)
+    assert view.url is None
+    assert any("saving the loss-curve view (experiment tag) failed" in p for p in view.problems), (
+        view.problems
+    )
+    assert "the sweep is recorded regardless" in view.hint()
+    # No server at all: said so within MLflow's shortened HTTP retries.
+    dead = f"http://127.0.0.1:{free_port()}"
+    gone = publish_study_view(dead, "0" * 32, "default", tmp, None)
+    assert gone.url is None and gone.problems and "finding experiment 'default' failed" in gone.problems[0]
+    # A store that has no such study.
+    missing = publish_study_view(url, None, "no-such-study", tmp, None)
+    assert missing.url is None and missing.problems == [f"experiment 'no-such-study' not found in {url}"]
