@@ -134,13 +134,15 @@ def savings_metrics(savings_csv: Path) -> dict[str, float]:
     return out
 
 
-def parent_note(findings: list[str], url: str | None, report_artifact: str | None) -> str:
-    """The parent run's description: the findings, where the curves are, where the report is."""
+def parent_note(findings: list[str], url: str | None, report_artifact: str | None, sweep_dir: Path) -> str:
+    """The parent run's description: the findings, where the curves, the report and the sweep folder are."""
     lines = ["Study findings:", *(f"- {f}" for f in findings)] if findings else []
     if url:
         lines.append(f"\nLoss curves of every point: {url}")
     if report_artifact:
         lines.append(f"\nReport with figures: artifact `{report_artifact}` of this run.")
+    if lines:
+        lines.append(f"\nSweep folder: `{sweep_dir}`")
     return "\n".join(lines)[:MAX_NOTE_CHARS]
 
 
@@ -152,8 +154,7 @@ def _step(problems: list[str], what: str, fn, *args) -> Any:
         return fn(*args)
     except Exception as exc:  # noqa: BLE001 - the view is a convenience: a refusal never fails a sweep
         first_line = (str(exc).splitlines() or [""])[0][:300]
-        problems.append(f"{what} failed ({type(exc).__name__}: {first_line})")
-        log.warning("MLflow study view: %s failed: %s", what, exc)
+        problems.append(f"{what} failed ({type(exc).__name__}: {first_line})")  # printed by StudyView.hint
         return None
 
 
@@ -205,14 +206,20 @@ def publish_study_view(
                       exp.experiment_id)  # fmt: skip
     url = view_url(ui_base(tracking_uri), exp.experiment_id) if published else None
     if parent_run_id:
-        _summarise_parent(client, parent_run_id, url, report_path, problems)
+        _summarise_parent(client, parent_run_id, url, report_path, Path(sweep_dir), problems)
     log.info("MLflow study view of %s (sweep %s): %s", experiment_name, Path(sweep_dir).name, url)
     return StudyView(url, problems)
 
 
 def _summarise_parent(
-    client: MlflowClient, parent_run_id: str, url: str | None, report_path: Path | None, problems: list[str]
+    client: MlflowClient,
+    parent_run_id: str,
+    url: str | None,
+    report_path: Path | None,
+    sweep_dir: Path,
+    problems: list[str],
 ) -> None:
+    """Savings as metrics, findings and links as the description, the report as artifacts."""
     report_artifact = None
     findings: list[str] = []
     if report_path is not None and Path(report_path).exists():
@@ -231,7 +238,7 @@ def _summarise_parent(
                 _step(
                     problems, "logging the savings on the parent run", client.log_batch, parent_run_id, batch
                 )
-    note = parent_note(findings, url, report_artifact)
+    note = parent_note(findings, url, report_artifact, sweep_dir)
     if note:
         _step(
             problems,

@@ -4,6 +4,7 @@ parent run carries the study's summary, and a server that refuses the view is re
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,10 @@ from studies.study_view import (
     VIEW_NAME,
     VIEW_TAG_PREFIX,
     publish_study_view,
+    savings_metrics,
+    ui_base,
+    view_state,
+    view_tag_value,
     view_url,
 )
 
@@ -143,3 +148,64 @@ def test_a_server_that_refuses_the_view_is_reported_and_nothing_raises(published
     # A store that has no such study.
     missing = publish_study_view(url, None, "no-such-study", tmp, None)
     assert missing.url is None and missing.problems == [f"experiment 'no-such-study' not found in {url}"]
+
+
+# Fast checks: the view against the installed MLflow UI bundle, and the pure helpers ------------------
+
+UI_STATE_KEYS = ("runsHiddenMode", "isAccordionReordered", "compareRunSections", "compareRunCharts")
+SEARCH_KEYS = ("searchFilter", "orderByKey", "orderByAsc")
+
+
+def ui_bundle() -> str:
+    """The installed MLflow UI's JavaScript, where the saved-view tag and the state keys it reads live."""
+    import mlflow
+
+    build = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    return "\n".join(p.read_text(errors="replace") for p in sorted(build.glob("*.js")))
+
+
+def test_view_state_uses_only_what_the_installed_mlflow_ui_reads_from_a_saved_view():
+    bundle = ui_bundle()
+    # The tag prefix, the URL parameter and the chart-mode parameter the page reads.
+    assert (
+        f'"{VIEW_TAG_PREFIX}"' in bundle and '"viewStateShareKey"' in bundle and '"compareRunsMode"' in bundle
+    )
+    # A shared view keeps the picked search facets and UI state keys, minus runsExpanded & co.
+    assert '["searchFilter","orderByKey","orderByAsc","startTime"' in bundle
+    ui_keys = bundle[bundle.index('["selectedColumns","columnOrder"') :].split("]", 1)[0]
+    dropped = bundle[bundle.index('["runsExpanded","runsPinned"') :].split("]", 1)[0]
+    state = view_state()
+    assert set(state) == {*UI_STATE_KEYS, *SEARCH_KEYS}
+    for key in UI_STATE_KEYS:
+        assert f'"{key}"' in ui_keys and f'"{key}"' not in dropped, key
+    # The envelope the Views menu parses: a string name, a number createdAt, the state as a string.
+    envelope = json.loads(view_tag_value(state, 1, 2))
+    assert (
+        envelope["name"] == VIEW_NAME
+        and envelope["createdAt"] == 1
+        and json.loads(envelope["state"]) == state
+    )
+
+
+def test_view_url_points_at_the_server_or_the_local_mlflow_ui():
+    assert view_url(ui_base("http://login01:5000/"), "3") == (
+        "http://login01:5000/#/experiments/3/runs?viewStateShareKey=study-loss-curves&compareRunsMode=CHART"
+    )
+    assert ui_base("sqlite:////tmp/study/mlflow.db") == "http://127.0.0.1:5000"
+
+
+def test_savings_become_parent_metrics_and_failed_fits_are_left_out(tmp_path):
+    csv_path = tmp_path / "savings.csv"
+    csv_path.write_text(
+        "model,tokens,variant,savings_steps,savings_tokens,savings_flops\n"
+        "tiny,1000,moe-G8,0.25,0.25,0.2\n"
+        "tiny,1000,moe-G4,,,\n"
+        "tiny,2000,moe-G2,0.1,0.1,0.05\n"
+        "small,2000,moe-G2,0.3,0.3,nan\n"
+    )
+    assert savings_metrics(csv_path) == {
+        "savings_steps/moe-G8": 0.25, "savings_tokens/moe-G8": 0.25, "savings_flops/moe-G8": 0.2,
+        "savings_steps/moe-G2/tiny/2000": 0.1, "savings_tokens/moe-G2/tiny/2000": 0.1,
+        "savings_flops/moe-G2/tiny/2000": 0.05,
+        "savings_steps/moe-G2/small/2000": 0.3, "savings_tokens/moe-G2/small/2000": 0.3,
+    }  # fmt: skip
