@@ -293,6 +293,16 @@ def load_sharded(path: Path, tensors: Mapping[str, Any]) -> None:
         raise CheckpointError(f"{Path(path).name}: DCP load failed ({type(exc).__name__}: {exc})") from exc
 
 
+def model_weights(state: Mapping[str, Any], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full model state dict of a loaded checkpoint, in one process: a plain checkpoint's "model",
+    or a sharded one's tensors read by DCP into `model`'s own (same config, any layout that wrote it)."""
+    if "sharded" not in state:
+        return state["model"]
+    weights = model.state_dict()
+    load_sharded(Path(state["sharded"]), {"model": weights})  # only the model's keys: no optimiser state
+    return weights
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Verify and load one checkpoint; CheckpointError if it is unusable. For a sharded checkpoint the
     tensors stay on disk: the result has `"sharded"`, the folder to pass to `load_sharded`."""

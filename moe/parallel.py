@@ -195,6 +195,7 @@ class Parallel:
         """{"model": {name: tensor}, "optim": {param name: {exp_avg, exp_avg_sq, step}}}: every tensor
         with its global shape (FSDP shards as DTensors, EP experts wrapped as DTensors sharded over
         the EP dimension), sharing storage with the live ones, so DCP can save them or load into them."""
+        self.reshard()
         names = {id(p): n for n, p in self.model.named_parameters()}
         experts = {names[id(p)] for p in self.expert_params}
         ensure_adam_state(opt)
@@ -206,6 +207,16 @@ class Parallel:
                 wrap = self._global if names[id(p)] in experts else (lambda t: t)
                 optim[names[id(p)]] = {k: wrap(v) if v.ndim else v for k, v in st.items()}
         return {"model": model, "optim": optim}
+
+    def reshard(self) -> None:
+        """Put every FSDP module back in its sharded state. The root keeps its parameters unsharded
+        after a forward (reshard_after_forward=False), and a forward without a backward (the last
+        evaluation) leaves them so: its registered parameters are then not the optimiser's."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def _global(self, local: torch.Tensor):
         """An EP expert tensor (this rank's L experts) as a DTensor of all N: Replicate over dp,

@@ -407,9 +407,8 @@ def train(
 
     # --- final -----------------------------------------------------------------------------------
     check_finite()
-    # A finished run keeps its final weights (export, eval). Not yet for sharded layouts: after the last
-    # evaluation FSDP's parameters are not the ones state_tensors() maps (a KeyError), see docs/distributed.md.
-    if train.checkpoint_every and start < plan.steps and not layout.sharded:
+    # A finished run keeps its final weights (export, eval), in every layout.
+    if train.checkpoint_every and start < plan.steps:
         checkpoint(plan.steps)  # every rank, as in the loop: checkpoint() ends in a barrier
     wall = time.perf_counter() - t_start
     tokens = plan.steps * plan.batch_tokens

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from moe.checkpoint import load_latest
+from moe.checkpoint import load_latest, model_weights
 from moe.config import ModelConfig
 from moe.corpus import EOD_TOKEN
 from moe.data import DataConfig, default_cache_dir, prepare_data
@@ -97,7 +97,7 @@ def load_weights(fin: FinishedRun, allow_earlier_checkpoint: bool = False) -> tu
             "the final weights were not saved; pass --allow-earlier-checkpoint to export step "
             f"{step} anyway"
         )
-    return state["model"], step
+    return model_weights(state, Transformer(fin.model)), step  # a sharded (FSDP/EP) run's too
 
 
 def tokenizer_file(data: DataConfig, fingerprint: str | None) -> Path:

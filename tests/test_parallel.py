@@ -19,10 +19,11 @@ from dist_worker import ListLogger
 from test_distributed import FAST, ROOT, TINY, free_port, history, single_process, spec_of, torchrun
 from torch.testing import assert_close
 
-from moe.checkpoint import list_checkpoints, load_latest
+from moe.checkpoint import list_checkpoints, load_latest, model_weights
 from moe.config import ModelConfig, MoEConfig
 from moe.data import DataConfig, prepare_data
 from moe.layer import MoELayer
+from moe.model import Transformer
 from moe.parallel import ParallelConfig, resolve_layout
 from moe.parallel_ep import ExpertShard, shard_experts_
 from moe.train import OptimConfig, TrainingInterrupted, train
@@ -243,6 +244,22 @@ def test_a_single_process_checkpoint_resumes_on_two_fsdp_ranks_on_the_same_curve
     assert resumed[0]["result"]["resumed_from"] == 5
     tail = [(s, m) for s, m in single_process(data_cfg, cfg).events if s > 5]
     assert_same_curve(resumed[0]["events"], tail)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("parallel", [FSDP, EP2], ids=["fsdp2", "ep2"])
+def test_a_finished_sharded_run_keeps_its_final_weights_which_load_in_one_process(parallel, data_cfg, tmp_path):
+    cfg = dataclasses.replace(FAST, checkpoint_every=100)  # no periodic checkpoint: only the final one
+    ckpt, ref_ckpt = tmp_path / "ckpt", tmp_path / "ref"
+    torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), parallel=parallel))
+    assert [p.name for _, p in list_checkpoints(ckpt)] == ["step_000000024.dcp"]
+    train(TINY, prepare_data(data_cfg), OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=ref_ckpt)
+    reference = load_latest(ref_ckpt)["model"]
+    weights = model_weights(load_latest(ckpt), Transformer(TINY))
+    assert weights.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow
