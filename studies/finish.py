@@ -88,11 +88,11 @@ def scheduler_states(job_ids: list[str]) -> dict[str, str]:
         except (OSError, subprocess.SubprocessError):
             continue
         if out.returncode == 0:
-            return _expand(out.stdout, job_ids)
+            return expand_states(out.stdout, job_ids)
     return {}
 
 
-def _expand(table: str, job_ids: list[str]) -> dict[str, str]:
+def expand_states(table: str, job_ids: list[str]) -> dict[str, str]:
     """`id|STATE` lines to a state per asked id; a pending array reads `123_[0-3,5%2]|PENDING`."""
     states: dict[str, str] = {}
     for line in table.splitlines():
