@@ -22,6 +22,7 @@ import logging
 import math
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,8 @@ def parent_note(findings: list[str], url: str | None, report_artifact: str | Non
 # Publishing: each step on its own, so one refusal leaves the others done ---------------------------
 
 
-def _step(problems: list[str], what: str, fn, *args) -> Any:
+def _step(problems: list[str], what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args), or None with the failure appended to problems."""
     try:
         return fn(*args)
     except Exception as exc:  # noqa: BLE001 - the view is a convenience: a refusal never fails a sweep
@@ -228,10 +230,11 @@ def _summarise_parent(
                                 parent_run_id, report_dir)  # fmt: skip
         findings_file = report_dir / "findings.txt"  # analysis.findings.FINDINGS_FILE
         if findings_file.exists():
-            findings = [line for line in findings_file.read_text().splitlines() if line.strip()]
+            text = _step(problems, f"reading {findings_file}", findings_file.read_text) or ""
+            findings = [line for line in text.splitlines() if line.strip()]
         savings_csv = report_dir / "savings.csv"
         if savings_csv.exists():
-            metrics = savings_metrics(savings_csv)
+            metrics = _step(problems, f"reading {savings_csv}", savings_metrics, savings_csv) or {}
             now = int(time.time() * 1000)
             batch = [Metric(k, v, now, 0) for k, v in sorted(metrics.items())]
             if batch:
