@@ -1,10 +1,11 @@
-"""`python -m studies.run [-m] axis=value,... [--dry-run] [--retry-failed]`: the thin Hydra shell around
-`studies.execute.run_point`.
+"""`python -m studies.run [-m] axis=value,... [--dry-run] [--retry-failed] [--detach]`: the thin Hydra
+shell around `studies.execute.run_point`.
 
 Re-running a command is safe (docs/lifecycle.md): DONE points are skipped, partial ones resume from their
 checkpoint, FAILED ones are retried only with `launch.retry_failed=true`. `launch.dry_run=true` prints
 what each point would do (start / resume from step N / skip / not retried) and launches nothing.
-`--retry-failed` and `--dry-run` are short for those two overrides. Every point is validated before
+`--retry-failed` and `--dry-run` are short for those two overrides; `--detach` for `launch.detach=true`
+(submit the sweep and return; docs/slurm.md). Every point is validated before
 anything is written (studies.callbacks), with and without -m.
 """
 
