@@ -92,10 +92,15 @@ class Heartbeat:
         self.failure: PeerFailure | None = None
         self.handled = threading.Event()  # the training thread reported the failure itself
         self._stop = threading.Event()
+        self._once = threading.Lock()
         self._beat = 0
         self.store.set(_KEY.format(rank), "0")
+        self._answered = time.monotonic()  # the store's last answer to this client
         self._thread = threading.Thread(target=self._run, name="moe-heartbeat", daemon=True)
         self._thread.start()
+        # A frozen store host (SIGSTOP, a hung node) keeps the connection open and never answers: the
+        # client's calls then block past their timeout, so a second thread watches the answers' age.
+        threading.Thread(target=self._watch_store, name="moe-heartbeat-store", daemon=True).start()
 
     def _run(self) -> None:
         seen: dict[int, tuple[str, float]] = {}
@@ -121,6 +126,7 @@ class Heartbeat:
                             r,
                             f"no heartbeat for {now - seen[r][1]:.0f} s (killed, hung, or its node is lost)",
                         )
+                self._answered = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - any store error means the store's host is gone
                 store_errors += 1
                 if self._stop.is_set():
@@ -130,7 +136,17 @@ class Heartbeat:
                     return self._fail(0 if _store_on_rank0() else None,
                                       f"the rendezvous store at {host} is unreachable ({type(exc).__name__}: {exc})")  # fmt: skip
 
+    def _watch_store(self) -> None:
+        while not self._stop.wait(self.period_s):
+            silent = time.monotonic() - self._answered
+            if silent > self.timeout_s + self.period_s:
+                host = os.environ.get("MASTER_ADDR")
+                return self._fail(0 if _store_on_rank0() else None,
+                                  f"the rendezvous store at {host} has not answered for {silent:.0f} s (frozen or lost)")  # fmt: skip
+
     def _fail(self, rank: int | None, reason: str) -> None:
+        if not self._once.acquire(blocking=False):
+            return  # the other watching thread found a failure first
         self.failure = PeerFailure(rank, reason)
         print(f"[rank {self.rank}] {self.failure}; ending this rank", file=sys.stderr, flush=True)
         if self.handled.wait(5.0):  # the training thread raised it as an exception: let that unwind

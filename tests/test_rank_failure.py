@@ -155,6 +155,8 @@ def test_a_frozen_rank_fails_the_point_naming_it_although_rank_0_is_stuck_in_a_c
         rank0 = runfiles.read_json(wait_for("owner", lambda: run_dir_of(root), 240, root) / runfiles.OWNER)
         faulted = fault_at_step_2(proc, root, 1, signal.SIGSTOP)
         assert_failed_naming_rank_1(root, faulted)
+        logs = "".join(p.read_text() for p in root.rglob("*_0_log.*"))
+        assert "recording FAILED, then ending this stuck rank" in logs  # the heartbeat thread recorded it
         wait_for("rank 0 to exit", lambda: _stat(rank0["pid"]) is None, 20, root)
         os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)  # a frozen process stays frozen: submitit waits for it
         assert proc.wait(timeout=60) == 1, sweep_log(root)
@@ -176,5 +178,27 @@ def test_a_killed_rank_0_leaves_a_running_point_that_the_next_sweep_resumes(shru
         run_dir = run_dir_of(root)
         assert status_of(root)["status"] == "RUNNING"
         assert lifecycle.owner_of(run_dir) is None
+        assert lifecycle.lifecycle(run_dir).action == "resume"
+        assert session_pids(proc.pid) == []
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_0_ends_rank_1_and_keeps_the_point_busy_until_it_is_killed(shrunk, tmp_path):
+    root = tmp_path / "out"
+    with two_task_sweep(shrunk, root) as proc:
+        faulted = fault_at_step_2(proc, root, 0, signal.SIGSTOP)
+        rank1 = rank_pid(proc.pid, 1)
+        wait_for("rank 1 to exit", lambda: _stat(rank1) is None, WITHIN_S + 30, root)
+        took = time.monotonic() - faulted
+        print(f"rank 1 ended {took:.1f} s after rank 0 froze")
+        assert took < WITHIN_S
+        # the frozen owner still holds the point: a second sweep skips it as busy, naming the pid
+        run_dir = run_dir_of(root)
+        rank0 = rank_pid(proc.pid, 0)
+        assert status_of(root)["status"] == "RUNNING"
+        assert lifecycle.owner_of(run_dir)["pid"] == rank0
+        os.kill(rank0, signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1, sweep_log(root)
+        assert lifecycle.owner_of(run_dir) is None  # the kernel released the lock: the next sweep resumes
         assert lifecycle.lifecycle(run_dir).action == "resume"
         assert session_pids(proc.pid) == []
