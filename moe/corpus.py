@@ -351,7 +351,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     length = len(texts) if isinstance(texts, list) else None  # a stream (data.source=hf) has no length
-    with stage(f"training the BPE tokenizer (vocabulary {vocab_size:,})", length) as advance:
+    with stage(f"training the BPE tokenizer, vocabulary {vocab_size:,}", length) as advance:
         trainer.show_progress = interactive()  # tokenizers' own bar on a terminal; its count is all we have
         tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
         if length:

@@ -73,7 +73,7 @@ def skipped_record(point: Point) -> dict[str, Any]:
     acct = point.accounting()
     return {"variant": point.variant, "tags": point.tags(), "status": "DONE", "tokens": summary.get("tokens"),
             "params_total": int(acct["acct.params_total"]), "params_active": int(acct["acct.params_active"]),
-            "val_loss": (summary.get("final") or {}).get("val/loss")}  # fmt: skip
+            "val_loss": (summary.get("final") or {}).get("val/loss"), "run_dir": str(point.run_dir)}  # fmt: skip
 
 
 class StudyCallback(Callback):

@@ -144,10 +144,30 @@ def pid_alive(pid: int | None) -> bool:
 # The end of a sweep ------------------------------------------------------------------------------
 
 
+def smoothed_final(record: dict[str, Any]) -> tuple[float | None, str | None]:
+    """(final smoothed val loss, its label) from the point's summary.json, where it has one."""
+    summary = runfiles.read_summary(record["run_dir"]) if record.get("run_dir") else None
+    final, labels = (summary or {}).get("final") or {}, (summary or {}).get("final_labels") or {}
+    return final.get("val/loss_smoothed"), labels.get("val/loss_smoothed")
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
-    header = ("variant", "model", "seed", "params", "active", "tokens", "final val loss (raw)", "status")
+    """The sweep's table; both final val losses, named as in summary.json and the report."""
+    smoothed = [smoothed_final(r) for r in records]
+    label = next((lab for _, lab in smoothed if lab), "final val loss (smoothed)")
+    header = (
+        "variant",
+        "model",
+        "seed",
+        "params",
+        "active",
+        "tokens",
+        "final val loss (raw)",
+        label,
+        "status",
+    )
     rows = [header]
-    for r in records:
+    for r, (smooth, _) in zip(records, smoothed, strict=True):
         tags = r.get("tags") or {}
         val = r.get("val_loss")
         rows.append((
@@ -156,6 +176,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
             f"{r['params_active']:,}" if r.get("params_active") else "-",
             f"{r['tokens']:,}" if r.get("tokens") else "-",
             f"{val:.4f}" if isinstance(val, float) else "-",
+            f"{smooth:.4f}" if isinstance(smooth, float) else "-",
             r.get("status", "?"),
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -214,9 +235,11 @@ def finish_sweep(
         finalise_parent(uri, parent, sweep_dir, {"points_done": str(done), "points_failed": str(len(failed)),
                                                  "points_busy": str(len(busy))}, ok=not failed)  # fmt: skip
     print(f"\nMLflow UI:  {tracking.ui_command(uri)}")
+    report_path = None
     if record.get("report", True) if report is None else report:
-        write_study_report(Path(record["study_dir"]), uri, record["study"], record.get("baseline"),
-                           record.get("best_lr"), parent)  # fmt: skip
+        report_path = write_study_report(Path(record["study_dir"]), uri, record["study"], record.get("baseline"),
+                                         record.get("best_lr"), parent)  # fmt: skip
+    publish_view(uri, parent, record["study"], sweep_dir, report_path)
     update_sweep_record(sweep_dir, finished={"at": time.time(), "points_done": done,
                                              "points_failed": len(failed), "points_busy": len(busy)})  # fmt: skip
     return FinishResult(records, done, failed, busy)
@@ -230,9 +253,17 @@ def finalise_parent(uri: str, parent_run_id: str, sweep_dir: Path, tags: dict[st
     parent = MlflowLogger(uri, parent_run_id)
     parent.set_tags(tags)
     parent.log_artifacts([sweep_dir / "summary.txt"])
-    # >>> Publishing the study's view on the parent run (studies.study_view) belongs here, before the
-    # run is ended; it is called from this line once that module exists.
     tracking.end_run(uri, parent_run_id, ok=ok)
+
+
+def publish_view(
+    uri: str, parent_run_id: str | None, study: str, sweep_dir: Path, report: Path | None
+) -> None:
+    """The MLflow study view (studies.study_view): after the report, whose savings and figures the parent
+    run then carries; it never raises, and what MLflow refused is printed."""
+    from studies.study_view import publish_study_view
+
+    print(publish_study_view(uri, parent_run_id, study, sweep_dir, report).hint())
 
 
 def write_study_report(
@@ -242,8 +273,9 @@ def write_study_report(
     baseline: str | None,
     best_lr: bool | None,
     parent_run_id: str | None,
-) -> None:
-    """The analysis is a guest here: its failure is printed, never fails a finished sweep."""
+) -> Path | None:
+    """The report's path; the analysis is a guest here: its failure is printed (None), never fails a
+    finished sweep."""
     try:
         from analysis.report import write_report
 
@@ -253,8 +285,10 @@ def write_study_report(
         from analysis.findings import read_findings
 
         print("\n".join(read_findings(path)))
+        return Path(path)
     except Exception:  # noqa: BLE001 - any analysis error must not fail a finished sweep
         print("analysis report failed (the sweep itself is recorded):\n" + traceback.format_exc())
+        return None
 
 
 def failure_message(result: FinishResult) -> str:

@@ -209,7 +209,7 @@ def publish_study_view(
     url = view_url(ui_base(tracking_uri), exp.experiment_id) if published else None
     if parent_run_id:
         _summarise_parent(client, parent_run_id, url, report_path, Path(sweep_dir), problems)
-    log.info("MLflow study view of %s (sweep %s): %s", experiment_name, Path(sweep_dir).name, url)
+    log.debug("MLflow study view of %s (sweep %s): %s", experiment_name, Path(sweep_dir).name, url)
     return StudyView(url, problems)
 
 

@@ -8,6 +8,7 @@ The background metric logger is studies.mlflow_logger; the files it mirrors are 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import subprocess
@@ -76,12 +77,22 @@ def is_server(tracking_uri: str) -> bool:
 def ui_command(tracking_uri: str) -> str:
     if is_server(tracking_uri):
         return f"open {tracking_uri} in a browser"
-    return (f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000   "
-            "(then open http://127.0.0.1:5000)")
+    return (
+        f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000   "
+        "(then open http://127.0.0.1:5000)"
+    )
 
 
 def git_sha() -> str:
-    """Commit of the code that runs, or "unknown" outside a git checkout."""
+    """Commit of the code that runs: a sweep's code snapshot records the one it was taken from (a job
+    runs from <sweep dir>/code, outside any checkout, maybe long after the working tree moved on);
+    otherwise the checkout's HEAD, or "unknown" outside a git checkout."""
+    snapshot = Path(__file__).resolve().parents[1] / "code.json"  # studies.snapshot.CODE_JSON
+    if snapshot.is_file():
+        try:
+            return json.loads(snapshot.read_text()).get("git_sha") or "unknown"
+        except (OSError, ValueError):
+            return "unknown"
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -161,7 +172,6 @@ def config_params(resolved: Mapping[str, Any], axes: Iterable[str]) -> dict[str,
     flat = flatten(tree)
     flat.update(flatten({"moe": moe}) if moe else {"moe": None})
     return flat
-
 
 
 # Resume support (studies.execute): continue a point's MLflow run ----------------------------------

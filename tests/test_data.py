@@ -266,7 +266,7 @@ def test_preparing_data_reports_tokenizer_training_and_tokenisation_progress_in_
     prepared = prepare_data(replace(cfg, cache_dir=str(tmp_path / "cache")))
     meta = read_meta(prepared)
     err = capfd.readouterr().err  # not a terminal: plain start and end lines, no redrawn bar
-    assert "data: training the BPE tokenizer (vocabulary 300)" in err
+    assert "data: training the BPE tokenizer, vocabulary 300 (" in err
     assert f"data: tokenizing train ({meta['n_train_docs']:,} docs) ..." in err
     assert re.search(rf"data: tokenizing val done, {meta['n_val_docs']:,} docs in [0-9.]+ s", err)
     assert "\r" not in err

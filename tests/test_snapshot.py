@@ -50,6 +50,21 @@ def test_snapshot_of_a_checkout_records_its_sha_and_uncommitted_changes(tmp_path
     assert snap.tags() == {"code_snapshot": str(snap.dir), "code_git_sha": snap.git_sha, "code_dirty": "true"}
 
 
+def test_code_running_from_a_snapshot_reports_the_commit_it_was_taken_from(tmp_path):
+    tree = project_copy(tmp_path / "tree")
+    git(tree, "init", "-q")
+    git(tree, "add", ".")
+    git(tree, "commit", "-q", "-m", "base")
+    snap = take_snapshot(tmp_path / "sweep", source=tree)
+    git(tree, "commit", "-q", "--allow-empty", "-m", "after launch")  # the tree moves on
+    probe = "from studies import tracking; print(tracking.git_sha())"
+    env = {**os.environ, "PYTHONPATH": str(snap.dir), "PYTHONSAFEPATH": "1"}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == snap.git_sha != git(tree, "rev-parse", "HEAD").strip()
+
+
 def test_snapshot_outside_a_checkout_says_there_is_no_git_state(tmp_path):
     tree = project_copy(tmp_path / "tree")
     snap = take_snapshot(tmp_path / "sweep", source=tree)
