@@ -91,7 +91,7 @@ def run_point(
             )
         torch.set_num_threads(run.infra.threads)
         if not env.is_main:
-            return _follow_point(run, cwd, stop_requested)
+            return _follow_point(run, cwd, stop_requested, failures)
         told: list[tuple[str, Any]] = []
 
         def tell(decision: tuple[str, Any]) -> None:
@@ -106,7 +106,12 @@ def run_point(
             raise
 
 
-def _follow_point(run: RunConfig, cwd: Path | None, stop_requested: Callable[[], bool] | None) -> None:
+def _follow_point(
+    run: RunConfig,
+    cwd: Path | None,
+    stop_requested: Callable[[], bool] | None,
+    failures: ranks.RecordPeerFailure,
+) -> None:
     """A rank other than 0: prepare the same data, wait for rank 0's decision, train alongside it."""
     point, prepared, _ = prepared_point(run, cwd)
     action, detail = ranks.share(None)
@@ -116,6 +121,7 @@ def _follow_point(run: RunConfig, cwd: Path | None, stop_requested: Callable[[],
         return None
     ckpt_dir = point.run_dir / runfiles.CHECKPOINTS
     state = load_checkpoint(checkpoint_path(ckpt_dir, detail)) if detail else None
+    failures.watch(point)
     train(point.model, prepared, run.optim, point.train, FanOut(), progress=None, checkpoint_dir=ckpt_dir,
           resume=state, stop_requested=stop_requested, parallel=run.parallel)  # fmt: skip
     return None
@@ -182,7 +188,7 @@ def _decide_and_train(
               f"({acct['acct.params_active']:,} active), {point.plan.steps} steps of {point.plan.batch_tokens} "
               f"tokens" + (f" on {point.plan.world_size} ranks" if point.plan.world_size > 1 else "")
               + f" -> {run_dir}" + (f" (resuming after step {start})" if start else ""), flush=True)  # fmt: skip
-        failures.watch(record)
+        failures.watch(point, record)
         tell(("train", start))
         try:
             result = train(

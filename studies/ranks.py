@@ -27,6 +27,7 @@ from submitit.helpers import TorchDistributedEnvironment
 
 from moe.distributed import DistEnv, PeerFailure, active_world, distributed_env
 from studies import runfiles
+from studies.point import Point
 from studies.record import PointRecord, record_failure_from_another_thread
 
 RECORD_WAIT_S = 10.0  # the longest a stuck rank 0 spends recording a peer failure before it exits
@@ -67,25 +68,26 @@ def failed_rank_tags(failure: PeerFailure) -> dict[str, str]:
 
 
 class RecordPeerFailure:
-    """on_peer_failure of a point's ranks: once rank 0 trains inside its PointRecord (`watch`), a peer
-    failure that leaves it stuck in a collective is recorded as the exception would have been (status.json
-    FAILED naming the rank, summary.json, MLflow FAILED with failure_reason and failed_rank), and the job's
-    point.json too, since studies.run will not get to write it. Other ranks and earlier phases record
-    nothing: rank 0 owns the records, and before training none says RUNNING."""
+    """on_peer_failure of a point's ranks, once they train (`watch`): a peer failure that leaves this rank
+    stuck in a collective writes the job's point.json FAILED naming the failed rank (studies.run will not
+    get to), and on rank 0 also the point's records, as the exception would have (status.json FAILED with
+    the rank, summary.json, MLflow FAILED with failure_reason and failed_rank). Before training nothing is
+    recorded: no record says RUNNING yet."""
 
     def __init__(self, job_dir: Path | None):
         self.job_dir = job_dir
         """The Hydra job's folder (point.json), None outside a Hydra job."""
+        self.point: Point | None = None
         self.record: PointRecord | None = None
 
-    def watch(self, record: PointRecord) -> None:
-        self.record = record
+    def watch(self, point: Point, record: PointRecord | None = None) -> None:
+        """Record peer failures of `point` from now on; `record`: rank 0's PointRecord."""
+        self.point, self.record = point, record
 
     def __call__(self, failure: PeerFailure) -> None:
-        record = self.record
-        if record is None:
+        point, record = self.point, self.record
+        if point is None:
             return
-        point = record.point
         error = f"{type(failure).__name__}: {failure}"
         print(f"[{point.variant}] {error}: recording FAILED, then ending this stuck rank", file=sys.stderr,
               flush=True)  # fmt: skip
@@ -93,6 +95,8 @@ class RecordPeerFailure:
             identity = {"variant": point.variant, "run_key": point.run_key, "tags": point.tags()}
             runfiles.write_job_record(self.job_dir, {"status": "FAILED", "error": error, "job": self.job_dir.name,
                                                      **identity})  # fmt: skip
+        if record is None:  # not rank 0: the point's own records are rank 0's
+            return
         record.opened.mlflow.set_tags(failed_rank_tags(failure))
         if not record_failure_from_another_thread(record, failure, RECORD_WAIT_S):
             print(f"[{point.variant}] MLflow not told within {RECORD_WAIT_S:.0f} s; status.json says FAILED "
