@@ -125,7 +125,8 @@ def assert_failed_naming_rank_1(root: Path, faulted: float) -> None:
     print(f"FAILED recorded {took:.1f} s after the fault: {status['reason']}")
     assert took < WITHIN_S
     assert status["reason"].startswith("PeerFailure: rank 1 failed: no heartbeat for ")
-    summary = runfiles.read_summary(run_dir_of(root))
+    # summary.json follows status.json
+    summary = wait_for("summary.json", lambda: runfiles.read_summary(run_dir_of(root)), 10, root)
     assert summary["status"] == "FAILED" and "rank 1 failed" in summary["error"]
     record = wait_for("point.json FAILED", lambda: (r := job_record_of(root)).get("status") == "FAILED" and r,
                       10, root)  # fmt: skip
