@@ -9,8 +9,8 @@ so single-process training runs exactly the code it ran before.
 Rank failures: inside the group every rank runs a heartbeat thread that counts up a key in the
 rendezvous store and watches the others'. A rank that leaves on an exception first writes its reason
 there. A rank whose count stops moving for `peer_timeout_s` (killed, frozen, node lost) or that wrote a
-reason is a failed peer, and so is a store host that stops answering: the survivors end within about that time instead of waiting out the process-group
-timeout. A collective that fails on a survivor (gloo notices a closed connection at once) is re-raised
+reason is a failed peer, and so is a store host that stops answering: the survivors end within about
+that time instead of waiting out the process-group timeout. A collective that fails on a survivor (gloo notices a closed connection at once) is re-raised
 by `explains_rank_failures` as `PeerFailure` naming the rank and the reason; a survivor stuck in a
 collective that never returns (NCCL) is ended by its heartbeat thread (`on_peer_failure`, then exit 1).
 """
