@@ -21,6 +21,7 @@ import pytest
 import submitit
 from mlflow.tracking import MlflowClient
 
+from moe.checkpoint import list_checkpoints
 from studies.execute import run_point
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,6 +380,39 @@ def test_scontrol_requeue_checkpoints_on_sigterm_and_the_requeued_job_resumes(cl
     assert summary["status"] == "DONE" and summary["resumed_from"] >= 10, "the requeued job must resume"
 
 
+@pytest.mark.slow
+def test_a_sharded_two_task_point_requeued_by_scontrol_resumes_from_its_dcp_checkpoint_on_the_same_curve(
+    cluster, shrunk, tmp_path
+):
+    """The requeue guarantee for sharded runs: FSDP x EP=2 on two srun tasks, SIGTERM to both, one DCP
+    checkpoint at the step they agreed on, and the requeued job resumes it to DONE on the curve of the
+    same layout left alone (two local tasks)."""
+    sharded = [*shrunk, "granularity=2", "tokens=61440", "train.log_every=1", "train.checkpoint_every=1000",
+               "infra.tasks_per_node=2", "parallel.mode=fsdp", "parallel.ep=2", "hydra.callbacks.study.report=false"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ref = subprocess.run([sys.executable, "-m", "studies.run", "-m", *sharded, "infra=local", "launch.progress=off",
+                          f"paths.root={tmp_path / 'ref'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    (ref_metrics,) = (tmp_path / "ref" / "default" / "runs").glob("*/metrics.jsonl")
+    db = tmp_path / "store.db"
+    args = [*sharded, "infra=slurm", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
+            f"tracking.uri=sqlite:///{db}"]  # fmt: skip
+    proc, out, err, run_dir, job_dir = interrupted_sweep(args, tmp_path, ["scontrol", "requeue"])
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "1/1 points done" in out, out[-3000:]
+    logs = "".join(p.read_text() for p in job_dir.glob("*_log.*"))
+    assert "SIGTERM received: checkpointing at the end of this step" in logs, logs[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "DONE" and summary["ranks"] == 2
+    assert summary["resumed_from"] >= 10, "the requeued job must resume from the preemption checkpoint"
+    assert [p.name for _, p in list_checkpoints(run_dir / "checkpoints")][0] == "step_000000120.dcp"
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]  # noqa: E731
+    got = strip((run_dir / "metrics.jsonl").read_text().splitlines())
+    assert [e["step"] for e in got if "train/loss" in e] == list(range(1, 121)), "each step once"
+    assert got == strip(ref_metrics.read_text().splitlines()), "the uninterrupted run's history, bitwise"
+
+
 def studies_run_popen(args: list[str], cwd: Path, pythonpath: Path = REPO) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
     return subprocess.Popen([sys.executable, "-m", "studies.run", "-m", *args], cwd=cwd, env=env,
@@ -432,7 +466,9 @@ def test_a_queued_slurm_job_runs_the_code_of_its_launch_not_a_later_edit(cluster
     proc = studies_run_popen(args, tmp_path, pythonpath=tree)
     try:
         deadline = time.monotonic() + 120
-        while not (jobs := [p for p in tmp_path.glob("outputs/default/multirun/*/.submitit/*") if p.is_dir()]):
+        while not (
+            jobs := [p for p in tmp_path.glob("outputs/default/multirun/*/.submitit/*") if p.is_dir()]
+        ):
             assert proc.poll() is None and time.monotonic() < deadline, "the job was never submitted"
             time.sleep(0.2)
         (job_dir,) = jobs
