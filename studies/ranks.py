@@ -91,7 +91,8 @@ class RecordPeerFailure:
         error = f"{type(failure).__name__}: {failure}"
         print(f"[{point.variant}] {error}: recording FAILED, then ending this stuck rank", file=sys.stderr,
               flush=True)  # fmt: skip
-        if self.job_dir is not None:
+        # the ranks share one job folder: rank 0's account is kept, another rank's only fills a gap
+        if self.job_dir is not None and (record is not None or not (self.job_dir / runfiles.JOB_RECORD).exists()):
             identity = {"variant": point.variant, "run_key": point.run_key, "tags": point.tags()}
             runfiles.write_job_record(self.job_dir, {"status": "FAILED", "error": error, "job": self.job_dir.name,
                                                      **identity})  # fmt: skip

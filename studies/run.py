@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from moe.distributed import read_env
 from moe.train import TrainingInterrupted
 from studies import runfiles
 from studies.callbacks import PARENT_ENV
@@ -33,8 +34,11 @@ from studies.snapshot import project_root
 
 register_configs()
 
-FLAGS = {"--dry-run": "launch.dry_run=true", "--retry-failed": "launch.retry_failed=true",
-         "--detach": "launch.detach=true"}
+FLAGS = {
+    "--dry-run": "launch.dry_run=true",
+    "--retry-failed": "launch.retry_failed=true",
+    "--detach": "launch.detach=true",
+}
 
 
 def fails_its_job(hc) -> bool:
@@ -54,12 +58,12 @@ def main(cfg: DictConfig) -> dict:
                            job=f"{job_dir.parent.name}/{job_dir.name}")  # fmt: skip
     except TrainingInterrupted as exc:
         record = {"status": "PREEMPTED", "error": str(exc), "job": job_dir.name, **point_identity(cfg)}
-        write_record(job_dir, record)
+        write_failure_record(job_dir, record)
         raise
     except Exception as exc:
         record = {"status": "FAILED", "error": f"{type(exc).__name__}: {exc}", "job": job_dir.name}
         record.update(point_identity(cfg))
-        write_record(job_dir, record)
+        write_failure_record(job_dir, record)
         if not multirun or fails_its_job(hc):
             raise
         # In-process sweep: keep going; the end-of-sweep callback reports the failure and exits non-zero.
@@ -75,6 +79,17 @@ def main(cfg: DictConfig) -> dict:
 def write_record(job_dir: Path, record: dict) -> None:
     """point.json, with the folder the job imported the project from (the sweep's code snapshot)."""
     runfiles.write_job_record(job_dir, {**record, "code": str(project_root())})
+
+
+def write_failure_record(job_dir: Path, record: dict) -> None:
+    """The ranks of a multi-task point share one job folder. Rank 0's account of a failure is the one
+    kept; another rank writes only where there is none yet (rank 0 died: the survivor's is all there is)."""
+    try:
+        rank = read_env()[0]
+    except ValueError:  # malformed rank variables: the job's own error says so; keep this record
+        rank = 0
+    if rank == 0 or not (job_dir / runfiles.JOB_RECORD).exists():
+        write_record(job_dir, record)
 
 
 def point_identity(cfg: DictConfig) -> dict:
