@@ -2,7 +2,7 @@
 
 Bytes per rank = params + grads + optimizer + activations + workspace; a 56B config takes microseconds.
 Layouts are moe.parallel's: world = dp_shard * ep; `ddp` replicates everything; `fsdp` shards every
-state over the world, except that with ep > 1 each rank holds E*G/ep whole experts (outside FSDP).
+state over the world, experts too (each EP rank's E*G/ep over dp: moe.parallel_ep.expert_share).
 T = micro_batch_seqs * seq_len tokens, D = d_model, H = heads, V = vocab, N = E*G, K = k*G, F = d_expert/G,
 a = activation bytes (4 fp32, 2 bf16), f = 4 (tensors kept in fp32), i = 8 (int64 indices).
 
@@ -36,9 +36,10 @@ Workspace (alive beside the saved tensors; c = compute bytes of a weight, 2 unde
   logits        the (B, S, V) logits the caller holds and two fp32 gradients of them in the head's
                 backward: T * V * (a + 2f)
   bf16 casts    2 bytes per weight: bf16-autocast, every matmul weight (autocast caches and saves them);
-                fsdp with ep > 1, the local experts (outside FSDP's bf16 policy, cast by moe.experts)
+                pure EP (dp_shard = 1), the local experts (outside FSDP's bf16 policy, cast by moe.experts)
   fsdp          the root unit (embedding, head, final norm) stays gathered, c per weight; two blocks in
-                flight (+ prefetch) and one's unreduced grads, 3c per weight of the largest (no experts if ep > 1)
+                flight (+ prefetch) and one's unreduced grads, 3c per weight of the largest, with its
+                EP rank's experts (gathered over dp; none under pure EP, dp_shard = 1)
   ep > 1        the dispatch rows of one layer, T * K * (D + 1) * a
   ddp           DistributedDataParallel's bucket copy of every gradient (world > 1)
 Not counted: allocator fragmentation, the CUDA context, NCCL buffers, kernel scratch space, routing
@@ -57,6 +58,7 @@ import torch
 from moe.accounting import count_params, ffn_matrices
 from moe.config import ModelConfig
 from moe.experts import grouped_supported
+from moe.parallel_ep import expert_share
 from moe.validate import validate_model_config
 
 MemoryPrecision = Literal["fp32", "bf16-mixed", "bf16-autocast"]
@@ -211,15 +213,15 @@ def _activations(model: ModelConfig, a: int, grouped: bool, ep: int, checkpointi
     return body + head
 
 
-def _largest_block_params(model: ModelConfig, with_experts: bool) -> int:
-    """Parameters of the largest block (an FSDP unit), with or without its routed experts."""
+def _largest_block_params(model: ModelConfig, routed: int) -> int:
+    """Parameters of the largest block (an FSDP unit) with `routed` of all layers' experts gathered."""
     p, n_moe = count_params(model), _n_moe(model)
     n_dense = model.n_layers - n_moe
     common = (p.attention + 2 * model.d_model * model.n_layers) // model.n_layers  # attention + 2 norms
     blocks = [common + p.dense_ffn // n_dense] if n_dense else []
     if n_moe:
         rest = p.shared + p.router + p.norms - (2 * model.n_layers + 1) * model.d_model  # + out_norm
-        blocks.append(common + ((p.routed_total if with_experts else 0) + rest) // n_moe)
+        blocks.append(common + (routed + rest) // n_moe)
     return max(blocks)
 
 
@@ -244,13 +246,11 @@ def estimate_memory(
     b_param, b_grad, b_opt = _STATE_BYTES[precision]
     a, c = _ACT_BYTES[precision], (4 if precision == "fp32" else 2)
     tokens, world = micro_batch_seqs * model.seq_len, dp_shard * ep
-    fsdp = mode == "fsdp" and world > 1
-    n_moe = _n_moe(model)
-
-    # fsdp shards everything over the world, except experts split over the EP group (moe.parallel).
-    rest = p.total - p.routed_total
-    experts = p.routed_total // ep if ep > 1 else p.routed_total
-    local = math.ceil(rest / world) + (experts if ep > 1 else math.ceil(experts / world)) if fsdp else p.total
+    fsdp, n_moe = mode == "fsdp" and world > 1, _n_moe(model)
+    rest, experts, m = p.total - p.routed_total, p.routed_total // ep, model.moe  # experts: this EP rank's
+    d_fine = model.d_expert // m.granularity if m else 0
+    share = expert_share(m.n_routed // ep, dp_shard, model.d_model, d_fine) if m else 1  # fullest rank's
+    local = math.ceil(rest / world) + int(experts * share) if fsdp else p.total
     steps = _n_param_tensors(model) * _F32  # AdamW's `step`
     params, grads, optimizer = local * b_param, local * b_grad, local * b_opt + steps
 
@@ -260,11 +260,11 @@ def estimate_memory(
     workspace = tokens * model.vocab_size * (a + 2 * _F32)
     if precision == "bf16-autocast":
         workspace += 2 * (p.total - p.norms - p.router - p.routed_total + experts)
-    elif ep > 1 and precision == "bf16-mixed":  # saved per MoE layer; one at a time when recomputed
+    elif ep > 1 and dp_shard == 1 and precision == "bf16-mixed":  # per MoE layer; one at a time recomputed
         workspace += 2 * (experts // n_moe if activation_checkpointing else experts)
     if fsdp:
         root = p.embedding + p.lm_head + model.d_model
-        workspace += c * root + 3 * c * _largest_block_params(model, with_experts=ep == 1)
+        workspace += c * root + 3 * c * _largest_block_params(model, experts if dp_shard > 1 else 0)
     if ep > 1 and model.moe is not None:
         workspace += tokens * model.moe.k_routed * (model.d_model + 1) * a
     if mode == "ddp" and world > 1:

@@ -9,11 +9,13 @@ state). Every rank sees data: the world is one data-parallel group of `world` ra
   ddp   every rank holds every parameter (DistributedDataParallel); today's behaviour.
   fsdp  FSDP2 `fully_shard` on every transformer block and on the root over all ranks: parameters,
         gradients and optimiser state are sharded; bf16 parameters with fp32 gradient reduction on
-        CUDA when training in bf16 (MixedPrecisionPolicy).
+        CUDA when training in bf16 (MixedPrecisionPolicy). Routed expert weights are sharded on
+        moe.parallel_ep.expert_shard_dim (dim 1 where the ranks do not divide the experts).
   ep>1  (fsdp only) the routed experts of every MoE layer are split over the EP group, E*G/ep per
-        rank; tokens reach their experts by all-to-all (moe.parallel_ep). Expert weights are
-        replicated over the dp dimension, and their gradients averaged over it by hand, so every
-        expert weight still gets the average over all ranks' tokens.
+        EP rank; tokens reach their experts by all-to-all (moe.parallel_ep). With dp > 1 each layer's
+        experts are one more FSDP unit, over the dp dimension: a rank holds 1/(dp*ep) of the experts'
+        parameters, gradients and AdamW state, and gathers its EP group's share for forward/backward.
+        Every expert weight gets the average over all ranks' tokens, like the other parameters.
 
 Numerics match one process accumulating the same micro-batches: routing, capacity dropping and the
 balancing losses are computed per micro-batch on the rank that holds it, the expert loads for the
@@ -26,9 +28,9 @@ import contextlib
 import functools
 import inspect
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -37,7 +39,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from moe.config import ModelConfig
-from moe.parallel_ep import ExpertShard, shard_experts_
+from moe.parallel_ep import ExpertShard, expert_shard_dim, shard_experts_
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 # Buffers (RoPE tables, balancing biases) agree on every rank by construction: no per-forward broadcast.
 # torch 2.13 renamed the switch; older releases only know broadcast_buffers.
@@ -136,14 +141,20 @@ class Parallel:
     """What the training loop asks of a layout. `net` is what to call for forward."""
 
     def __init__(
-        self, model: nn.Module, net: nn.Module, layout: Layout, mesh=None, shard: ExpertShard | None = None
+        self,
+        model: nn.Module,
+        net: nn.Module,
+        layout: Layout,
+        expert_mesh: DeviceMesh | None = None,
+        shard: ExpertShard | None = None,
     ):
-        self.model, self.net, self.layout, self.mesh, self.shard = model, net, layout, mesh, shard
+        self.model, self.net, self.layout, self.shard = model, net, layout, shard
+        self.expert_mesh = expert_mesh
+        """EP: the (ep, dp) view of the mesh, on which the experts' global DTensors are laid out."""
         self.expert_params: list[nn.Parameter] = [
             p for block in model.blocks if block.is_moe and shard is not None
             for p in block.ffn.experts.parameters()
         ]  # fmt: skip
-        self._dp_group = mesh["dp"].get_group() if mesh is not None and layout.dp > 1 and shard else None
 
     @contextlib.contextmanager
     def accumulate(self, last: bool) -> Iterator[None]:
@@ -158,43 +169,38 @@ class Parallel:
             yield
 
     def finish_gradients(self) -> None:
-        """After the last backward of a step: expert gradients (EP) hold the sum over this EP group's
-        tokens; average them over all ranks as FSDP does for the other parameters."""
-        if self.shard is None:
+        """After the last backward of a step. Pure EP (dp == 1) keeps the experts as plain tensors
+        outside FSDP: their gradients hold the sum over the EP group's tokens (the all-to-all's
+        backward), which is every rank's; divide by the world as FSDP does for the other parameters.
+        With dp > 1 FSDP reduces the experts itself (`parallelize`)."""
+        if self.shard is None or self.layout.dp > 1:
             return
-        grads = [p.grad for p in self.expert_params if p.grad is not None]
-        if self._dp_group is not None and grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self._dp_group)
-            for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-                g.copy_(part.view_as(g))
-        for g in grads:
-            g.div_(self.layout.world)
+        for p in self.expert_params:
+            if p.grad is not None:
+                p.grad.div_(self.layout.world)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm (over every rank's shards) to max_norm; returns the norm."""
         if not self.layout.sharded:
             return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        experts = {id(p) for p in self.expert_params}
-        grads = [(p.grad, id(p) in experts) for p in self.model.parameters() if p.grad is not None]
-        dev = grads[0][0].device if grads else torch.device("cpu")
-        sq = torch.zeros(2, dtype=torch.float64, device=dev)  # [FSDP shards, expert shards]
-        for g, is_expert in grads:
-            local = g.to_local() if hasattr(g, "to_local") else g
-            sq[int(is_expert)] += local.double().square().sum()
+        grads = [_local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        dev = grads[0].device if grads else torch.device("cpu")
+        sq = torch.zeros((), dtype=torch.float64, device=dev)
+        for g in grads:
+            sq += g.double().square().sum()
+        # Every rank's shards are disjoint: FSDP units over the world, experts over ep (and dp).
         dist.all_reduce(sq)
-        # FSDP shards are disjoint over all ranks; expert shards repeat on every dp row
-        total = torch.sqrt(sq[0] + sq[1] / self.layout.dp).float()
+        total = torch.sqrt(sq).float()
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g, _ in grads:
-            (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.device))
+        for g in grads:
+            g.mul_(coef.to(g.device))
         return total
 
     # --- state with global shapes, for sharded checkpoints -------------------------------------
     def state_tensors(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
         """{"model": {name: tensor}, "optim": {param name: {exp_avg, exp_avg_sq, step}}}: every tensor
-        with its global shape (FSDP shards as DTensors, EP experts wrapped as DTensors sharded over
-        the EP dimension), sharing storage with the live ones, so DCP can save them or load into them."""
+        with its global shape (FSDP shards as DTensors, EP experts as DTensors of all N experts,
+        `_global`), sharing storage with the live ones, so DCP can save them or load into them."""
         self.reshard()
         names = {id(p): n for n, p in self.model.named_parameters()}
         experts = {names[id(p)] for p in self.expert_params}
@@ -218,15 +224,23 @@ class Parallel:
             if isinstance(module, FSDPModule):
                 module.reshard()
 
-    def _global(self, local: torch.Tensor):
-        """An EP expert tensor (this rank's L experts) as a DTensor of all N: Replicate over dp,
-        Shard(0) over ep."""
-        from torch.distributed.tensor import DTensor, Replicate, Shard
+    def _global(self, t: torch.Tensor):
+        """An EP expert tensor (this EP rank's L experts; with dp > 1 FSDP's DTensor of them, dim d
+        chunked over dp as torch.chunk does) as a DTensor of all N = ep*L experts. EP rank e owns
+        global experts [e*L, (e+1)*L), so the order is ep-major: on the (ep, dp) mesh that is
+        [Shard(0), Shard(d)], dim 0 split over ep first, then each part over dp (uneven chunks too)."""
+        from torch.distributed.tensor import DTensor, Shard
 
-        shape = (local.shape[0] * self.layout.ep, *local.shape[1:])
+        shape = (t.shape[0] * self.layout.ep, *t.shape[1:])
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(local, self.mesh, [Replicate(), Shard(0)], run_check=False,
+        dim = t.placements[0].dim if isinstance(t, DTensor) else 0
+        return DTensor.from_local(_local(t), self.expert_mesh, [Shard(0), Shard(dim)], run_check=False,
                                   shape=shape, stride=stride)  # fmt: skip
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: a DTensor's local shard (sharing storage), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def ensure_adam_state(opt: torch.optim.Optimizer) -> None:
@@ -280,6 +294,15 @@ def load_full_(target: dict[str, Any], full: dict[str, Any], prefix: str = "") -
             t.copy_(src)
 
 
+def _expert_placements(experts: list[nn.Module], dp: int) -> Callable[[nn.Parameter], Any]:
+    """fully_shard's shard_placement_fn: routed expert weights on `expert_shard_dim`, the rest on dim 0."""
+    from torch.distributed.tensor import Shard
+
+    dims = {id(p): expert_shard_dim(e.w1.shape[0], dp, e.d_model, e.d_hidden)
+            for e in experts for p in e.parameters()}  # fmt: skip
+    return lambda p: Shard(dims[id(p)]) if dims.get(id(p)) else None
+
+
 def parallelize(model: nn.Module, layout: Layout, device: torch.device, *, bf16: bool,
                 find_unused: bool = False) -> Parallel:  # fmt: skip
     """Apply `layout` to `model` (built identically on every rank, already on `device`)."""
@@ -291,29 +314,50 @@ def parallelize(model: nn.Module, layout: Layout, device: torch.device, *, bf16:
         net = DistributedDataParallel(model, find_unused_parameters=find_unused, **_NO_BUFFER_SYNC)
         return Parallel(model, net, layout)
 
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (layout.dp, layout.ep), mesh_dim_names=("dp", "ep"))
     world_mesh = mesh._flatten("world") if layout.ep > 1 else mesh["dp"]
-    shard = None
-    ignored: set[nn.Parameter] = set()
-    if layout.ep > 1:
-        ep_mesh = mesh["ep"]
-        shard = ExpertShard(ep_mesh.get_group(), ep_mesh.get_local_rank(), layout.ep)
-        for block in model.blocks:
-            if block.is_moe:
-                ignored.update(shard_experts_(block.ffn.experts, shard))
     # fp32 reduction of bf16 gradients; inputs are not cast, so the RoPE tables stay fp32.
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
     )
-    kwargs = {"mesh": world_mesh, "ignored_params": ignored or None,
-              "mp_policy": mp if bf16 and device.type == "cuda" else MixedPrecisionPolicy()}  # fmt: skip
-    for block in model.blocks:
+    mp = mp if bf16 and device.type == "cuda" else MixedPrecisionPolicy()
+    shard = expert_mesh = None
+    experts = [block.ffn.experts for block in model.blocks if block.is_moe]
+    ignored: set[nn.Parameter] = set()
+    if layout.ep > 1:
+        ep_group, dp_group = mesh["ep"].get_group(), mesh["dp"].get_group()
+        shard = ExpertShard(ep_group, mesh["ep"].get_local_rank(), layout.ep)
+        # the same process groups, dims swapped: checkpoints' global expert tensors (Parallel._global)
+        expert_mesh = DeviceMesh.from_group([ep_group, dp_group], device.type, mesh=mesh.mesh.t(),
+                                            mesh_dim_names=("ep", "dp"))  # fmt: skip
+        for module in experts:
+            kept = shard_experts_(module, shard)
+            if layout.dp == 1:  # pure EP: plain tensors outside FSDP (Parallel.finish_gradients)
+                ignored.update(kept)
+    place = _expert_placements(experts, layout.dp)
+    if layout.ep > 1 and layout.dp > 1:  # each layer's EP share of experts: an FSDP unit over dp
+        for module in experts:
+            fully_shard(module, mesh=mesh["dp"], mp_policy=mp, shard_placement_fn=place,
+                        reshard_after_forward=layout.reshard_after_forward)  # fmt: skip
+            # The reduce-scatter sums over dp gradients that each already sum the EP group's tokens
+            # (all-to-all backward): all ranks' tokens, so divide by the world, not by dp, to get
+            # the average FSDP gives the other parameters. A plain SUM then a division: gloo has no
+            # PREMUL_SUM.
+            module.set_gradient_divide_factor(float(layout.world))
+            module.set_force_sum_reduction_for_comms(True)
+    kwargs = {
+        "mesh": world_mesh,
+        "ignored_params": ignored or None,
+        "mp_policy": mp,
+        "shard_placement_fn": place,
+    }
+    for block in model.blocks:  # the experts' own FSDP units (dp > 1) are left out of their block's
         fully_shard(block, reshard_after_forward=layout.reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)  # root: embed, final norm, head
-    return Parallel(model, model, layout, mesh, shard)
+    return Parallel(model, model, layout, expert_mesh, shard)
 
 
 def eval_batches_per_rank(n_batches: int, world: int) -> int:

@@ -4,7 +4,9 @@
 
 Trains the `small` preset of arXiv 2402.07871 (d_model 256, 4 blocks, 8 experts, top-2; conf/model/
 small.yaml) with `moe.train.train` itself on `--nproc` local ranks, once per layout: ddp, fsdp, fsdp keeping
-the gathered parameters from forward to backward (fsdp_keep), and fsdp with ep = nproc. Each rank trains on one sequence of 256 tokens per step. A step's time is read from
+the gathered parameters from forward to backward (fsdp_keep), fsdp with ep = nproc (pure EP), and with
+more than 2 ranks fsdp with ep = 2 (dp = nproc/2: experts FSDP-sharded over dp too). Each rank trains
+on one sequence of 256 tokens per step. A step's time is read from
 the loop's own `tokens_per_s` (logged every 2 steps, which excludes evaluation); the first window
 (warm-up) is dropped and the median of the rest taken. Layouts run one after the other and the whole
 sequence repeats `--rounds` times in alternating order, so a busy machine slows all alike; `ratio` is
@@ -98,6 +100,8 @@ def main() -> None:
     layouts = {"ddp": ParallelConfig(), "fsdp": ParallelConfig(mode="fsdp"),
                "fsdp_keep": ParallelConfig(mode="fsdp", reshard_after_forward=False),
                f"fsdp_ep{args.nproc}": ParallelConfig(mode="fsdp", ep=args.nproc)}  # fmt: skip
+    if args.nproc > 2 and args.nproc % 2 == 0:  # experts FSDP-sharded over dp as well
+        layouts[f"fsdp_dp{args.nproc // 2}_ep2"] = ParallelConfig(mode="fsdp", ep=2)
     times: dict[str, list[float]] = {name: [] for name in layouts}
     for round_ in range(args.rounds):
         order = list(layouts) if round_ % 2 == 0 else list(reversed(layouts))

@@ -18,7 +18,9 @@ the group's tokens (the training loop then averages them over ranks, moe.paralle
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -74,6 +76,22 @@ def shard_experts_(experts: nn.Module, shard: ExpertShard) -> list[nn.Parameter]
             kept.append(p)
     experts.ep = shard
     return kept
+
+
+def expert_shard_dim(n_local: int, dp: int, d_model: int, d_hidden: int) -> int:
+    """The dim FSDP shards this rank's expert weights on over `dp` ranks, (L, D, F) w1/w3 and (L, F, D)
+    w2: 0 (whole experts) when dp divides L; else 1 (D of w1/w3, F of w2) when dp divides both, as
+    torchtitan does: FSDP2 pads dim 0 to ceil(L/dp) rows on every rank, so with L < dp each rank would
+    hold a whole expert of every layer. Otherwise 0, unevenly."""
+    return 1 if n_local % dp and not d_model % dp and not d_hidden % dp else 0
+
+
+def expert_share(n_local: int, dp: int, d_model: int, d_hidden: int) -> Fraction:
+    """The fraction of an EP rank's expert parameters that its fullest dp rank holds (moe.memory):
+    1/dp, or ceil(L/dp)/L where dim 0 is sharded unevenly."""
+    if n_local % dp == 0 or expert_shard_dim(n_local, dp, d_model, d_hidden) == 1:
+        return Fraction(1, dp)
+    return Fraction(math.ceil(n_local / dp), n_local)
 
 
 def dispatch_combine(x_TD: Tensor, gate_A: Tensor, r: Routing, shard: ExpertShard, local) -> Tensor:

@@ -168,18 +168,22 @@ def test_ddp_replicates_every_state_and_adds_a_bucket_copy_of_the_gradients():
     assert ddp.workspace == one.workspace + one.grads
 
 
-def test_expert_parallelism_splits_only_the_experts_over_the_ep_group():
-    """moe.parallel: at a fixed world the non-expert states stay sharded over every rank, while each
-    rank holds E*G/ep whole experts (replicated over dp, outside FSDP)."""
+def test_expert_parallelism_shards_the_experts_over_every_rank_like_fsdp():
+    """moe.parallel: each EP rank's E*G/ep experts are FSDP-sharded over dp, so at a fixed world every
+    state is divided by dp * ep whatever ep is (pure EP, dp = 1, included); only the workspace differs.
+    tests/test_parallel.py checks the 1/(dp*ep) share on real FSDP x EP ranks."""
     cfg = preset("beyond50b_11b", moe=MoEConfig(num_experts=8, top_k=1, granularity=8))
     p = count_params(cfg)
-    rest = math.ceil((p.total - p.routed_total) / 8)
-    for ep in (2, 4, 8):
-        est = estimate_memory(cfg, 1, precision="bf16-mixed", dp_shard=8 // ep, ep=ep)
-        assert est.params == 2 * (rest + p.routed_total // ep)
-        assert est.grads == est.params
+    local = math.ceil((p.total - p.routed_total) / 8) + p.routed_total // 8
     fsdp_only = estimate_memory(cfg, 1, precision="bf16-mixed", dp_shard=8)
-    assert fsdp_only.params == 2 * (rest + math.ceil(p.routed_total / 8))
+    assert fsdp_only.params == 2 * local
+    ests = {
+        ep: estimate_memory(cfg, 1, precision="bf16-mixed", dp_shard=8 // ep, ep=ep) for ep in (1, 2, 4, 8)
+    }
+    states = (fsdp_only.params, fsdp_only.grads, fsdp_only.optimizer)
+    assert all((est.params, est.grads, est.optimizer) == states for est in ests.values())
+    # FSDP gathers the EP rank's share of a layer's experts with its block (none under pure EP)
+    assert ests[1].workspace > ests[2].workspace > ests[4].workspace
 
 
 def test_activation_checkpointing_keeps_block_inputs_and_one_recomputed_block():

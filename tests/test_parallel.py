@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,14 +21,16 @@ from dist_worker import ListLogger
 from test_distributed import FAST, ROOT, TINY, free_port, history, single_process, spec_of, torchrun
 from torch.testing import assert_close
 
+from moe.accounting import count_params
 from moe.checkpoint import list_checkpoints, load_latest, model_weights
 from moe.config import ModelConfig, MoEConfig
 from moe.data import DataConfig, prepare_data
 from moe.layer import MoELayer
+from moe.memory import estimate_memory
 from moe.model import Transformer
-from moe.parallel import ParallelConfig, resolve_layout
+from moe.parallel import ParallelConfig, parallelize, resolve_layout
 from moe.parallel_ep import ExpertShard, shard_experts_
-from moe.train import OptimConfig, TrainingInterrupted, train
+from moe.train import OptimConfig, TrainingInterrupted, build_optimizer, train
 
 FSDP = dataclasses.asdict(ParallelConfig(mode="fsdp"))
 EP2 = dataclasses.asdict(ParallelConfig(mode="fsdp", ep=2))
@@ -152,6 +156,76 @@ def test_expert_parallel_layer_equals_the_single_process_layer_output_and_gradie
     assert p.grad.abs().sum() > 0
 
 
+# 3 experts x G=2: 3 per EP rank of 2, which dp=2 does not divide: sharded on their width (dim 1)
+UNEVEN = dataclasses.replace(TINY, moe=dataclasses.replace(TINY.moe, num_experts=3))
+SHARDED_EXPERTS = {"dp2_x_ep2": (TINY, 2), "dp2_x_ep2_on_width": (UNEVEN, 2), "fsdp4_on_width": (UNEVEN, 1)}
+
+
+def _step_inputs(cfg: ModelConfig, rank: int) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), generator=torch.Generator().manual_seed(rank))
+
+
+def _sharded_experts_rank(rank: int, world: int, port: int, case: str, out: str) -> None:
+    """One step on 4 ranks: writes the numel of this rank's expert shards, the global gradient norm and
+    the full expert gradients (EP: through the checkpoints' global view)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg, ep = SHARDED_EXPERTS[case]
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        par = parallelize(model, resolve_layout(ParallelConfig(mode="fsdp", ep=ep), world, cfg),
+                          torch.device("cpu"), bf16=False)  # fmt: skip
+        opt = build_optimizer(model, OptimConfig(), par.expert_params)
+        step = model(_step_inputs(cfg, rank), _step_inputs(cfg, rank))
+        (step.loss + step.aux_loss).backward()
+        par.finish_gradients()
+        norm = par.clip_grad_norm_(1e9)
+        experts = {n: p for n, p in model.named_parameters() if ".experts." in n}
+        grads = {n: (par._global(p.grad) if ep > 1 else p.grad).full_tensor() for n, p in experts.items()}
+        opt.step()
+
+        def numel(tensors) -> int:
+            return sum(t.to_local().numel() for t in tensors)
+
+        params = list(experts.values())
+        numels = {"params": numel(params), "grads": numel(p.grad for p in params),
+                  **{k: numel(opt.state[p][k] for p in params) for k in ("exp_avg", "exp_avg_sq")}}  # fmt: skip
+        torch.save({"numels": numels, "norm": norm, "grads": grads}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(SHARDED_EXPERTS))
+def test_sharded_experts_hold_a_quarter_of_their_states_on_each_of_four_ranks_with_the_average_gradient(
+    case, tmp_path
+):
+    world = 4
+    mp.start_processes(_sharded_experts_rank, args=(world, free_port(), case, str(tmp_path)), nprocs=world,
+                       start_method="spawn")  # fmt: skip
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    cfg, ep = SHARDED_EXPERTS[case]
+    p = count_params(cfg)
+    share = p.routed_total // world
+    est = estimate_memory(cfg, 1, precision="fp32", dp_shard=world // ep, ep=ep, device="cpu")
+    assert est.params // 4 - math.ceil((p.total - p.routed_total) / world) == share  # the estimate's experts
+    for r in range(world):
+        assert ranks[r]["numels"] == {"params": share, "grads": share, "exp_avg": share, "exp_avg_sq": share}
+    torch.manual_seed(0)  # one process accumulating the four ranks' micro-batches
+    model = Transformer(cfg)
+    for r in range(world):
+        step = model(_step_inputs(cfg, r), _step_inputs(cfg, r))
+        ((step.loss + step.aux_loss) / world).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    for r in range(world):
+        assert_close(ranks[r]["norm"], norm, rtol=1e-5, atol=1e-7)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert ranks[0]["grads"].keys() == {n for n in grads if ".experts." in n} and ranks[0]["grads"]
+    for name, grad in ranks[0]["grads"].items():
+        assert_close(grad, grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 # --- training: FSDP2 and EP follow the single-process curve -----------------------------------------
 
 
@@ -201,10 +275,11 @@ def test_expert_parallel_on_two_ranks_reproduces_the_single_process_loss_curve(d
 # --- sharded checkpoints reshard on resume ----------------------------------------------------------
 
 
-def _resume_in_process(data_cfg, ckpt: Path, cfg) -> ListLogger:
+def _resume_in_process(data_cfg, ckpt: Path | None, cfg, model_cfg: ModelConfig = TINY) -> ListLogger:
+    """Train in this process, from the latest checkpoint in `ckpt` (None: from scratch, no checkpoints)."""
     logger = ListLogger()
-    train(TINY, prepare_data(data_cfg), OptimConfig(), cfg, logger, progress=None, checkpoint_dir=ckpt,
-          resume=load_latest(ckpt))  # fmt: skip
+    train(model_cfg, prepare_data(data_cfg), OptimConfig(), cfg, logger, progress=None, checkpoint_dir=ckpt,
+          resume=load_latest(ckpt) if ckpt else None)  # fmt: skip
     return logger
 
 
@@ -230,6 +305,30 @@ def test_a_sharded_checkpoint_of_two_ranks_resumes_in_one_process_on_the_same_cu
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("model_cfg", [TINY, UNEVEN], ids=["experts_dim0", "experts_on_width"])
+def test_a_fsdp_x_ep_checkpoint_of_four_ranks_resumes_in_one_process_and_on_two_ep_ranks_on_the_same_curve(
+    model_cfg, data_cfg, tmp_path
+):
+    cfg = dataclasses.replace(FAST, checkpoint_every=100, micro_batch_tokens=32)  # one sequence per rank of 4
+    ckpt, model = tmp_path / "ckpt", dataclasses.asdict(model_cfg)
+    dp2_ep2 = dataclasses.asdict(ParallelConfig(mode="fsdp", dp_shard=2, ep=2))
+    stopped = torchrun(
+        tmp_path,
+        4,
+        spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), stop=[3, 5], parallel=dp2_ep2, model=model),
+    )
+    assert stopped[0]["interrupted_at"] == 5
+    shutil.copytree(ckpt, tmp_path / "ckpt_ep2")
+    tail = [(s, m) for s, m in _resume_in_process(data_cfg, None, cfg, model_cfg).events if s > 5]
+    assert_same_curve(_resume_in_process(data_cfg, ckpt, cfg, model_cfg).events, tail)
+    resumed = torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(tmp_path / "ckpt_ep2"),
+                                            resume=True, parallel=EP2, model=model), name="ep2")  # fmt: skip
+    assert resumed[0]["result"]["resumed_from"] == 5
+    assert_same_curve(resumed[0]["events"], tail)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_a_single_process_checkpoint_resumes_on_two_fsdp_ranks_on_the_same_curve(data_cfg, tmp_path):
     cfg = dataclasses.replace(FAST, checkpoint_every=100)
     ckpt = tmp_path / "ckpt"
@@ -249,12 +348,16 @@ def test_a_single_process_checkpoint_resumes_on_two_fsdp_ranks_on_the_same_curve
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("parallel", [FSDP, EP2], ids=["fsdp2", "ep2"])
-def test_a_finished_sharded_run_keeps_its_final_weights_which_load_in_one_process(parallel, data_cfg, tmp_path):
+def test_a_finished_sharded_run_keeps_its_final_weights_which_load_in_one_process(
+    parallel, data_cfg, tmp_path
+):
     cfg = dataclasses.replace(FAST, checkpoint_every=100)  # no periodic checkpoint: only the final one
     ckpt, ref_ckpt = tmp_path / "ckpt", tmp_path / "ref"
     torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), parallel=parallel))
     assert [p.name for _, p in list_checkpoints(ckpt)] == ["step_000000024.dcp"]
-    train(TINY, prepare_data(data_cfg), OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=ref_ckpt)
+    train(
+        TINY, prepare_data(data_cfg), OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=ref_ckpt
+    )
     reference = load_latest(ref_ckpt)["model"]
     weights = model_weights(load_latest(ckpt), Transformer(TINY))
     assert weights.keys() == reference.keys()
