@@ -354,8 +354,12 @@ def parallelize(model: nn.Module, layout: Layout, device: torch.device, *, bf16:
         "mp_policy": mp,
         "shard_placement_fn": place,
     }
-    for block in model.blocks:  # the experts' own FSDP units (dp > 1) are left out of their block's
-        fully_shard(block, reshard_after_forward=layout.reshard_after_forward, **kwargs)
+    last = len(model.blocks) - 1
+    for i, block in enumerate(model.blocks):  # the experts' own FSDP units (dp > 1) are left out of theirs
+        # The last block's backward comes right after its forward: resharding it would only gather the
+        # same parameters again.
+        reshard = layout.reshard_after_forward and i < last
+        fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)  # root: embed, final norm, head
     return Parallel(model, model, layout, expert_mesh, shard)
 
