@@ -185,7 +185,9 @@ def test_cli_reports_invalid_points_with_the_key_and_exits_nonzero(capsys):
 def test_the_56b_preset_gets_a_feasible_layout_on_h100_80gb_nodes(capsys):
     assert main(["--layout", "8", "64", "model=beyond50b_56b"]) == 0
     out = capsys.readouterr().out
-    assert "layout model=beyond50b_56b: 4 node(s) x 8 GPUs: parallel.mode=fsdp parallel.dp_shard=32" in out, out[-2000:]
+    expected = ("layout model=beyond50b_56b: 4 node(s) x 8 GPUs: parallel.mode=fsdp parallel.dp_shard=4 "
+                "parallel.ep=8 parallel.activation_checkpointing=true, micro-batch 2 seqs")  # fmt: skip
+    assert expected in out, out[-2000:]
     assert "GiB per rank" in out
 
 
