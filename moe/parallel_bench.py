@@ -1,12 +1,14 @@
 """Benchmark: training step time of the parallel layouts (moe.parallel) against DDP, on gloo CPU ranks.
 
-    python -m moe.parallel_bench [--nproc 2] [--steps 12] [--rounds 2] [--threads 1] [--json]
+    python -m moe.parallel_bench [--nproc 2] [--steps 12] [--rounds 2] [--threads 1] [--batch-tokens 8192] [--json]
 
 Trains the `small` preset of arXiv 2402.07871 (d_model 256, 4 blocks, 8 experts, top-2; conf/model/
 small.yaml) with `moe.train.train` itself on `--nproc` local ranks, once per layout: ddp, fsdp, fsdp keeping
 the gathered parameters from forward to backward (fsdp_keep), fsdp with ep = nproc (pure EP), and with
-more than 2 ranks fsdp with ep = 2 (dp = nproc/2: experts FSDP-sharded over dp too). Each rank trains
-on one sequence of 256 tokens per step. A step's time is read from
+more than 2 ranks fsdp with ep = 2 (dp = nproc/2: experts FSDP-sharded over dp too). A step is
+`--batch-tokens` tokens, by default the project's (train.batch_tokens = 8192: 16 sequences of 256 per
+rank on 2 ranks, one micro-batch each); `--batch-tokens 512` (one sequence per rank) is the
+communication-bound extreme, where FSDP's all-gathers weigh most against the compute. A step's time is read from
 the loop's own `tokens_per_s` (logged every 2 steps, which excludes evaluation); the first window
 (warm-up) is dropped and the median of the rest taken. Layouts run one after the other and the whole
 sequence repeats `--rounds` times in alternating order, so a busy machine slows all alike; `ratio` is
@@ -73,10 +75,9 @@ def _free_port() -> int:
 
 
 def step_seconds(
-    parallel: ParallelConfig, nproc: int, steps: int, threads: int, data: DataConfig
+    parallel: ParallelConfig, nproc: int, steps: int, threads: int, data: DataConfig, batch_tokens: int
 ) -> list[float]:
     """Seconds per step of each logged window after the first."""
-    batch_tokens = SMALL.seq_len * nproc
     spec = {"parallel": asdict(parallel), "steps": steps, "threads": threads, "batch_tokens": batch_tokens,
             "data": asdict(data)}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,15 +87,21 @@ def step_seconds(
     return [batch_tokens / r for r in rates[1:]]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-tokens", type=int, default=TrainConfig.batch_tokens,
+                    help="tokens per step over all ranks (default: train.batch_tokens)")  # fmt: skip
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "moe-parallel-bench"))
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    per_rank = args.batch_tokens // args.nproc
+    if args.batch_tokens % args.nproc or per_rank % SMALL.seq_len:
+        ap.error(f"--batch-tokens={args.batch_tokens} must split into whole {SMALL.seq_len}-token sequences "
+                 f"over --nproc={args.nproc} ranks")  # fmt: skip
     data = DataConfig(vocab_size=SMALL.vocab_size, max_chars=2_000_000, cache_dir=args.cache_dir)
     prepare_data(data)  # once, before the ranks start
     layouts = {"ddp": ParallelConfig(), "fsdp": ParallelConfig(mode="fsdp"),
@@ -106,20 +113,30 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = list(layouts) if round_ % 2 == 0 else list(reversed(layouts))
         for name in order:
-            times[name] += step_seconds(layouts[name], args.nproc, args.steps, args.threads, data)
+            times[name] += step_seconds(
+                layouts[name], args.nproc, args.steps, args.threads, data, args.batch_tokens
+            )
     med = {name: statistics.median(t) for name, t in times.items()}
     result = {name: {"step_s": med[name], "ratio": med[name] / med["ddp"], "windows": len(times[name])}
               for name in layouts}  # fmt: skip
+    report = {
+        "nproc": args.nproc,
+        "threads": args.threads,
+        "batch_tokens": args.batch_tokens,
+        "layouts": result,
+    }
     if args.json:
-        print(json.dumps({"nproc": args.nproc, "threads": args.threads, "layouts": result}))
-        return
+        print(json.dumps(report))
+        return report
     print(
-        f"small preset, {args.nproc} gloo ranks x {args.threads} thread(s), 1 sequence of 256 per rank per step"
+        f"small preset, {args.nproc} gloo ranks x {args.threads} thread(s), "
+        f"{per_rank // SMALL.seq_len} sequence(s) of {SMALL.seq_len} per rank per step"
     )
     for name, r in result.items():
         print(
             f"{name:>10}: {r['step_s'] * 1e3:8.1f} ms/step  {r['ratio']:.2f}x ddp  ({r['windows']} windows)"
         )
+    return report
 
 
 if __name__ == "__main__":

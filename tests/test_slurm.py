@@ -362,6 +362,17 @@ def test_time_limited_sweep_point_is_requeued_resumes_and_matches_the_uninterrup
     assert child.data.metrics["val/loss"] == reference.val_loss
 
 
+def requeued_point(args: list[str], cwd: Path) -> tuple[Path, dict]:
+    """Run a one-point sweep, `scontrol requeue` its job after 10 steps, check that the sweep ended well
+    and that the point checkpointed on SIGTERM: (run dir, its summary.json)."""
+    proc, out, err, run_dir, job_dir = interrupted_sweep(args, cwd, ["scontrol", "requeue"])
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "1/1 points done" in out, out[-3000:]
+    logs = "".join(p.read_text() for p in job_dir.glob("*_log.*"))
+    assert "SIGTERM received: checkpointing at the end of this step" in logs, logs[-3000:]
+    return run_dir, json.loads((run_dir / "summary.json").read_text())
+
+
 @pytest.mark.slow
 def test_scontrol_requeue_checkpoints_on_sigterm_and_the_requeued_job_resumes(cluster, shrunk, tmp_path):
     """What PreemptMode=REQUEUE does to a running point (SIGTERM, KillWait, then SIGKILL; the same job
@@ -371,12 +382,7 @@ def test_scontrol_requeue_checkpoints_on_sigterm_and_the_requeued_job_resumes(cl
     args = [*shrunk, "granularity=2", "tokens=61440", "train.log_every=1", "train.checkpoint_every=1000",
             "infra=slurm", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
             "hydra.callbacks.study.report=false", f"tracking.uri=sqlite:///{db}"]  # fmt: skip
-    proc, out, err, run_dir, job_dir = interrupted_sweep(args, tmp_path, ["scontrol", "requeue"])
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    assert "1/1 points done" in out, out[-3000:]
-    logs = "".join(p.read_text() for p in job_dir.glob("*_log.*"))
-    assert "SIGTERM received: checkpointing at the end of this step" in logs, logs[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    _, summary = requeued_point(args, tmp_path)
     assert summary["status"] == "DONE" and summary["resumed_from"] >= 10, "the requeued job must resume"
 
 
@@ -398,12 +404,7 @@ def test_a_sharded_two_task_point_requeued_by_scontrol_resumes_from_its_dcp_chec
     db = tmp_path / "store.db"
     args = [*sharded, "infra=slurm", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
             f"tracking.uri=sqlite:///{db}"]  # fmt: skip
-    proc, out, err, run_dir, job_dir = interrupted_sweep(args, tmp_path, ["scontrol", "requeue"])
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    assert "1/1 points done" in out, out[-3000:]
-    logs = "".join(p.read_text() for p in job_dir.glob("*_log.*"))
-    assert "SIGTERM received: checkpointing at the end of this step" in logs, logs[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    run_dir, summary = requeued_point(args, tmp_path)
     assert summary["status"] == "DONE" and summary["ranks"] == 2
     assert summary["resumed_from"] >= 10, "the requeued job must resume from the preemption checkpoint"
     assert [p.name for _, p in list_checkpoints(run_dir / "checkpoints")][0] == "step_000000120.dcp"
