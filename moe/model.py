@@ -13,6 +13,7 @@ K = head dim, R = K/2 (rotary frequencies).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -110,28 +111,45 @@ class Transformer(nn.Module):
         super().__init__()
         validate_model_config(cfg)
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        device = torch.get_default_device()
+        # Submodules are built on meta, so their own default inits draw nothing: the weights are a
+        # function of the seed and `init_steps` alone, which a sharded build can replay
+        # (moe.parallel.Parallel.materialize_).
+        with torch.device("meta"):
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.blocks = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
+            self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+            self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.moe_layer_indices: list[int] = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
-        self.reset_parameters()
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """(Re)initialise every weight per cfg.init; call after `to_empty` when built on meta."""
+        for name, init in self.init_steps():
+            init(self.get_submodule(name))
+
+    def init_steps(self) -> list[tuple[str, Callable[[nn.Module], None]]]:
+        """The initialisation as (submodule name, its init), in the order they draw from the RNG: what
+        `reset_parameters` runs, and what a sharded build (moe.parallel.Parallel.materialize_) replays
+        one submodule at a time to reach the same weights without ever holding the whole model."""
         cfg = self.cfg
         # GPT-2 style: residual-stream output projections (wo, w2) shrink with depth for "normal".
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
-        for block in self.blocks:
-            block.attn_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-            block.attn.reset_parameters(cfg.init, std, out_std)
-            block.ffn.reset_parameters(cfg.init, std, out_std)
-        self.norm.reset_parameters()
+        steps: list[tuple[str, Callable[[nn.Module], None]]] = [
+            ("embed", lambda m: nn.init.normal_(m.weight, mean=0.0, std=std))
+        ]
+        for i in range(cfg.n_layers):
+            steps += [(f"blocks.{i}.attn_norm", lambda m: m.reset_parameters()),
+                      (f"blocks.{i}.ffn_norm", lambda m: m.reset_parameters()),
+                      (f"blocks.{i}.attn", lambda m: m.reset_parameters(cfg.init, std, out_std)),
+                      (f"blocks.{i}.ffn", lambda m: m.reset_parameters(cfg.init, std, out_std))]  # fmt: skip
+        steps.append(("norm", lambda m: m.reset_parameters()))
         if self.lm_head is not None:
-            init_weight_(self.lm_head.weight, cfg.init, std, cfg.d_model)
+            steps.append(("lm_head", lambda m: init_weight_(m.weight, cfg.init, std, cfg.d_model)))
+        return steps
 
     def forward(self, idx_BS: Tensor, targets_BS: Tensor | None = None) -> ModelOutput:
         B, S = idx_BS.shape

@@ -25,6 +25,7 @@ bias update are summed over all ranks by the loop, and gradients are averaged ov
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import math
@@ -151,10 +152,39 @@ class Parallel:
         self.model, self.net, self.layout, self.shard = model, net, layout, shard
         self.expert_mesh = expert_mesh
         """EP: the (ep, dp) view of the mesh, on which the experts' global DTensors are laid out."""
-        self.expert_params: list[nn.Parameter] = [
-            p for block in model.blocks if block.is_moe and shard is not None
-            for p in block.ffn.experts.parameters()
-        ]  # fmt: skip
+        self.expert_params = self._expert_params()
+
+    def _expert_params(self) -> list[nn.Parameter]:
+        """EP: the routed experts' parameters (the optimiser's own group, moe.train.build_optimizer)."""
+        if self.shard is None:
+            return []
+        return [p for block in self.model.blocks if block.is_moe for p in block.ffn.experts.parameters()]
+
+    @torch.no_grad()
+    def materialize_(self, device: torch.device, seed: int) -> None:
+        """Allocate a model built on the meta device and sharded, and give it the weights one process
+        builds after torch.manual_seed(seed), leaving the generator where that build leaves it. The init
+        (Transformer.init_steps) is replayed one submodule at a time on the host at full size, drawing
+        the same numbers in the same order, and each rank keeps its shard: host memory peaks at one
+        submodule (the largest: an MoE layer's experts), not the model, and no rank ever holds more
+        than its shards on the device."""
+        from moe.model import Transformer
+
+        self.model.to_empty(device=device)
+        torch.manual_seed(seed)  # sharding may have drawn from the generator (DTensor's RNG set-up)
+        self.expert_params = self._expert_params()
+        with torch.device("meta"):
+            reference = Transformer(self.model.cfg)
+        targets = self.model_tensors()
+        done: set[str] = set()
+        for name, init in reference.init_steps():
+            part = copy.deepcopy(reference.get_submodule(name)).to_empty(device="cpu")
+            init(part)
+            full = {f"{name}.{k}": v for k, v in part.state_dict().items()}
+            load_full_({k: targets[k] for k in full}, full)
+            done.update(full)
+        if missing := sorted(set(targets) - done):
+            raise RuntimeError(f"Transformer.init_steps leaves {missing} uninitialised")
 
     @contextlib.contextmanager
     def accumulate(self, last: bool) -> Iterator[None]:
@@ -201,11 +231,10 @@ class Parallel:
         """{"model": {name: tensor}, "optim": {param name: {exp_avg, exp_avg_sq, step}}}: every tensor
         with its global shape (FSDP shards as DTensors, EP experts as DTensors of all N experts,
         `_global`), sharing storage with the live ones, so DCP can save them or load into them."""
-        self.reshard()
+        model = self.model_tensors()
         names = {id(p): n for n, p in self.model.named_parameters()}
         experts = {names[id(p)] for p in self.expert_params}
         ensure_adam_state(opt)
-        model = {k: self._global(v) if k in experts else v for k, v in self.model.state_dict().items()}
         optim = {}
         for group in opt.param_groups:
             for p in group["params"]:
@@ -213,6 +242,13 @@ class Parallel:
                 wrap = self._global if names[id(p)] in experts else (lambda t: t)
                 optim[names[id(p)]] = {k: wrap(v) if v.ndim else v for k, v in st.items()}
         return {"model": model, "optim": optim}
+
+    def model_tensors(self) -> dict[str, Any]:
+        """The model's part of `state_tensors`: {name: tensor with its global shape}."""
+        self.reshard()
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        experts = {names[id(p)] for p in self.expert_params}
+        return {k: self._global(v) if k in experts else v for k, v in self.model.state_dict().items()}
 
     def reshard(self) -> None:
         """Put every FSDP module back in its sharded state. The root keeps its parameters unsharded

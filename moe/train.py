@@ -254,10 +254,16 @@ def train(
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     torch.manual_seed(train.seed)
-    model = Transformer(model_cfg).to(device)
+    # Sharded layouts build on meta and allocate only each rank's shards (Parallel.materialize_), with
+    # the weights this seed gives one process: no rank ever holds the whole model.
+    with torch.device("meta") if layout.sharded else contextlib.nullcontext():
+        model = Transformer(model_cfg)
+    model = model if layout.sharded else model.to(device)
     # a router that may get no gradient leaves a parameter unused in some steps (DDP must know)
     unused = model_cfg.moe is not None and model_cfg.moe.allow_no_router_grad
     par = parallelize(model, layout, device, bf16=use_bf16, find_unused=unused)
+    if layout.sharded:
+        par.materialize_(device, train.seed)
     net = par.net
     forward = torch.compile(net) if train.compile else net
     opt = build_optimizer(model, optim, par.expert_params)
