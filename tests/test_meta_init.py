@@ -5,6 +5,7 @@ same seed: the fairness of a comparison (function-matched fine-grained init) hol
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,69 @@ def _rank(rank: int, world: int, port: int, case: str, out: str) -> None:
                    Path(out) / f"rank{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
+
+
+# 16 blocks of ~1M parameters (the largest submodule a quarter of a block): 17M parameters, 68 MB fp32
+WIDE = ModelConfig(vocab_size=512, d_model=128, n_layers=16, n_heads=2, d_ff=256, seq_len=32,
+                   moe=dataclasses.replace(TINY.moe, num_experts=8, granularity=1))  # fmt: skip
+
+
+def _host_peak_mb(build) -> float:
+    """Peak resident memory growth (MB) while `build` runs: the kernel's high-water mark, reset first."""
+
+    def status(key: str) -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+        return int(line.split()[1]) / 1024
+
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
+    before = status("VmRSS:")
+    kept = build()
+    peak = status("VmHWM:") - before
+    del kept
+    return peak
+
+
+def _memory_rank(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+
+        def sharded(cfg: ModelConfig = WIDE):
+            torch.manual_seed(0)
+            with torch.device("meta"):
+                model = Transformer(cfg)
+            layout = resolve_layout(ParallelConfig(mode="fsdp"), world, cfg)
+            parallelize(model, layout, torch.device("cpu"), bf16=False).materialize_(
+                torch.device("cpu"), seed=0
+            )
+            return model
+
+        def whole():
+            torch.manual_seed(0)
+            return Transformer(WIDE)
+
+        sharded(TINY)  # the first use loads FSDP's and DTensor's code: not the model's memory
+        peaks = {"sharded": _host_peak_mb(sharded), "whole": _host_peak_mb(whole)}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(peaks))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_no_rank_holds_the_whole_model_while_a_sharded_layout_builds_it(tmp_path):
+    """4 FSDP ranks: each rank's host peak while building and initialising is its quarter plus one
+    submodule, well under the whole model, which the same measurement sees in full for a plain build."""
+    world = 4
+    mp.start_processes(
+        _memory_rank, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="spawn"
+    )
+    model_mb = sum(p.numel() for p in Transformer(WIDE).parameters()) * 4 / 2**20
+    for r in range(world):
+        peaks = json.loads((tmp_path / f"rank{r}.json").read_text())
+        print(f"rank {r}: model {model_mb:.0f} MB, host peak sharded {peaks['sharded']:.0f} MB, "
+              f"whole {peaks['whole']:.0f} MB")  # fmt: skip
+        assert peaks["whole"] > 0.75 * model_mb  # the measurement sees a whole model (some pages reused)
+        assert peaks["sharded"] < 0.5 * model_mb
 
 
 def _single_process(cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

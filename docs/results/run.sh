@@ -33,6 +33,8 @@ for name in "$@"; do
     wall=$(( $(date +%s) - start ))
     rm -rf "$out/report"
     cp -r "$ROOT/$study/report" "$out/report"
+    # the committed copies name paths relative to the checkout, not this machine's
+    find "$out" -name '*.md' -o -name '*.txt' -o -name '*.csv' | xargs sed -i "s#$PWD/##g"
     cat > "$out/README.md" <<EOF
 # $name
 
