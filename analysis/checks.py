@@ -13,6 +13,10 @@ Each check reads params the training side logs; a param an older store lacks mak
                               moe.routed_scale (older stores) the convention is read off the value: = G, or
                               a constant. A G=1 (or dense) arm at scale 1 fits every convention.
   data.fingerprint            the data a run trained on; arms of one comparison must share it.
+  data.val_windows, train.eval_tokens
+                              which validation tokens a run's val loss is measured on: where the windows
+                              sit in the val split (runs without data.val_windows took the first ones)
+                              and how many; arms of one comparison must share both.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ EC_SCOPE = "moe.expert_choice_scope"
 ROUTED_SCALE = "moe.routed_scale_used"
 ROUTED_SCALE_SET = "moe.routed_scale"
 FINGERPRINT = "data.fingerprint"
+VAL_WINDOWS = "data.val_windows"
+EVAL_TOKENS = "train.eval_tokens"
 IDENT = ["model", "tokens", "variant", "seed", "run_key"]
 
 
@@ -59,8 +65,9 @@ def param(runs: pd.DataFrame, name: str, *, numeric: bool = False) -> pd.Series:
 
 
 def comparability_checks(runs: pd.DataFrame) -> list[Check]:
-    """All four checks, in a fixed order."""
-    return [repeated_data(runs), batch_expert_choice(runs), routed_scale_mix(runs), fingerprint_mix(runs)]
+    """All five checks, in a fixed order."""
+    return [repeated_data(runs), batch_expert_choice(runs), routed_scale_mix(runs), fingerprint_mix(runs),
+            val_tokens_mix(runs)]  # fmt: skip
 
 
 def _check(name, params, runs, bad, unknown, found, clean, extra=()) -> Check:
@@ -159,6 +166,25 @@ def fingerprint_mix(runs: pd.DataFrame) -> Check:
         fp.isna(),
         f"{int(bad.sum())} runs are in comparisons whose arms trained on different {FINGERPRINT}",
         f"ok: within each comparison every run has the same {FINGERPRINT}",
+    )
+
+
+def val_tokens_mix(runs: pd.DataFrame) -> Check:
+    windows = param(runs, VAL_WINDOWS).fillna("first")
+    n_tokens = param(runs, EVAL_TOKENS, numeric=True)
+    val_set = pd.Series([f"{w} x {n:g}" if pd.notna(n) else np.nan for w, n in zip(windows, n_tokens, strict=True)],
+                        index=runs.index, dtype=object)  # fmt: skip
+    bad = _per_group(runs, lambda g: val_set[g.index].dropna().nunique() <= 1)
+    return _check(
+        "arms validated on different tokens",
+        (EVAL_TOKENS, VAL_WINDOWS),  # without train.eval_tokens it is unknown; without val_windows: first
+        runs.assign(val_set=val_set),
+        bad,
+        n_tokens.isna(),
+        f"{int(bad.sum())} runs are in comparisons whose arms measured val loss on different tokens "
+        f"({VAL_WINDOWS} x {EVAL_TOKENS})",
+        f"ok: within each comparison every run measured val loss on the same tokens ({VAL_WINDOWS} x {EVAL_TOKENS})",
+        extra=("val_set",),
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.checks import EPOCHS, FINGERPRINT, ROUTED_SCALE, ROUTER, Check
+from analysis.checks import EPOCHS, EVAL_TOKENS, FINGERPRINT, ROUTED_SCALE, ROUTER, Check
 from analysis.derive import LR, Smoothing, smoothed_label
 from analysis.tuning import LrTuning, fmt_lr, fmt_tokens
 
@@ -129,6 +129,7 @@ CHECK_CAVEATS = {
     ROUTER: lambda off, name: f"expert choice over the whole batch in {_arms(off, name)} (not causal)",
     ROUTED_SCALE: lambda off, name: "the arms mix routed-output scale conventions",
     FINGERPRINT: lambda off, name: "the arms trained on different data",
+    EVAL_TOKENS: lambda off, name: "the arms' val losses were measured on different tokens",
 }
 """Caveat per comparability check (keyed by the first param it reads) when it flags a run of the arms."""
 

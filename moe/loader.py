@@ -158,22 +158,29 @@ class TokenLoader:
         self.step = int(state["step"])
 
 
+VAL_WINDOWS = "spread"
+"""How validation_batches places its windows; recorded with each run (TrainPlan.val_windows, the
+data.val_windows param) so that val losses measured on different tokens are never compared or mixed.
+Runs without it took the first windows of the split."""
+
+
 def validation_batches(
     prepared: PreparedData, seq_len: int, batch_size: int, max_tokens: int | None
 ) -> list[tuple[Tensor, Tensor]]:
-    """The first non-overlapping windows of the val shard, in order: identical for every sweep point
-    with the same data config. max_tokens caps the predicted tokens (windows * seq_len); the last batch
-    may be smaller than batch_size, so average the loss over tokens, not over batches."""
+    """Non-overlapping windows of the val shard, spread evenly over all of it (VAL_WINDOWS), in order:
+    identical for every sweep point with the same data config. max_tokens caps the predicted tokens
+    (windows * seq_len); the windows then sample every part of the split, not only its first
+    documents. The last batch may be smaller than batch_size, so average the loss over tokens, not
+    over batches."""
     tokens = open_shard(prepared.val_path, prepared.dtype)
-    n_windows = (len(tokens) - 1) // seq_len
-    if max_tokens is not None:
-        n_windows = min(n_windows, max_tokens // seq_len)
+    n_all = (len(tokens) - 1) // seq_len
+    n_windows = n_all if max_tokens is None else min(n_all, max_tokens // seq_len)
     if n_windows < 1:
         raise ValueError(
             f"validation needs seq_len+1={seq_len + 1} tokens; the val shard has {len(tokens)} and "
             f"max_tokens={max_tokens} (raise data.val_fraction or the eval token budget)"
         )
-    starts = np.arange(n_windows, dtype=np.int64) * seq_len
+    starts = np.arange(n_windows, dtype=np.int64) * n_all // n_windows * seq_len
     return [
         _windows(tokens, starts[i : i + batch_size], seq_len, prepared.vocab_size, prepared.val_path)
         for i in range(0, n_windows, batch_size)

@@ -161,25 +161,27 @@ class Parallel:
         return [p for block in self.model.blocks if block.is_moe for p in block.ffn.experts.parameters()]
 
     @torch.no_grad()
-    def materialize_(self, device: torch.device, seed: int) -> None:
+    def materialize_(self, device: torch.device, seed: int, *, init: bool = True) -> None:
         """Allocate a model built on the meta device and sharded, and give it the weights one process
         builds after torch.manual_seed(seed), leaving the generator where that build leaves it. The init
         (Transformer.init_steps) is replayed one submodule at a time on the host at full size, drawing
         the same numbers in the same order, and each rank keeps its shard: host memory peaks at one
         submodule (the largest: an MoE layer's experts), not the model, and no rank ever holds more
-        than its shards on the device."""
+        than its shards on the device. init=False only allocates (a resume loads every tensor next)."""
         from moe.model import Transformer
 
         self.model.to_empty(device=device)
-        torch.manual_seed(seed)  # sharding may have drawn from the generator (DTensor's RNG set-up)
         self.expert_params = self._expert_params()
+        if not init:
+            return
+        torch.manual_seed(seed)  # sharding may have drawn from the generator (DTensor's RNG set-up)
         with torch.device("meta"):
             reference = Transformer(self.model.cfg)
         targets = self.model_tensors()
         done: set[str] = set()
-        for name, init in reference.init_steps():
+        for name, draw in reference.init_steps():
             part = copy.deepcopy(reference.get_submodule(name)).to_empty(device="cpu")
-            init(part)
+            draw(part)
             full = {f"{name}.{k}": v for k, v in part.state_dict().items()}
             load_full_({k: targets[k] for k in full}, full)
             done.update(full)

@@ -199,6 +199,12 @@ def check_resume(resume: Mapping[str, Any], plan: TrainPlan, model_cfg: ModelCon
             f"micro-batch, this run has {now['micro_batch_size']} (train.micro_batch_tokens): the data "
             "position would not carry over"
         )
+    if saved.get("val_windows", "first") != now["val_windows"]:
+        raise ValueError(
+            f"checkpoint of step {step} was evaluated on the {saved.get('val_windows', 'first')!r} validation "
+            f"windows, this run uses {now['val_windows']!r} (moe.loader.validation_batches): its val curve "
+            "would mix two sets of tokens; train the point again from the start"
+        )
     for key in sorted(set(saved) | set(now)):
         if key not in _LAYOUT_FIELDS and saved.get(key) != now.get(key):
             raise ValueError(f"checkpoint of step {step} was written for plan {key}={saved.get(key)!r}, "
@@ -262,8 +268,8 @@ def train(
     # a router that may get no gradient leaves a parameter unused in some steps (DDP must know)
     unused = model_cfg.moe is not None and model_cfg.moe.allow_no_router_grad
     par = parallelize(model, layout, device, bf16=use_bf16, find_unused=unused)
-    if layout.sharded:
-        par.materialize_(device, train.seed)
+    if layout.sharded:  # a resume loads every tensor below: drawing the init would be wasted
+        par.materialize_(device, train.seed, init=resume is None)
     net = par.net
     forward = torch.compile(net) if train.compile else net
     opt = build_optimizer(model, optim, par.expert_params)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Literal, get_args
 
 from moe.config import ModelConfig
+from moe.loader import VAL_WINDOWS
 from moe.schedule import SCHEDULES, ScheduleKind
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -135,6 +136,9 @@ class TrainPlan:
     """wsd decay steps (0 for other schedules)."""
     world_size: int = 1
     """Data-parallel ranks sharing each step."""
+    val_windows: str = VAL_WINDOWS
+    """Where the validation windows sit in the val split (moe.loader.VAL_WINDOWS): a checkpoint of
+    another placement is refused on resume, so one run's val curve is measured on one set of tokens."""
 
 
 def is_eval_step(train: TrainConfig, step: int, steps: int) -> bool:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from moe.checkpoint import checkpoint_path, load_checkpoint, load_latest
 from moe.data import PreparedData, check_budget, prepare_data, unigram_entropy
 from moe.distributed import PeerFailure
+from moe.loader import VAL_WINDOWS
 from moe.train import train
 from studies import lifecycle, ranks, runfiles, sync, tracking
 from studies.config import RunConfig, load_run_config
@@ -175,9 +176,11 @@ def _decide_and_train(
     _warn_if_threads_changed(point, plan.status)
     entropy = unigram_entropy(prepared.val_path, prepared.dtype)
     data_params = {"data.fingerprint": prepared.fingerprint, "data.unigram_entropy": entropy,
-                   "data.n_train_tokens": prepared.n_train_tokens, "data.epochs": round(epochs, 4)}  # fmt: skip
+                   "data.n_train_tokens": prepared.n_train_tokens, "data.epochs": round(epochs, 4),
+                   "data.val_windows": VAL_WINDOWS}  # fmt: skip
     data_summary = {"fingerprint": prepared.fingerprint, "unigram_entropy": entropy,
-                    "n_train_tokens": prepared.n_train_tokens, "n_val_tokens": prepared.n_val_tokens}  # fmt: skip
+                    "n_train_tokens": prepared.n_train_tokens, "n_val_tokens": prepared.n_val_tokens,
+                    "val_windows": VAL_WINDOWS}  # fmt: skip
     record = PointRecord(
         point, uri=tracking_uri_of(point), parent_run_id=parent_run_id, start=start, action=plan.action,
         data_params=data_params, data_summary=data_summary, threads=torch.get_num_threads(),

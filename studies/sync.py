@@ -105,7 +105,9 @@ def point_params(config: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[
     params = tracking.config_params(config, AXES)
     params.update(summary.get("params") or {})
     data = summary.get("data") or {}
-    params.update({f"data.{k}": data[k] for k in ("fingerprint", "unigram_entropy") if k in data})
+    params.update(
+        {f"data.{k}": data[k] for k in ("fingerprint", "unigram_entropy", "val_windows") if k in data}
+    )
     return params
 
 

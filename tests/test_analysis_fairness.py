@@ -15,6 +15,7 @@ from analysis.checks import (
     fingerprint_mix,
     repeated_data,
     routed_scale_mix,
+    val_tokens_mix,
 )
 from analysis.derive import curves, run_finals
 from analysis.load import load_files
@@ -229,7 +230,7 @@ def test_repeated_data_check_is_ok_at_one_epoch_and_unknown_where_not_logged():
 
 def test_missing_fairness_params_make_checks_unknown_not_errors():
     checks = comparability_checks(_runs())
-    assert [c.status for c in checks] == ["unknown"] * 4
+    assert [c.status for c in checks] == ["unknown"] * 5
     assert all(c.offenders.empty for c in checks)
 
 
@@ -276,6 +277,24 @@ def test_different_data_fingerprints_in_one_comparison_are_flagged():
     assert c.status == "flagged" and len(c.offenders) == 4
     assert c.offenders["data.fingerprint"].tolist() == ["f1", "f1", "f2", "f2"]
     assert fingerprint_mix(_runs(**{"data.fingerprint": ["f1"] * 4})).status == "ok"
+
+
+def test_arms_validated_on_different_windows_or_token_counts_are_flagged():
+    spread = {"data.val_windows": ["spread"] * 4}
+    assert val_tokens_mix(_runs(**spread, **{"train.eval_tokens": [16384] * 4})).status == "ok"
+    # a run from before data.val_windows took the first windows: not the same tokens as "spread"
+    old = val_tokens_mix(_runs(**{"data.val_windows": ["spread", "spread", np.nan, "spread"],
+                                  "train.eval_tokens": [16384] * 4}))  # fmt: skip
+    assert old.status == "flagged"
+    assert old.offenders["val_set"].tolist() == [
+        "spread x 16384",
+        "spread x 16384",
+        "first x 16384",
+        "spread x 16384",
+    ]
+    fewer = val_tokens_mix(_runs(**spread, **{"train.eval_tokens": [16384, 16384, 8192, 8192]}))
+    assert fewer.status == "flagged" and len(fewer.offenders) == 4
+    assert val_tokens_mix(_runs(**spread)).status == "unknown"
 
 
 def test_final_table_shows_each_variants_routed_scale(tmp_path):

@@ -83,9 +83,9 @@ def test_caveats_name_one_seed_repeated_data_and_batch_expert_choice(tmp_path):
     spec = SyntheticStudy(
         name="cav", token_budgets=(20480,), seeds=(0,),
         params={G8: {"data.epochs": 2.5, "moe.router": "expert_choice", "moe.expert_choice_scope": "batch",
-                     "moe.routed_scale_used": 8.0, "data.fingerprint": "f"},
+                     "moe.routed_scale_used": 8.0, "data.fingerprint": "f", "train.eval_tokens": 16384},
                 G1: {"data.epochs": 1.0, "moe.router": "softmax", "moe.expert_choice_scope": "batch",
-                     "moe.routed_scale_used": 1.0, "data.fingerprint": "f"}},
+                     "moe.routed_scale_used": 1.0, "data.fingerprint": "f", "train.eval_tokens": 16384}},
     )  # fmt: skip
     write_study(tmp_path / "cav", spec)
     (finding,) = read_findings(write_report(tmp_path / "cav", n_boot=0))
@@ -96,6 +96,17 @@ def test_caveats_name_one_seed_repeated_data_and_batch_expert_choice(tmp_path):
         "(data.epochs up to 2.5); expert choice over the whole batch in G=8 (not causal); arms not at "
         "their best LR (one optim.lr each, untuned: 0.003)."
     )
+
+
+def test_caveat_says_the_arms_were_validated_on_different_tokens(tmp_path):
+    spec = SyntheticStudy(
+        name="val", token_budgets=(20480,), seeds=(0,),
+        params={G8: {"train.eval_tokens": 16384, "data.val_windows": "spread"},
+                G1: {"train.eval_tokens": 16384}},  # G1 from before data.val_windows: the first windows
+    )  # fmt: skip
+    write_study(tmp_path / "val", spec)
+    (finding,) = read_findings(write_report(tmp_path / "val", n_boot=0))
+    assert "the arms' val losses were measured on different tokens" in finding.split(" Caveats: ")[1]
 
 
 def test_caveat_names_an_arm_whose_best_lr_is_at_the_edge_of_its_grid(tmp_path):

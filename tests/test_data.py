@@ -285,7 +285,7 @@ def test_tokens_source_round_trip(tmp_path):
     assert (prepared.vocab_size, prepared.dtype, prepared.tokenizer_path) == (1000, "uint16", None)
     assert (prepared.n_train_tokens, prepared.n_val_tokens) == (5000, 700)
     assert prepare_data(cfg).fingerprint == prepared.fingerprint
-    x_BS, y_BS = validation_batches(prepared, seq_len=16, batch_size=4, max_tokens=64)[0]
+    x_BS, y_BS = validation_batches(prepared, seq_len=16, batch_size=4, max_tokens=None)[0]  # first of all 43
     assert_close(x_BS, torch.from_numpy(val[:64].reshape(4, 16)))
     assert_close(y_BS, torch.from_numpy(val[1:65].reshape(4, 16)))
     with pytest.raises(ValueError, match="tokenizer.json"):
@@ -403,7 +403,7 @@ def test_check_budget_refuses_more_than_one_epoch_unless_allowed(small):
     assert epochs_for(prepared.n_train_tokens, 64, too_many) == pytest.approx(3.0)
 
 
-def test_validation_batches_are_the_first_windows_and_identical_across_calls(small):
+def test_validation_windows_are_spread_over_the_whole_val_split_and_identical_across_calls(small):
     prepared, _ = small
     a = validation_batches(prepared, seq_len=32, batch_size=3, max_tokens=32 * 7)
     b = validation_batches(prepared, seq_len=32, batch_size=3, max_tokens=32 * 7)
@@ -412,10 +412,16 @@ def test_validation_batches_are_the_first_windows_and_identical_across_calls(sma
         assert_close(xa, xb)
         assert_close(ya, yb)
     val = torch.from_numpy(shard(prepared).astype(np.int64))
-    assert_close(torch.cat([x for x, _ in a]).flatten(), val[: 32 * 7])
-    assert_close(torch.cat([y for _, y in a]).flatten(), val[1 : 32 * 7 + 1])
+    n_all = (len(val) - 1) // 32
+    assert n_all > 3 * 7  # the cap leaves most windows out: which ones are taken matters
+    starts = [
+        i * n_all // 7 * 32 for i in range(7)
+    ]  # evenly spaced, the first at 0, the last in the last 7th
+    assert starts[-1] >= (n_all - n_all // 7 - 1) * 32
+    assert_close(torch.cat([x for x, _ in a]), torch.stack([val[s : s + 32] for s in starts]))
+    assert_close(torch.cat([y for _, y in a]), torch.stack([val[s + 1 : s + 33] for s in starts]))
     everything = validation_batches(prepared, seq_len=32, batch_size=64, max_tokens=None)
-    assert sum(x.numel() for x, _ in everything) == (len(val) - 1) // 32 * 32
+    assert_close(torch.cat([x for x, _ in everything]).flatten(), val[: n_all * 32])  # uncapped: every window
 
 
 def test_unigram_entropy_matches_the_closed_form(tmp_path):

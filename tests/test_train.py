@@ -94,7 +94,9 @@ def test_training_lowers_the_loss_and_logs_every_contract_metric(data):
     losses = [v for _, v in log.history("train/loss")]
     assert losses[0] > losses[-1] + 0.25
     assert result.final_val_loss < math.log(TINY.vocab_size) - 0.7
-    assert [s for s, _ in log.history("val/loss")] == [1, 2, 4, 8, 10, 20, 30], "log-spaced early, then every eval_every"
+    assert [s for s, _ in log.history("val/loss")] == [1, 2, 4, 8, 10, 20, 30], (
+        "log-spaced early, then every eval_every"
+    )
     assert [s for s, _ in log.history("train/loss")] == [5, 10, 15, 20, 25, 30]
     last = dict(log.events[-2][1])  # train event of the last step; the last event is the final eval
     for key in ("lr", "tokens", "flops", "tokens_per_s", "train/aux_loss", "train/z_loss"):
@@ -168,3 +170,21 @@ def test_eval_schedule_is_log_spaced_early_then_regular_and_always_the_last_step
     assert [s for s in range(1, 61) if is_eval_step(regular, s, 60)] == [20, 40, 60]
     end_only = TrainConfig(eval_every=0, eval_early=False)
     assert [s for s in range(1, 11) if is_eval_step(end_only, s, 10)] == [10]
+
+
+def test_a_checkpoint_evaluated_on_other_validation_windows_is_refused_on_resume(data, tmp_path):
+    """A run is measured on one set of val tokens: a checkpoint from before the windows were spread over
+    the split (its plan lacks val_windows: the first windows) does not continue under the new ones."""
+    from moe.checkpoint import load_latest
+    from moe.train import TrainingInterrupted
+
+    cfg = dataclasses.replace(FAST, checkpoint_every=2, tokens=512 * 4)
+    with pytest.raises(TrainingInterrupted):
+        train(TINY, data, OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=tmp_path,
+              stop_requested=lambda: True)  # fmt: skip
+    state = load_latest(tmp_path)
+    del state["plan"]["val_windows"]
+    with pytest.raises(
+        ValueError, match="evaluated on the 'first' validation windows, this run uses 'spread'"
+    ):
+        train(TINY, data, OptimConfig(), cfg, ListLogger(), progress=None, resume=state)
