@@ -98,8 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "moe-parallel-bench"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    for flag, value, least in (("--nproc", args.nproc, 1), ("--rounds", args.rounds, 1),
+                               ("--threads", args.threads, 1), ("--steps", args.steps, 2 * LOG_EVERY)):  # fmt: skip
+        if value < least:  # --steps: the first logged window is warm-up, so at least two
+            ap.error(f"{flag}={value} must be at least {least}")
     per_rank = args.batch_tokens // args.nproc
-    if args.batch_tokens % args.nproc or per_rank % SMALL.seq_len:
+    if args.batch_tokens < 1 or args.batch_tokens % args.nproc or per_rank % SMALL.seq_len or not per_rank:
         ap.error(f"--batch-tokens={args.batch_tokens} must split into whole {SMALL.seq_len}-token sequences "
                  f"over --nproc={args.nproc} ranks")  # fmt: skip
     data = DataConfig(vocab_size=SMALL.vocab_size, max_chars=2_000_000, cache_dir=args.cache_dir)

@@ -14,6 +14,16 @@ def test_a_batch_that_does_not_split_into_whole_sequences_per_rank_is_refused_na
     assert "--batch-tokens=768" in err and "--nproc=2" in err
 
 
+@pytest.mark.parametrize(
+    "flag, value", [("--nproc", "0"), ("--steps", "3"), ("--rounds", "0"), ("--batch-tokens", "0")]
+)
+def test_counts_below_what_the_bench_needs_are_refused_naming_the_flag(capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main([flag, value])
+    assert exc.value.code == 2
+    assert f"{flag}={value}" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_bench_reports_each_layouts_step_time_as_a_ratio_to_ddp(tmp_path):
     report = main(["--steps", "4", "--rounds", "1", "--batch-tokens", "512", "--cache-dir", str(tmp_path)])
