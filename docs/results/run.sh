@@ -26,7 +26,8 @@ for name in "$@"; do
     out=docs/results/$name
     mkdir -p "$out" "$ROOT"
     sha=$(git rev-parse --short HEAD)
-    dirty=$(git status --porcelain --untracked-files=no | grep -q . && echo " (uncommitted changes)" || true)
+    # results are written into docs/results/ as they finish: only changes elsewhere make the code dirty
+    dirty=$(git status --porcelain --untracked-files=no -- . ':!docs/results' | grep -q . && echo " (uncommitted changes)" || true)
     start=$(date +%s)
     # shellcheck disable=SC2086
     python -m studies.run $args paths.root=$ROOT 2>&1 | tee "$out/log.txt"
