@@ -235,7 +235,7 @@ class Parallel:
         `_global`), sharing storage with the live ones, so DCP can save them or load into them."""
         model = self.model_tensors()
         names = {id(p): n for n, p in self.model.named_parameters()}
-        experts = {names[id(p)] for p in self.expert_params}
+        experts = self._expert_names()
         ensure_adam_state(opt)
         optim = {}
         for group in opt.param_groups:
@@ -248,9 +248,12 @@ class Parallel:
     def model_tensors(self) -> dict[str, Any]:
         """The model's part of `state_tensors`: {name: tensor with its global shape}."""
         self.reshard()
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        experts = {names[id(p)] for p in self.expert_params}
+        experts = self._expert_names()
         return {k: self._global(v) if k in experts else v for k, v in self.model.state_dict().items()}
+
+    def _expert_names(self) -> set[str]:
+        ids = {id(p) for p in self.expert_params}
+        return {n for n, p in self.model.named_parameters() if id(p) in ids}
 
     def reshard(self) -> None:
         """Put every FSDP module back in its sharded state. The root keeps its parameters unsharded

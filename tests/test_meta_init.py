@@ -16,7 +16,7 @@ from test_distributed import TINY, free_port
 
 from moe.config import ModelConfig
 from moe.model import Transformer
-from moe.parallel import ParallelConfig, parallelize, resolve_layout
+from moe.parallel import Parallel, ParallelConfig, parallelize, resolve_layout
 
 # 3 experts x G=2 with a dense first block and untied head: experts sharded on their width by dp=2
 # under EP=2, a FeedForward block, and an lm_head to initialise.
@@ -35,17 +35,23 @@ CASES = {
 }
 
 
+def _sharded_build(cfg: ModelConfig, world: int, ep: int = 1) -> tuple[Transformer, Parallel]:
+    """What moe.train does for a sharded layout: seed, build on meta, shard, materialize."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    par = parallelize(model, resolve_layout(ParallelConfig(mode="fsdp", ep=ep), world, cfg),
+                      torch.device("cpu"), bf16=False)  # fmt: skip
+    par.materialize_(torch.device("cpu"), seed=0)
+    return model, par
+
+
 def _rank(rank: int, world: int, port: int, case: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         cfg, _, ep = CASES[case]
-        torch.manual_seed(0)
-        with torch.device("meta"):
-            model = Transformer(cfg)
-        par = parallelize(model, resolve_layout(ParallelConfig(mode="fsdp", ep=ep), world, cfg),
-                          torch.device("cpu"), bf16=False)  # fmt: skip
-        par.materialize_(torch.device("cpu"), seed=0)
+        model, par = _sharded_build(cfg, world, ep)
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
         full = {
             k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in par.model_tensors().items()
@@ -83,14 +89,7 @@ def _memory_rank(rank: int, world: int, port: int, out: str) -> None:
     try:
 
         def sharded(cfg: ModelConfig = WIDE):
-            torch.manual_seed(0)
-            with torch.device("meta"):
-                model = Transformer(cfg)
-            layout = resolve_layout(ParallelConfig(mode="fsdp"), world, cfg)
-            parallelize(model, layout, torch.device("cpu"), bf16=False).materialize_(
-                torch.device("cpu"), seed=0
-            )
-            return model
+            return _sharded_build(cfg, world)[0]
 
         def whole():
             torch.manual_seed(0)
