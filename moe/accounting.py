@@ -7,7 +7,8 @@ Parameter conventions (layout: see the docstring of moe/config.py; tests compare
   routed_total          all E*G fine experts of every MoE layer.
   routed_active         the k*G fine experts a token is routed to (nominal: dropping is ignored).
   router                routing/gating matrices: router (E*G x d_model) and the shared-expert gate.
-  norms                 RMSNorm weights and the MoE output LayerNorm (weight + bias).
+  norms                 RMSNorm weights (incl. the per-head-dim q/k norms) and the MoE output LayerNorm
+                        (weight + bias).
   active                total - routed_total + routed_active: what one token touches.
 
 FLOP convention (per token, multiply-add = 2 FLOPs), after Kaplan et al. 2020 Table 1 and PaLM
@@ -116,7 +117,7 @@ def _layers(cfg: ModelConfig) -> _Layers:
     n_dense = cfg.n_layers - n_moe
     per_hidden = ffn_matrices(cfg.activation) * d  # weights per hidden unit of an FFN
     attn = 2 * d * cfg.n_heads * cfg.head_dim + 2 * d * cfg.kv_heads * cfg.head_dim
-    norms = (2 * cfg.n_layers + 1) * d
+    norms = (2 * cfg.n_layers + 1) * d + (2 * cfg.n_layers * cfg.head_dim if cfg.qk_norm else 0)
     routed_total = routed_active = shared = router = 0
     m = cfg.moe
     if m is not None and n_moe:

@@ -13,6 +13,7 @@ LayerNorm); `moe.accounting` counts exactly these and tests compare against `num
   lm_head.weight                    (vocab, d_model)          absent when tie_embeddings
   blocks.{i}.attn_norm.weight       (d_model,)                RMSNorm
   blocks.{i}.attn.wq/wk/wv/wo       d_model x n_heads*hd, d_model x n_kv_heads*hd (x2), n_heads*hd x d_model
+  blocks.{i}.attn.q_norm/k_norm     (hd,) each                RMSNorm gains, when qk_norm
   blocks.{i}.ffn_norm.weight        (d_model,)
   dense FFN  blocks.{i}.ffn.w1, w2 (+ w3 for swiglu)          d_model x d_ff, d_ff x d_model
   MoE FFN    blocks.{i}.ffn.router.weight   (E*G, d_model)
@@ -165,6 +166,13 @@ class ModelConfig:
     """normal: N(0, init_std); fan_in: truncated normal with std 1/sqrt(fan_in)."""
     init_std: float = 0.02
     """Std of the normal init (embeddings always use it)."""
+    qk_norm: bool = False
+    """RMSNorm (a learned gain per head dim, shared by the heads) on queries and keys before RoPE, as in
+    OLMo 2 and Qwen3: attention logits cannot grow without bound, so the early escape from the unigram
+    plateau depends less on the seed."""
+    logit_z_loss: float = 0.0
+    """Coefficient of the output z-loss mean(logsumexp(logits)^2) (PaLM), in fp32; added to the training
+    loss with the router losses (ModelOutput.aux_loss), never to the reported LM loss; 0 disables."""
     first_dense_layers: int = 0
     """Keep this many leading blocks dense when moe is set (the "1dense" design)."""
     moe: MoEConfig | None = field(default_factory=MoEConfig)

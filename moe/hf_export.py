@@ -39,6 +39,8 @@ def unsupported_features(cfg: ModelConfig, state: dict[str, Tensor] | None = Non
         out.append(f"model.activation={cfg.activation} (Qwen2-MoE FFNs are gated: act(gate) * up)")
     if cfg.d_model % cfg.n_heads:
         out.append(f"model.d_model={cfg.d_model} not a multiple of model.n_heads={cfg.n_heads}")
+    if cfg.qk_norm:
+        out.append("model.qk_norm=true (Qwen2-MoE has no query/key norm)")
     m = cfg.moe
     if m is None:
         return out

@@ -50,12 +50,16 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x_BSD: Tensor, cos_SR: Tensor, sin_SR: Tensor) -> Tensor:
         B, S, _ = x_BSD.shape
         q_BHSK = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k_BJSK = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v_BJSK = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q_BHSK, k_BJSK = self.q_norm(q_BHSK), self.k_norm(k_BJSK)
         q_BHSK, k_BJSK = apply_rope(q_BHSK, cos_SR, sin_SR), apply_rope(k_BJSK, cos_SR, sin_SR)
         if self.n_kv_heads != self.n_heads:
             # Explicit repeat rather than enable_gqa: it runs on every backend and under torch.compile.
@@ -67,6 +71,9 @@ class Attention(nn.Module):
     def reset_parameters(self, init: InitScheme, std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv, self.wo):
             init_weight_(lin.weight, init, out_std if lin is self.wo else std, lin.in_features)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
 
 class Block(nn.Module):
@@ -99,7 +106,9 @@ class ModelOutput:
     loss: Tensor | None
     """Mean LM cross-entropy (fp32) over targets != -100, when targets are given; no auxiliary terms."""
     aux_loss: Tensor
-    """Sum over MoE layers of MoEAux.loss (coefficient-weighted balancing + z loss); 0-dim, 0 for dense."""
+    """The training-only loss terms, 0-dim fp32: the sum over MoE layers of MoEAux.loss
+    (coefficient-weighted balancing + router z-loss) plus the output z-loss (model.logit_z_loss) when
+    targets are given; 0 for a dense model without them."""
     router: list[MoEAux]
     """One MoEAux per MoE block, in block order (see Transformer.moe_layer_indices)."""
 
@@ -173,6 +182,9 @@ class Transformer(nn.Module):
             aux_loss = torch.stack([a.loss.float() for a in router]).sum()
         else:
             aux_loss = torch.zeros((), device=idx_BS.device)
+        if targets_BS is not None and self.cfg.logit_z_loss:
+            lse_BS = torch.logsumexp(logits_BSV.float(), dim=-1)
+            aux_loss = aux_loss + self.cfg.logit_z_loss * lse_BS.pow(2).mean()
         return ModelOutput(logits=logits_BSV, loss=loss, aux_loss=aux_loss, router=router)
 
     @torch.no_grad()

@@ -67,8 +67,12 @@ def validate_model_config(cfg: ModelConfig) -> None:
         _positive_real(f"model.{name}", getattr(cfg, name))
     _one_of("model.activation", cfg.activation, ACTIVATIONS)
     _one_of("model.init", cfg.init, INIT_SCHEMES)
-    if not isinstance(cfg.tie_embeddings, bool):
-        raise ValueError(f"model.tie_embeddings={cfg.tie_embeddings!r} must be a bool")
+    for name in ("tie_embeddings", "qk_norm"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"model.{name}={getattr(cfg, name)!r} must be a bool")
+    _non_negative_real("model.logit_z_loss", cfg.logit_z_loss)
+    if cfg.logit_z_loss == float("inf"):
+        raise ValueError(f"model.logit_z_loss={cfg.logit_z_loss!r} must be finite")
 
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"model.n_heads={cfg.n_heads} does not divide model.d_model={cfg.d_model}")

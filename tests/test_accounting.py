@@ -32,6 +32,7 @@ GRID = {
     "moe_shared_sized": replace(TINY, **{"moe.num_shared": 1, "moe.d_shared": 24}),
     "moe_output_norm": replace(TINY, **{"moe.output_norm": True, "moe.granularity": 8}),
     "moe_first_dense": replace(TINY, first_dense_layers=1),
+    "moe_qk_norm": replace(TINY, qk_norm=True),
     "moe_expert_choice": replace(TINY, **{"moe.router": "expert_choice", "moe.capacity_factor": 1.5}),
     "moe_everything": replace(
         TINY,

@@ -230,3 +230,31 @@ def test_torch_compile_matches_eager_forward_and_gradients(name):
     compiled_grads = torch.autograd.grad(compiled.loss + compiled.aux_loss, list(model.parameters()))
     torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(compiled_grads, eager_grads, rtol=1e-4, atol=1e-4)
+
+
+def test_qk_norm_makes_attention_independent_of_the_scale_of_queries_and_keys():
+    cfg = replace(TINY, qk_norm=True)
+    model, x = _model(cfg), _batch(cfg)[:, :-1]
+    before = model(x).logits
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.wq.weight.mul_(8.0)
+            block.attn.wk.weight.mul_(3.0)
+    torch.testing.assert_close(model(x).logits, before, rtol=1e-4, atol=1e-4)
+    plain = _model(TINY)
+    with torch.no_grad():
+        reference = plain(x).logits
+        plain.blocks[0].attn.wq.weight.mul_(8.0)
+    assert not torch.allclose(plain(x).logits, reference, atol=1e-3), "without qk_norm the scale matters"
+
+
+def test_logit_z_loss_joins_the_aux_loss_never_the_lm_loss():
+    cfg = replace(TINY, logit_z_loss=1e-3)
+    batch = _batch(cfg)
+    x, y = batch[:, :-1], batch[:, 1:]
+    with_z, without = _model(cfg)(x, y), _model(TINY)(x, y)
+    torch.testing.assert_close(with_z.loss, without.loss)
+    z = 1e-3 * torch.logsumexp(without.logits.float(), dim=-1).pow(2).mean()
+    torch.testing.assert_close(with_z.aux_loss, without.aux_loss + z)
+    with pytest.raises(ValueError, match="model.logit_z_loss"):
+        Transformer(replace(TINY, logit_z_loss=-1.0))
