@@ -32,6 +32,7 @@ from moe.checkpoint import capture_rng, load_sharded, restore_rng, save_checkpoi
 from moe.config import ModelConfig
 from moe.data import PreparedData, TokenLoader, validation_batches
 from moe.distributed import active_world, all_reduce_sum, barrier, explains_rank_failures
+from moe.evaluation import TrainClock, evaluate, router_metrics
 from moe.model import Transformer
 from moe.parallel import (
     ParallelConfig,
@@ -42,7 +43,15 @@ from moe.parallel import (
     resolve_layout,
 )
 from moe.schedule import lr_at
-from moe.train_plan import Device, OptimConfig, TrainConfig, TrainPlan, is_eval_step, plan_training
+from moe.train_plan import (
+    Device,
+    OptimConfig,
+    TrainConfig,
+    TrainPlan,
+    check_resume,
+    is_eval_step,
+    plan_training,
+)
 
 __all__ = [
     "OptimConfig",
@@ -68,6 +77,9 @@ class TrainResult:
     """Wall time spent evaluating (included in wall_s)."""
     log_s: float
     """Wall time spent collecting diagnostics and inside the logger (included in wall_s)."""
+    train_s: float = math.nan
+    """Training-only wall seconds over the whole run, resumed parts included (metric `time/train_s`:
+    no evaluation, logging, checkpointing or compilation; moe.evaluation.TrainClock)."""
     resumed_from: int = 0
     """Step of the checkpoint this call resumed from (0: trained from initialisation)."""
 
@@ -131,86 +143,6 @@ def build_optimizer(
     )
 
 
-def router_metrics(router: list, layer_indices: list[int]) -> dict[str, float]:
-    """router/layer<i>/<stat> per MoE block, router/<stat> averaged, train/aux_loss and train/z_loss."""
-    out: dict[str, float] = {}
-    sums: dict[str, float] = {}
-    for i, aux in zip(layer_indices, router, strict=True):
-        for name, value in aux.stats.items():
-            v = float(value)
-            out[f"router/layer{i}/{name}"] = v
-            sums[name] = sums.get(name, 0.0) + v
-    for name, total in sums.items():
-        out[f"router/{name}"] = total / len(router)
-    for name in ("aux_loss", "z_loss"):
-        if name in sums:
-            out[f"train/{name}"] = out[f"router/{name}"]
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list, device: torch.device, autocast, forwards: int = 0,
-             filler: tuple | None = None) -> float:  # fmt: skip
-    """Token-weighted mean LM cross-entropy over the fixed validation batches (each rank passes its
-    share; the sums are added over ranks). forwards: run at least this many forwards, repeating a
-    batch (`filler` where this rank has none) with weight 0, so that every rank enters the collectives inside forward (FSDP, EP) alike."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    padded = list(batches) + [None] * max(0, forwards - len(batches))
-    for batch in padded:
-        x_BS, y_BS = batch if batch is not None else (batches[0] if batches else filler)
-        with autocast():
-            out = model(x_BS.to(device), y_BS.to(device))
-        if batch is not None:
-            total += float(out.loss) * y_BS.numel()
-            count += y_BS.numel()
-    model.train(was_training)
-    total_count = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64, device=device))
-    return float(total_count[0] / total_count[1])
-
-
-# Plan fields a resumed run may change: how the global batch is spread over ranks, not what it is.
-_LAYOUT_FIELDS = ("world_size", "accum")
-
-
-def _flat(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
-    return out
-
-
-def check_resume(resume: Mapping[str, Any], plan: TrainPlan, model_cfg: ModelConfig) -> None:
-    """ValueError naming the key when a checkpoint was written by a run with a different model or
-    training plan. The world size and the split into micro-batches per rank may differ (resharding)."""
-    step = resume["step"]
-    if "model_config" in resume:  # checkpoints before the sharded format lack it
-        have = _flat(resume["model_config"], "model.")
-        want = _flat(asdict(model_cfg), "model.")
-        for key in sorted(set(have) | set(want)):
-            if have.get(key) != want.get(key):
-                raise ValueError(f"checkpoint of step {step} has {key}={have.get(key)!r}, this run "
-                                 f"{key}={want.get(key)!r}: it is a different model")  # fmt: skip
-    saved, now = dict(resume["plan"]), asdict(plan)
-    if saved.get("micro_batch_size") != now["micro_batch_size"]:
-        raise ValueError(
-            f"checkpoint of step {step} was written with {saved.get('micro_batch_size')} sequences per "
-            f"micro-batch, this run has {now['micro_batch_size']} (train.micro_batch_tokens): the data "
-            "position would not carry over"
-        )
-    if saved.get("val_windows", "first") != now["val_windows"]:
-        raise ValueError(
-            f"checkpoint of step {step} was evaluated on the {saved.get('val_windows', 'first')!r} validation "
-            f"windows, this run uses {now['val_windows']!r} (moe.loader.validation_batches): its val curve "
-            "would mix two sets of tokens; train the point again from the start"
-        )
-    for key in sorted(set(saved) | set(now)):
-        if key not in _LAYOUT_FIELDS and saved.get(key) != now.get(key):
-            raise ValueError(f"checkpoint of step {step} was written for plan {key}={saved.get(key)!r}, "
-                             f"this run has {key}={now.get(key)!r}")  # fmt: skip
-
-
 def format_eta(seconds: float) -> str:
     seconds = max(0, int(seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -271,7 +203,8 @@ def train(
     if layout.sharded:  # a resume loads every tensor below: drawing the init would be wasted
         par.materialize_(device, train.seed, init=resume is None)
     net = par.net
-    forward = torch.compile(net) if train.compile else net
+    compiled = train.compile
+    forward = torch.compile(net) if compiled else net
     opt = build_optimizer(model, optim, par.expert_params)
     flops_tok = flops_per_token(model_cfg).train
     loader = TokenLoader(data.train_path, model_cfg.seq_len, plan.micro_batch_size, seed=train.seed)
@@ -280,7 +213,7 @@ def train(
     val_forwards = eval_batches_per_rank(len(all_val), world) if layout.mode == "fsdp" else 0
     layers = list(model.moe_layer_indices)
     min_lr = optim.lr * optim.min_lr_ratio
-    train_loss = val_loss = math.nan
+    train_loss = val_loss = train_s = math.nan
 
     # --- resume --------------------------------------------------------------------------------
     start = 0
@@ -298,12 +231,14 @@ def train(
         restore_rng(resume["rng"])  # last: building the model above consumed the generator
         start = int(resume["step"])
         train_loss, val_loss = resume["last"]["train_loss"], resume["last"]["val_loss"]
+    # checkpoints written before time/train_s existed do not hold it: that run's clock is unknown
+    clock = TrainClock(device, resume["last"].get("train_s", math.nan) if resume is not None else 0.0)
 
     def checkpoint(step: int) -> Path | None:
         path = None
         if checkpoint_dir_out is not None:
             state = {"loader": loader.state_dict(), "rng": capture_rng(), "plan": asdict(plan),
-                     "last": {"train_loss": train_loss, "val_loss": val_loss},
+                     "last": {"train_loss": train_loss, "val_loss": val_loss, "train_s": clock.total_s},
                      "model_config": asdict(model_cfg), "layout": asdict(layout)}  # fmt: skip
             if layout.sharded:
                 path = save_sharded(checkpoint_dir_out, step, par.state_tensors(opt), state, train.keep_last)
@@ -323,8 +258,18 @@ def train(
             raise NonFiniteLossError("train/loss", int(bad_step), float(bad_loss))
 
     # --- loop ----------------------------------------------------------------------------------
+    # The train loss of steps between log steps stays on the device until the next log (no sync per
+    # step), then goes out as its own events: the early plateau is seen step by step.
+    pending_losses: list[tuple[int, torch.Tensor]] = []
+
+    def log_pending_losses() -> None:
+        for s, loss in pending_losses:
+            logger.log_metrics({"train/loss": float(loss) / plan.accum, "tokens": s * plan.batch_tokens}, s)
+        pending_losses.clear()
+
     model.train()
     t_start = time.perf_counter()
+    clock.skip()  # building and resuming are not training
     window_t, window_tokens, eval_s = t_start, 0, 0.0
     total_eval_s = total_log_s = 0.0
     for step in range(start + 1, plan.steps + 1):
@@ -373,33 +318,47 @@ def train(
             )
         window_tokens += plan.batch_tokens
         tokens = step * plan.batch_tokens
+        if compiled and step == start + 1:
+            clock.skip()  # this process's first step compiled the model
 
-        if step % train.log_every == 0 or step == plan.steps:
-            t_log = time.perf_counter()
-            check_finite()
-            train_loss = float(loss_sum) / plan.accum
-            now = time.perf_counter()
-            tok_s = window_tokens / max(now - window_t - eval_s, 1e-9)
-            metrics = {"train/loss": train_loss, "lr": lr, "tokens": tokens, "flops": flops_tok * tokens,
-                       "tokens_per_s": tok_s, "data/epochs": loader.epochs_seen}  # fmt: skip
-            if layers:
-                metrics.update(router_metrics(out.router, layers))
-            logger.log_metrics(metrics, step)
-            window_t, window_tokens, eval_s = now, 0, 0.0
-            total_log_s += time.perf_counter() - t_log
+        logged = step % train.log_every == 0 or step == plan.steps
+        evaluated = is_eval_step(train, step, plan.steps)
+        if logged or evaluated:
+            train_s = clock.read()  # one value for this step's train and val events
+        if not logged:
+            pending_losses.append((step, loss_sum.detach()))
+        else:
+            with clock.excluded():
+                t_log = time.perf_counter()
+                check_finite()
+                log_pending_losses()
+                train_loss = float(loss_sum) / plan.accum
+                now = time.perf_counter()
+                tok_s = window_tokens / max(now - window_t - eval_s, 1e-9)
+                metrics = {"train/loss": train_loss, "lr": lr, "tokens": tokens, "flops": flops_tok * tokens,
+                           "tokens_per_s": tok_s, "data/epochs": loader.epochs_seen,
+                           "time/train_s": train_s}  # fmt: skip
+                if layers:
+                    metrics.update(router_metrics(out.router, layers))
+                logger.log_metrics(metrics, step)
+                window_t, window_tokens, eval_s = now, 0, 0.0
+                total_log_s += time.perf_counter() - t_log
 
-        if is_eval_step(train, step, plan.steps):
-            t_eval = time.perf_counter()
-            check_finite()
-            val_loss = evaluate(model, val_batches, device, autocast, val_forwards, all_val[0])
-            if not math.isfinite(val_loss):
-                raise NonFiniteLossError("val/loss", step, val_loss)
-            logged = step % train.log_every == 0 or step == plan.steps  # this step's train event has tokens
-            logger.log_metrics(
-                {"val/loss": val_loss} if logged else {"val/loss": val_loss, "tokens": tokens}, step
-            )
-            eval_s += time.perf_counter() - t_eval
-            total_eval_s += time.perf_counter() - t_eval
+        if evaluated:
+            with clock.excluded():
+                t_eval = time.perf_counter()
+                check_finite()
+                val = evaluate(model, val_batches, device, autocast, val_forwards, all_val[0])
+                val_loss = val.loss
+                if not math.isfinite(val_loss):
+                    raise NonFiniteLossError("val/loss", step, val_loss)
+                metrics = {"val/loss": val_loss, "time/train_s": train_s}
+                if math.isfinite(val.se):  # one window has no spread
+                    metrics["val/loss_se"] = val.se
+                # a val event off the log steps carries its own tokens
+                logger.log_metrics(metrics if logged else {**metrics, "tokens": tokens}, step)
+                eval_s += time.perf_counter() - t_eval
+                total_eval_s += time.perf_counter() - t_eval
 
         if progress and train.progress_every and (step % train.progress_every == 0 or step == plan.steps):
             elapsed = time.perf_counter() - t_start
@@ -413,7 +372,9 @@ def train(
         if step < plan.steps:
             if stop or (train.checkpoint_every and step % train.checkpoint_every == 0):
                 check_finite()
-                path = checkpoint(step)
+                with clock.excluded():
+                    log_pending_losses()  # a resume starts after this step: nothing before it may be lost
+                    path = checkpoint(step)
                 if stop:
                     raise TrainingInterrupted(step, path)
 
@@ -421,7 +382,8 @@ def train(
     check_finite()
     # A finished run keeps its final weights (export, eval), in every layout.
     if train.checkpoint_every and start < plan.steps:
-        checkpoint(plan.steps)  # every rank, as in the loop: checkpoint() ends in a barrier
+        with clock.excluded():
+            checkpoint(plan.steps)  # every rank, as in the loop: checkpoint() ends in a barrier
     wall = time.perf_counter() - t_start
     tokens = plan.steps * plan.batch_tokens
     trained = (plan.steps - start) * plan.batch_tokens
@@ -435,5 +397,6 @@ def train(
         tokens_per_s=trained / wall,
         eval_s=total_eval_s,
         log_s=total_log_s,
+        train_s=train_s,
         resumed_from=start,
     )

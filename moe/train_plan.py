@@ -8,8 +8,9 @@ data-parallel world size before anything is built. `moe.train` re-exports all of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Literal, get_args
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args
 
 from moe.config import ModelConfig
 from moe.loader import VAL_WINDOWS
@@ -188,3 +189,44 @@ def plan_training(
         decay_steps=decay,
         world_size=world_size,
     )
+
+
+# Plan fields a resumed run may change: how the global batch is spread over ranks, not what it is.
+_LAYOUT_FIELDS = ("world_size", "accum")
+
+
+def _flat(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume(resume: Mapping[str, Any], plan: TrainPlan, model_cfg: ModelConfig) -> None:
+    """ValueError naming the key when a checkpoint was written by a run with a different model or
+    training plan. The world size and the split into micro-batches per rank may differ (resharding)."""
+    step = resume["step"]
+    if "model_config" in resume:  # checkpoints before the sharded format lack it
+        have = _flat(resume["model_config"], "model.")
+        want = _flat(asdict(model_cfg), "model.")
+        for key in sorted(set(have) | set(want)):
+            if have.get(key) != want.get(key):
+                raise ValueError(f"checkpoint of step {step} has {key}={have.get(key)!r}, this run "
+                                 f"{key}={want.get(key)!r}: it is a different model")  # fmt: skip
+    saved, now = dict(resume["plan"]), asdict(plan)
+    if saved.get("micro_batch_size") != now["micro_batch_size"]:
+        raise ValueError(
+            f"checkpoint of step {step} was written with {saved.get('micro_batch_size')} sequences per "
+            f"micro-batch, this run has {now['micro_batch_size']} (train.micro_batch_tokens): the data "
+            "position would not carry over"
+        )
+    if saved.get("val_windows", "first") != now["val_windows"]:
+        raise ValueError(
+            f"checkpoint of step {step} was evaluated on the {saved.get('val_windows', 'first')!r} validation "
+            f"windows, this run uses {now['val_windows']!r} (moe.loader.validation_batches): its val curve "
+            "would mix two sets of tokens; train the point again from the start"
+        )
+    for key in sorted(set(saved) | set(now)):
+        if key not in _LAYOUT_FIELDS and saved.get(key) != now.get(key):
+            raise ValueError(f"checkpoint of step {step} was written for plan {key}={saved.get(key)!r}, "
+                             f"this run has {key}={now.get(key)!r}")  # fmt: skip

@@ -13,19 +13,19 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from moe.checkpoint import checkpoint_path
+from moe.evaluation import WALL_CLOCK_METRICS
 from moe.train import NonFiniteLossError, TrainingInterrupted
 from studies.execute import run_point
 from studies.lifecycle import PreviouslyFailedError, lifecycle
 
 REPO = Path(__file__).resolve().parents[1]
-WALL_CLOCK = "tokens_per_s"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def events(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != WALL_CLOCK} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_METRICS} for line in lines]
 
 
 def point_runs(tracking_uri: str) -> list:

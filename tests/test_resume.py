@@ -30,6 +30,7 @@ from moe.checkpoint import (
 )
 from moe.config import ModelConfig, MoEConfig
 from moe.data import DataConfig, prepare_data
+from moe.evaluation import WALL_CLOCK_METRICS
 from moe.train import NonFiniteLossError, OptimConfig, TrainConfig, TrainingInterrupted, plan_training, train
 from studies.execute import run_point
 
@@ -43,7 +44,6 @@ FAST = TrainConfig(
     tokens=512 * 16, batch_tokens=512, eval_every=4, eval_tokens=1024, log_every=1, progress_every=0,
     checkpoint_every=3, keep_last=2,
 )  # fmt: skip
-WALL_CLOCK = ("tokens_per_s",)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,13 +53,13 @@ class ListLogger:
         self.events: list[tuple[int, dict[str, float]]] = []
 
     def log_metrics(self, metrics, step):
-        self.events.append((step, {k: v for k, v in metrics.items() if k not in WALL_CLOCK}))
+        self.events.append((step, {k: v for k, v in metrics.items() if k not in WALL_CLOCK_METRICS}))
 
 
 def jsonl_history(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock throughput."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in WALL_CLOCK} for x in lines]
+    return [{k: v for k, v in json.loads(x).items() if k not in WALL_CLOCK_METRICS} for x in lines]
 
 
 def stop_after(n_steps: int):

@@ -64,8 +64,12 @@ def test_mlflow_run_has_tags_params_metric_history_and_artifacts(finished):
                 "acct.params_active_non_embedding", "acct.flops_per_token_train"):  # fmt: skip
         assert key in params
     history = client.get_metric_history(result.mlflow_run_id, "train/loss")
-    assert [m.step for m in history] == list(range(2, 21, 2))
+    assert [m.step for m in history] == list(range(1, 21)), "the train loss of every step"
     assert len(client.get_metric_history(result.mlflow_run_id, "router/layer1/top1_mass")) == 10
+    train_s = client.get_metric_history(result.mlflow_run_id, "time/train_s")
+    assert train_s and all(m.value > 0 for m in train_s)
+    summary = json.loads((study_dir / "runs" / result.run_key / "summary.json").read_text())
+    assert 0 < summary["train_s"] < summary["wall_s"], "training-only seconds, beside the point's wall time"
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"config.yaml", "metrics.jsonl", "summary.json"} <= artifacts
     local = mlflow.artifacts.download_artifacts(run_id=result.mlflow_run_id, artifact_path="summary.json",

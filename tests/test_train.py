@@ -97,9 +97,14 @@ def test_training_lowers_the_loss_and_logs_every_contract_metric(data):
     assert [s for s, _ in log.history("val/loss")] == [1, 2, 4, 8, 10, 20, 30], (
         "log-spaced early, then every eval_every"
     )
-    assert [s for s, _ in log.history("train/loss")] == [5, 10, 15, 20, 25, 30]
+    assert [s for s, _ in log.history("train/loss")] == list(range(1, 31)), "the train loss of every step"
+    assert [s for s, _ in log.history("router/entropy")] == [5, 10, 15, 20, 25, 30], "diagnostics at log steps"
+    train_s = [v for _, v in log.history("time/train_s")]
+    assert train_s == sorted(train_s) and 0 < train_s[-1] == pytest.approx(result.train_s)
+    assert result.train_s < result.wall_s - result.eval_s, "evaluation is not training time"
+    assert all(0 < v < 1 for _, v in log.history("val/loss_se")), "window-level standard error of val/loss"
     last = dict(log.events[-2][1])  # train event of the last step; the last event is the final eval
-    for key in ("lr", "tokens", "flops", "tokens_per_s", "train/aux_loss", "train/z_loss"):
+    for key in ("lr", "tokens", "flops", "tokens_per_s", "time/train_s", "train/aux_loss", "train/z_loss"):
         assert key in last, key
     for stat in ("top1_mass", "imbalance", "entropy", "dropped_frac", "empty_experts", "aux_loss", "z_loss"):
         assert (
