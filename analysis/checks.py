@@ -17,6 +17,10 @@ Each check reads params the training side logs; a param an older store lacks mak
                               which validation tokens a run's val loss is measured on: where the windows
                               sit in the val split (runs without data.val_windows took the first ones)
                               and how many; arms of one comparison must share both.
+  machine.threads, machine.cpu_capability, machine.torch, machine.device
+                              where a run trained (studies.record.machine_facts): thread count, CPU
+                              capability and torch version change the loss of one run key beyond seed
+                              noise; arms of one comparison must share all four.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ ROUTED_SCALE_SET = "moe.routed_scale"
 FINGERPRINT = "data.fingerprint"
 VAL_WINDOWS = "data.val_windows"
 EVAL_TOKENS = "train.eval_tokens"
+THREADS = "machine.threads"
+MACHINE = (THREADS, "machine.cpu_capability", "machine.torch", "machine.device")
 IDENT = ["model", "tokens", "variant", "seed", "run_key"]
 
 
@@ -65,9 +71,9 @@ def param(runs: pd.DataFrame, name: str, *, numeric: bool = False) -> pd.Series:
 
 
 def comparability_checks(runs: pd.DataFrame) -> list[Check]:
-    """All five checks, in a fixed order."""
+    """All six checks, in a fixed order."""
     return [repeated_data(runs), batch_expert_choice(runs), routed_scale_mix(runs), fingerprint_mix(runs),
-            val_tokens_mix(runs)]  # fmt: skip
+            val_tokens_mix(runs), machine_mix(runs)]  # fmt: skip
 
 
 def _check(name, params, runs, bad, unknown, found, clean, extra=()) -> Check:
@@ -188,12 +194,51 @@ def val_tokens_mix(runs: pd.DataFrame) -> Check:
     )
 
 
+def machine_facts(runs: pd.DataFrame) -> pd.Series:
+    """Per run, its machine facts as one text ("1 threads, AVX2, torch 2.5.1, cpu"); NaN where any of
+    them is not logged (runs from before studies.record.machine_facts)."""
+    cols = [param(runs, p) for p in MACHINE]
+    threads = pd.to_numeric(cols[0], errors="coerce")
+    label = [f"{t:g} threads, {c}, torch {v}, {d}" if pd.notna(t) and all(pd.notna(x) for x in (c, v, d))
+             else np.nan for t, c, v, d in zip(threads, *cols[1:], strict=True)]  # fmt: skip
+    return pd.Series(label, index=runs.index, dtype=object)
+
+
+def machine_mix(runs: pd.DataFrame) -> Check:
+    facts = machine_facts(runs)
+    bad = _per_group(runs, lambda g: facts[g.index].dropna().nunique() <= 1)
+    return _check(
+        "arms run on different machines",
+        MACHINE,  # the first names the check (analysis.findings keys its caveat by it)
+        runs,
+        bad,
+        facts.isna(),
+        f"{int(bad.sum())} runs are in comparisons whose arms ran with different torch threads, CPU "
+        "capability, torch version or device: the same run gives a different loss on each",
+        "ok: within each comparison every run ran with the same threads, CPU capability, torch and device",
+    )
+
+
+def machine_caveat(offenders: pd.DataFrame) -> str:
+    """The finding's caveat for `machine_mix` offenders, naming the facts that differ."""
+    differ = []
+    for p in (p for p in MACHINE if p in offenders):
+        vals = sorted({_text(v) for v in offenders[p].dropna()})
+        if len(vals) > 1:
+            differ.append(f"{p} {' vs '.join(vals)}")
+    what = "; ".join(differ) or "threads, CPU capability, torch or device"
+    return f"the runs ran on different machines ({what}), which moves the loss beyond seed noise"
+
+
+def _text(v) -> str:
+    return format(float(v), "g") if isinstance(v, (int, float, np.number)) else str(v)
+
+
 def per_variant(runs: pd.DataFrame, name: str) -> pd.DataFrame:
     """The distinct values of param `name` per (model, tokens, variant), as text ("" if not logged)."""
 
     def text(s):
-        vals = sorted({format(float(v), "g") if isinstance(v, (int, float)) else str(v) for v in s.dropna()})
-        return ", ".join(vals)
+        return ", ".join(sorted({_text(v) for v in s.dropna()}))
 
     df = runs[["model", "tokens", "variant"]].assign(value=param(runs, name))
     out = df.groupby(["model", "tokens", "variant"], dropna=False)["value"].agg(text).reset_index()

@@ -30,7 +30,7 @@ from studies.config import RunConfig, load_run_config
 from studies.mlflow_logger import FanOut
 from studies.point import Point, build_point
 from studies.preemption import preemption
-from studies.record import PointRecord
+from studies.record import PointRecord, machine_facts
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _decide_and_train(
                     "val_windows": VAL_WINDOWS}  # fmt: skip
     record = PointRecord(
         point, uri=tracking_uri_of(point), parent_run_id=parent_run_id, start=start, action=plan.action,
-        data_params=data_params, data_summary=data_summary, threads=torch.get_num_threads(),
+        data_params=data_params, data_summary=data_summary, machine=machine_facts(run.train.device),
     )  # fmt: skip
     acct = point.accounting()
     with record:

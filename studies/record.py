@@ -23,10 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from analysis.derive import RAW_LABEL, Smoothing, final_smoothed, smoothed_label
-from moe.train import NonFiniteLossError, TrainingInterrupted, TrainResult
+from moe.train import NonFiniteLossError, TrainingInterrupted, TrainResult, resolve_device
+from moe.train_plan import Device
 from studies import runfiles, tracking
 from studies.mlflow_logger import FanOut, MlflowLogger, OfflineRun, SkipLogged
 from studies.point import Point
@@ -34,6 +36,24 @@ from studies.point import Point
 FINAL_METRICS = {"val/loss": "final/val_loss_raw", "val/loss_smoothed": "final/val_loss_smoothed"}
 """summary.json's final numbers -> the MLflow metrics that carry them (labels: summary.json)."""
 STATUS_EVERY_S = 10.0  # status.json's step is refreshed at most this often while a point trains
+
+
+def machine_facts(device: Device) -> dict[str, Any]:
+    """What a run's numbers depend on beyond its config (summary.json "machine"): the thread count sets
+    the float summation order, the CPU capability (AVX512, AVX2, ...) and torch version pick the kernels,
+    so the same run key gives different losses across them; device: "cpu" or the CUDA device's name."""
+    dev = resolve_device(device)
+    return {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": "cpu" if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+    }
+
+
+def machine_params(machine: dict[str, Any]) -> dict[str, Any]:
+    """The machine facts as MLflow params and tags: machine.threads, machine.torch, ... (analysis.checks)."""
+    return {f"machine.{k}": v for k, v in machine.items()}
 
 
 class StatusUpdates:
@@ -112,10 +132,11 @@ class PointRecord:
 
     def __init__(
         self, point: Point, *, uri: str, parent_run_id: str | None, start: int, action: str,
-        data_params: dict[str, Any], data_summary: dict[str, Any], threads: int,
+        data_params: dict[str, Any], data_summary: dict[str, Any], machine: dict[str, Any],
     ):  # fmt: skip
         self.point, self.uri, self.parent_run_id = point, uri, parent_run_id
-        self.start, self.action, self.threads = start, action, threads
+        self.start, self.action, self.machine = start, action, machine
+        self.threads = int(machine["threads"])
         self.data_params, self.data_summary = data_params, data_summary
         self.result: TrainResult | None = None
         self._t0 = 0.0
@@ -134,21 +155,31 @@ class PointRecord:
         self.opened = open_mlflow_run(point, self.uri, self.parent_run_id, self.metrics, self.start)
         mlf = self.opened.mlflow
         if self.opened.new:
-            mlf.log_params({**point.params(), **self.data_params})
+            mlf.log_params(self.params())
+        mlf.set_tags(self.machine_tags())  # a resumed run's tags say where its last attempt ran
         if self.start or self.action != "start":
             mlf.set_tags({"resumed_from_step": str(self.start), "lifecycle_action": self.action})
         self.logger = FanOut(self.metrics, self.opened.logger, StatusUpdates(run_dir, self.status_extra))
         self._t0 = time.perf_counter()
         return self
 
+    def machine_tags(self) -> dict[str, str]:
+        """The machine facts as tags too, to filter runs by in MLflow (summary.json's tags carry them, so
+        `studies.sync` gives a run created later the same)."""
+        return {k: str(v) for k, v in machine_params(self.machine).items()}
+
+    def params(self) -> dict[str, Any]:
+        """The MLflow params: the point's, the data's identity and the machine facts."""
+        return {**self.point.params(), **self.data_params, **machine_params(self.machine)}
+
     def summary(self, **fields: Any) -> dict[str, Any]:
         point = self.point
         return {
-            "run_key": point.run_key, "variant": point.variant, "tags": point.tags(),
-            "params": {**point.params(), **self.data_params},
+            "run_key": point.run_key, "variant": point.variant, "tags": {**point.tags(), **self.machine_tags()},
+            "params": self.params(),
             "mlflow_run_id": self.opened.run_id, "parent_run_id": self.parent_run_id,
             "resumed_from": self.start, "ranks": point.plan.world_size, "threads": self.threads,
-            "data": self.data_summary, **fields,
+            "machine": self.machine, "data": self.data_summary, **fields,
         }  # fmt: skip
 
     def finish(self, result: TrainResult) -> None:
@@ -170,6 +201,7 @@ class PointRecord:
             runfiles.write_summary(self.run_dir, self.summary(
                 status="DONE", final=final, final_labels=labels, steps=result.steps, tokens=result.tokens, flops=result.flops,
                 wall_s=time.perf_counter() - self._t0, tokens_per_s=result.tokens_per_s,
+                train_s=result.train_s,
             ))  # fmt: skip
             runfiles.write_status(self.run_dir, "DONE", result.steps, **self.status_extra)
             self._close_mlflow(ok=True)
