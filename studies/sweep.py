@@ -197,14 +197,16 @@ def validate_jobs(jobs: Sequence[Job], cwd: Path | None = None) -> list[Point]:
 
 
 def check_lr_grids(points: Sequence[Point]) -> None:
-    """study.best_lr=true needs at least two learning rates per (variant, model, tokens): the report's
-    rule (analysis.tuning.lr_grid_errors), checked before any job."""
-    grids: dict[tuple[str, int, str], set[float]] = {}
+    """study.best_lr=true needs at least two learning rates per (variant, model, tokens), each at two or
+    more seeds: the report's rule (analysis.tuning.lr_grid_errors), checked before any job."""
+    grids: dict[tuple[str, int, str], dict[float, set[int]]] = {}
     for p in points:
-        grids.setdefault((p.run.model.name, p.train.tokens, p.variant), set()).add(p.run.optim.lr)
-    bad = lr_grid_errors({key: sorted(lrs) for key, lrs in grids.items()}, best_lr=True)
+        by_lr = grids.setdefault((p.run.model.name, p.train.tokens, p.variant), {})
+        by_lr.setdefault(p.run.optim.lr, set()).add(p.run.seed)
+    bad = lr_grid_errors({key: dict(sorted(by_lr.items())) for key, by_lr in grids.items()}, best_lr=True)
     if bad:
-        raise ValueError(f"study.best_lr=true but {bad[0]}")
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(f"study.best_lr=true but {bad[0]}{more}")
 
 
 def validate_overrides(override_lists: Sequence[Sequence[str]], cwd: Path | None = None) -> list[Point]:

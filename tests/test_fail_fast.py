@@ -214,8 +214,9 @@ def test_best_lr_study_with_a_one_point_lr_grid_is_refused_before_any_job(shrunk
         points = [[*shrunk, "study.best_lr=true", f"granularity={g}", "optim.lr=0.003"] for g in (1, 8)]
         with pytest.raises(ValueError, match=r"study.best_lr=true but optim.lr has one value \(0.003\)"):
             validate_overrides(points, cwd=tmp_path)
-        grid = [[*shrunk, "study.best_lr=true", "granularity=1", f"optim.lr={lr}"] for lr in (0.003, 0.01)]
-        assert len(validate_overrides(grid, cwd=tmp_path)) == 2
+        grid = [[*shrunk, "study.best_lr=true", "granularity=1", f"optim.lr={lr}", f"seed={s}"]
+                for lr in (0.003, 0.01) for s in (0, 1)]  # fmt: skip
+        assert len(validate_overrides(grid, cwd=tmp_path)) == 4
     nothing_written(tmp_path)
 
 
