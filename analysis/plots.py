@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from analysis.curves import is_degenerate  # noqa: E402
 from analysis.laws import LawFit  # noqa: E402
 
 X_LABELS = {"step": "optimiser step", "tokens": "training tokens", "flops": "training FLOPs"}
@@ -29,7 +30,8 @@ def plot_loss_curves(
     fits: dict[str, LawFit] | None = None,
     title: str = "",
 ):
-    """Smoothed validation loss per run vs step/tokens/FLOPs, coloured by variant; fitted curves dashed."""
+    """Smoothed validation loss per run vs step/tokens/FLOPs, coloured by variant; fitted curves dashed
+    (a degenerate fit, analysis.curves.is_degenerate, is not drawn: it says nothing about the curve)."""
     if x not in X_LABELS:
         raise ValueError(f"x={x!r} must be one of {sorted(X_LABELS)}")
     variant = runs.set_index("run_key")["variant"]
@@ -39,7 +41,7 @@ def plot_loss_curves(
         v = variant.get(key)
         ax.plot(g[x], g["smooth"], color=colors.get(v), lw=1.2, label=None if v in seen else v)
         seen.add(v)
-        if fits and key in fits:
+        if fits and key in fits and not is_degenerate(fits[key]):
             steps = np.geomspace(max(g["step"].min(), 1), g["step"].max(), 100)
             scale = (g[x] / g["step"]).iloc[-1]  # tokens or FLOPs per step (1 for steps)
             ax.plot(steps * scale, fits[key].predict({"step": steps}), color=colors.get(v), ls="--", lw=0.8)
@@ -51,7 +53,8 @@ def plot_loss_curves(
 
 
 def plot_savings(ax, savings: pd.DataFrame, *, column: str = "savings_steps", title: str = ""):
-    """Savings vs token budget per variant, with bootstrap intervals; hollow markers are extrapolated."""
+    """Savings vs token budget per variant, with t intervals over seeds; hollow markers: some seed
+    extrapolated. Variants whose savings are not a number (not reached, not measured) are left out."""
     savings = savings[np.isfinite(savings[column].to_numpy(dtype=float))]
     if savings.empty:
         # Every variant lacked a usable curve (e.g. too few evaluations): say so instead of a broken log axis.
@@ -71,7 +74,7 @@ def plot_savings(ax, savings: pd.DataFrame, *, column: str = "savings_steps", ti
             marker="o",
             capsize=3,
             label=v,
-            mfc="none" if g["extrapolated"].all() else colors[v],
+            mfc="none" if g["extrapolated"].any() else colors[v],
         )
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xscale("log")

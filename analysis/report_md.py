@@ -80,22 +80,23 @@ def paired_section(paired: pd.DataFrame, note: str, smoothing: Smoothing) -> lis
     if paired.empty:
         return lines + [f"Not measured: {note}", ""]
     t = paired.copy()
-    for c in ("ci_lo", "ci_hi"):
+    for c in ("ci_lo", "ci_hi", "sd_diff"):
         t[c] = [format(v, ".4g") if np.isfinite(v) else "n/a" for v in t[c]]
     return lines + [
         "Only seeds both arms ran are paired; negative favours the variant; interval: 95% Student t over "
-        "the paired differences (n/a with fewer than 2 pairs); favour_variant = pairs where the variant's "
-        "loss is lower.",
+        "the paired differences (n/a with fewer than 2 pairs); sd_diff = their standard deviation over "
+        "seeds; diffs = each seed's difference, in the order of `seeds` (one chaotic seed shows here); "
+        "favour_variant = pairs where the variant's loss is lower (the sign count).",
         "",
         md_table(t),
         "",
     ]
 
 
-def render(
-    s, findings, fair, finals, savings, savings_note, paired, fit_table, laws, figures, smoothing
-) -> str:
-    """The whole report.md: findings first, then loading notes, exclusions, checks, tables, fits, figures."""
+def render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing) -> str:
+    """The whole report.md: findings first, then loading notes, exclusions, checks, tables, fits, figures.
+    sav: (savings summary, savings per seed, why they were not measured)."""
+    savings, per_seed, savings_note = sav
     lines = [
         f"# Study report: {s.name}",
         "",
@@ -122,39 +123,9 @@ def render(
         md_table(finals.rename(columns=final_labels(smoothing))),
         "",
     ]
-    lines += [f"## Step savings to reach the baseline's {smoothed_label(smoothing)}", ""]
-    if savings.empty:
-        lines += [f"Not measured: {savings_note}", ""]
-    else:
-        cols = [
-            "model",
-            "tokens",
-            "variant",
-            "baseline",
-            "n_seeds",
-            "target_loss",
-            "steps_baseline",
-            "steps_variant",
-            "extrapolated",
-            "savings_steps",
-            "ci_lo",
-            "ci_hi",
-            "savings_tokens",
-            "savings_flops",
-            "fit_error",
-        ]
-        lines += [
-            f"target_loss = the baseline's {smoothed_label(smoothing)}; the step at which the variant's "
-            "smoothed curve reaches it is steps_variant. "
-            "savings = 1 - steps_variant / steps_baseline; interval: bootstrap over seeds "
-            "(empty with one seed); extrapolated = reached only by the fitted curve. "
-            f"FLOPs are the runs' {FLOPS_PER_TOKEN} ({FLOP_CONVENTION}).",
-            "",
-            md_table(savings[[c for c in cols if c in savings]]),
-            "",
-        ]
+    lines += savings_sections(savings, per_seed, savings_note, smoothing)
     lines += paired_section(paired, savings_note, smoothing)
-    lines += ["## Loss-curve fits L(t) = E + A t^-alpha", "", md_table(fit_table), ""]
+    lines += fits_section(fit_table)
     lines += ["## Scaling-law fits", ""]
     for name, (fit, err) in laws.items():
         if fit is None:
@@ -167,6 +138,55 @@ def render(
             ]
     lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)
+
+
+SAVINGS_COLUMNS = (
+    "model", "tokens", "variant", "baseline", "status", "n_seeds", "savings_steps", "ci_lo", "ci_hi",
+    "savings_steps_sd", "n_positive", "n_extrapolated", "n_not_reached", "savings_bound", "savings_tokens",
+    "savings_flops", "savings_time", "savings_time_ci_lo", "savings_time_ci_hi", "tokens_per_s_ratio",
+    "target_loss", "unpaired", "note",
+)  # fmt: skip
+PER_SEED_COLUMNS = (
+    "variant", "baseline", "tokens", "seed", "target_loss", "steps_baseline", "steps_variant", "reach",
+    "savings_steps", "savings_bound", "savings_flops", "savings_time", "tokens_per_s_ratio", "note", "time_note",
+)  # fmt: skip
+
+
+def savings_sections(savings, per_seed, note: str, smoothing: Smoothing) -> list[str]:
+    """The savings per variant (mean, t interval, sign count) and each seed's."""
+    lines = [f"## Savings to reach the baseline's {smoothed_label(smoothing)}", ""]
+    if savings.empty:
+        return lines + [f"Not measured: {note}", ""]
+    return lines + [
+        f"Per seed both arms ran: target_loss = the baseline's {smoothed_label(smoothing)}; steps_variant = "
+        "where the variant's smoothed curve reaches it (interpolated in log-step); savings = 1 - "
+        "steps_variant / steps_baseline, in steps, tokens, FLOPs and training time (`time/train_s`, training "
+        "only, interpolated at those steps); tokens_per_s_ratio = variant / baseline at their last steps. "
+        "Per variant: the mean over seeds, a Student t interval over seeds (ci_lo, ci_hi; empty with one "
+        "seed), savings_steps_sd, n_positive = seeds with savings > 0 (the sign count). reach: observed; "
+        "extrapolated (the variant's non-degenerate L(t) fit crosses beyond its last step); not reached "
+        "(no usable fit, or one crossing before the last step: savings unknown, at most savings_bound). "
+        "The mean is over the seeds with a number when they are more than half of the seeds, else the "
+        f"status is not reached. FLOPs are the runs' {FLOPS_PER_TOKEN} ({FLOP_CONVENTION}).",
+        "",
+        md_table(savings[[c for c in SAVINGS_COLUMNS if c in savings]]),
+        "",
+        "### Savings per seed",
+        "",
+        md_table(per_seed[[c for c in PER_SEED_COLUMNS if c in per_seed]]),
+        "",
+    ]
+
+
+def fits_section(fit_table: pd.DataFrame) -> list[str]:
+    """The L(t) coefficients per run, and which fits are degenerate (not used for savings, not drawn)."""
+    lines = ["## Loss-curve fits L(t) = E + A t^-alpha", "", md_table(fit_table), ""]
+    bad = fit_table[fit_table["degenerate"].fillna("").astype(bool)] if "degenerate" in fit_table else []
+    if len(bad):
+        lines += [f"Degenerate fits ({len(bad)} of {len(fit_table)}), not used for savings and not drawn: "
+                  + "; ".join(f"{r.run_key} ({r.variant}, seed {r.seed}): {r.degenerate}" for r in bad.itertuples())
+                  + ".", ""]  # fmt: skip
+    return lines
 
 
 DOWNSTREAM = "## Downstream accuracy"

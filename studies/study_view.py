@@ -43,7 +43,8 @@ POINT_FILTER = "tags.kind = 'point'"
 LOCAL_UI = "http://127.0.0.1:5000"  # where `tracking.ui_command` tells users to open `mlflow ui`
 RUN_NOTE_TAG = "mlflow.note.content"  # a run's description, shown on its overview page
 MAX_NOTE_CHARS = 8000  # MLflow's run tag value limit
-SAVINGS_COLUMNS = ("savings_steps", "savings_tokens", "savings_flops")
+# report/savings.csv columns logged on the parent run (means over seeds; time from `time/train_s`)
+SAVINGS_COLUMNS = ("savings_steps", "savings_tokens", "savings_flops", "savings_time", "tokens_per_s_ratio")
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,9 @@ def view_url(base: str, experiment_id: str, key: str = VIEW_KEY, mode: str = "CH
 
 
 def savings_metrics(savings_csv: Path) -> dict[str, float]:
-    """report/savings.csv as parent-run metrics: `savings_steps/<variant>` (and tokens, flops), with
-    `/<model>/<tokens>` appended when a variant is compared in several groups; failed fits are left out."""
+    """report/savings.csv as parent-run metrics: `savings_steps/<variant>` (and tokens, flops, time,
+    tokens_per_s_ratio), with `/<model>/<tokens>` appended when a variant is compared in several groups;
+    values that are not a number (not reached, no `time/train_s`) are left out."""
     with savings_csv.open(newline="") as f:
         rows = list(csv.DictReader(f))
     variants = [r["variant"] for r in rows]

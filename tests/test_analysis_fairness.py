@@ -68,14 +68,14 @@ def test_lr_grid_has_mean_std_and_seed_count_per_lr_and_picks_the_lowest_mean():
     assert t.best_keys == {"c", "d"} and t.swept
 
 
-def test_best_lr_at_the_edge_of_its_grid_is_flagged_not_bracketed():
+def test_best_lr_at_the_edge_of_its_grid_is_not_picked():
     per_run = _per_run(
         [("a", "tiny", 1000, G8, 0, 1e-3, 3.0), ("b", "tiny", 1000, G8, 0, 1e-2, 2.5)]
         + [("c", "tiny", 1000, G8, 0, 3e-3, 2.8)]
     )
     best = lr_tuning(per_run).best.iloc[0]
-    assert best["lr"] == 1e-2 and not best["bracketed"]
-    assert best["note"] == "not bracketed: best is the highest LR of the grid"
+    assert best["lr"] == 1e-2 and not best["bracketed"] and not best["picked"]
+    assert best["note"] == "no pick: best LR 0.01 is the highest of the grid; extend the grid upward"
 
 
 def test_best_lr_savings_use_each_variants_own_best_lr(swept):
@@ -86,7 +86,7 @@ def test_best_lr_savings_use_each_variants_own_best_lr(swept):
     # the same savings as step_savings on exactly the best-LR runs (G1 at 3e-3, G8 at 1e-2)
     s = load_files(root)
     best = s.runs[s.runs["optim.lr"] == s.runs["variant"].map({G1: 3e-3, G8: 1e-2})]
-    want = step_savings(curves(s.metrics, best), best, n_boot=0)
+    want = step_savings(curves(s.metrics, best), best)
     assert_close(sav["savings_steps"].to_numpy(), want["savings_steps"].to_numpy(), rtol=1e-12, atol=0)
     assert sav["n_seeds"].tolist() == [2]  # seeds, not seeds x learning rates
     assert abs(sav["savings_steps"].iloc[0] - truth["savings"][G8]) < 0.03
@@ -95,7 +95,7 @@ def test_best_lr_savings_use_each_variants_own_best_lr(swept):
     assert finals["seeds"].tolist() == [2, 2]
     assert "Savings, final losses and paired differences below use each variant at its own best LR" in text
     assert (
-        "| tiny | 204800 | moe-E8-k2-G8 | 0.01 | 3 | not bracketed: best is the highest LR of the grid |"
+        "| tiny | 204800 | moe-E8-k2-G8 | 0.01 | 3 | no pick: best LR 0.01 is the highest of the grid; extend the grid upward |"
         in text
     )
     assert (
@@ -230,7 +230,7 @@ def test_repeated_data_check_is_ok_at_one_epoch_and_unknown_where_not_logged():
 
 def test_missing_fairness_params_make_checks_unknown_not_errors():
     checks = comparability_checks(_runs())
-    assert [c.status for c in checks] == ["unknown"] * 5
+    assert [c.status for c in checks] == ["unknown"] * 6
     assert all(c.offenders.empty for c in checks)
 
 

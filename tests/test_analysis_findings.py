@@ -1,5 +1,6 @@
 """One number per run, named alike everywhere, and a report that opens with its finding: one sentence
-per comparison ("G=8 reaches G=1's final val loss ... in X% fewer steps ...") and the caveats."""
+per comparison ("G=8 reaches G=1's final val loss ... in X% fewer steps (t interval, sign count) ...")
+and the caveats."""
 
 import json
 import re
@@ -45,7 +46,7 @@ def test_final_table_has_raw_and_smoothed_final_loss_labelled_and_raw_is_summary
         assert_close(finals.loc[variant, "final_val_loss_raw"], sum(raw) / len(raw), rtol=1e-12, atol=0)
     assert (finals["final_val_loss_raw"] != finals["final_val_loss_smoothed"]).all()
     # the savings and the paired differences say which number they use
-    assert f"## Step savings to reach the baseline's {SMOOTHED}" in text
+    assert f"## Savings to reach the baseline's {SMOOTHED}" in text
     assert f"target_loss = the baseline's {SMOOTHED};" in text
     assert f"## Paired differences by seed (variant - baseline {SMOOTHED})" in text
 
@@ -56,8 +57,9 @@ def test_report_opens_with_one_finding_sentence_per_comparison(report):
     findings = read_findings(path)
     assert len(findings) == 1
     m = re.fullmatch(
-        rf"G=8 reaches G=1's {re.escape(SMOOTHED)} in (\d+\.\d)% fewer steps \(90% interval "
-        r"\[(\d+\.\d)%, (\d+\.\d)%\], 3 seeds; not extrapolated\) at model=tiny, 163840 tokens "
+        rf"G=8 reaches G=1's {re.escape(SMOOTHED)} in (\d+\.\d)% fewer steps \(90% t-interval "
+        r"\[(\d+\.\d)%, (\d+\.\d)%\], 3 of 3 seeds favour G=8; not extrapolated\), \d+\.\d% fewer FLOPs and "
+        r"training time unknown \(no time/train_s\) at model=tiny, 163840 tokens "
         r"\(moe-E8-k2-G8 vs moe-E8-k2-G1\)\. Caveats: (.*)\.",
         findings[0],
     )
@@ -89,10 +91,11 @@ def test_caveats_name_one_seed_repeated_data_and_batch_expert_choice(tmp_path):
     )  # fmt: skip
     write_study(tmp_path / "cav", spec)
     (finding,) = read_findings(write_report(tmp_path / "cav", n_boot=0))
-    assert "(no interval, 1 seed;" in finding
+    assert "(no interval, 1 of 1 seed favours G=8;" in finding
     caveats = finding.split(" Caveats: ")[1]
     assert caveats == (
-        "one seed in an arm: no interval, and a seed alone moves the loss; repeated data in G=8 "
+        "fewer than 2 seeds both arms ran: no interval, and a seed alone moves the loss; "
+        "not checked, not logged: machine.threads; repeated data in G=8 "
         "(data.epochs up to 2.5); expert choice over the whole batch in G=8 (not causal); arms not at "
         "their best LR (one optim.lr each, untuned: 0.003)."
     )
@@ -116,7 +119,7 @@ def test_caveat_names_an_arm_whose_best_lr_is_at_the_edge_of_its_grid(tmp_path):
     )  # fmt: skip
     write_study(tmp_path / "lr", spec)
     (finding,) = read_findings(write_report(tmp_path / "lr", n_boot=0))
-    assert "G=8's LR: not bracketed: best is the highest LR of the grid" in finding
+    assert "G=8's LR: no pick: best LR 0.01 is the highest of the grid; extend the grid upward" in finding
     assert "G=1's LR" not in finding and "arms not at their best LR" not in finding
 
 
@@ -126,7 +129,9 @@ def test_a_slower_variant_takes_more_steps_and_is_said_to_be_extrapolated(tmp_pa
     path = write_report(tmp_path / "slow", n_boot=0)
     (finding,) = read_findings(path)
     m = re.search(
-        r"in (\d+\.\d)% more steps \(no interval, 1 seed; extrapolated by its fitted curve\)", finding
+        r"in (\d+\.\d)% more steps \(no interval, 0 of 1 seed favours G=8; extrapolated by the fitted curve "
+        r"in 1 of 1 seed\), (\d+\.\d)% more FLOPs",
+        finding,
     )
     assert m, finding
     sav = pd.read_csv(path.parent / "savings.csv").iloc[0]
@@ -134,25 +139,32 @@ def test_a_slower_variant_takes_more_steps_and_is_said_to_be_extrapolated(tmp_pa
     assert -0.35 < sav["savings_steps"] < -0.2  # truth 1 - 1/0.8 = -0.25, short smoothed curves
 
 
-def test_finding_says_why_savings_were_not_measured(tmp_path):
-    # One evaluation per run: nothing to fit, so the savings are not measured; the sentence says why.
+def test_finding_says_why_a_variant_did_not_reach_the_target(tmp_path):
+    # One evaluation per run: nothing to fit, so the slower G=8 is "not reached"; the sentence says why.
     spec = SyntheticStudy(name="short", token_budgets=(10240,), seeds=(0,), speedups={G1: 1.0, G8: 0.7})
     write_study(tmp_path / "short", spec)
     (finding,) = read_findings(write_report(tmp_path / "short", n_boot=0))
-    assert finding.startswith("G=8 vs G=1: step savings not measured (law 'curve' has 3 parameters")
+    assert finding.startswith(
+        f"G=8 does not reach G=1's {SMOOTHED} at model=tiny, 10240 tokens (moe-E8-k2-G8 vs moe-E8-k2-G1): "
+        "not reached in 1 of 1 seed (seed 0: no loss-curve fit: law 'curve' has 3 parameters"
+    )
+    assert "; savings unknown, at most 0.0% in those seeds." in finding
 
 
 def test_arms_sharing_a_granularity_are_named_by_variant():
     savings = pd.DataFrame([{
         "model": "tiny", "tokens": 1000, "variant": "moe-E8-k2-G8-after_topk", "baseline": G8,
-        "n_seeds": 2, "n_seeds_baseline": 3, "savings_steps": 0.1, "ci_lo": 0.05, "ci_hi": 0.2,
-        "extrapolated": False, "fit_error": "",
+        "status": "measured", "n_seeds": 2, "savings_steps": 0.1, "ci_lo": 0.05, "ci_hi": 0.2,
+        "n_positive": 2, "n_extrapolated": 0, "n_not_reached": 0, "savings_bound": float("nan"),
+        "savings_flops": 0.08, "savings_time": -0.05, "savings_time_ci_lo": -0.1, "savings_time_ci_hi": 0.02,
+        "tokens_per_s_ratio": 0.7, "note": "",
     }])  # fmt: skip
     runs = pd.DataFrame({"model": "tiny", "tokens": 1000, "variant": [G1, G8, "moe-E8-k2-G8-after_topk"],
                          "granularity": [1, 8, 8]})  # fmt: skip
     (finding,) = finding_sentences(savings, runs, ci=0.8)
     assert finding.startswith(
-        f"moe-E8-k2-G8-after_topk reaches {G8}'s {SMOOTHED} in 10.0% fewer steps (80% interval "
-        "[5.0%, 20.0%], 2 and 3 seeds; not extrapolated) at model=tiny, 1000 tokens"
+        f"moe-E8-k2-G8-after_topk reaches {G8}'s {SMOOTHED} in 10.0% fewer steps (80% t-interval "
+        "[5.0%, 20.0%], 2 of 2 seeds favour moe-E8-k2-G8-after_topk; not extrapolated), 8.0% fewer FLOPs and "
+        "5.0% more training time (80% t-interval [-2.0%, 10.0%], tokens/s ratio 0.70) at model=tiny, 1000 tokens"
     )
     assert finding.endswith("Caveats: none found.")

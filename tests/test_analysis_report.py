@@ -62,13 +62,15 @@ def test_report_from_mlflow_writes_rows_figures_and_parent_artifacts(study, caps
         root, tracking_uri=uri, study=SPEC.name, parent_run_id=truth["parent_run_id"], n_boot=50
     )
     text = path.read_text()
-    assert "| tiny | 81920 | moe-E8-k2-G8 | moe-E8-k2-G1 | 2 |" in text
+    assert "| tiny | 81920 | moe-E8-k2-G8 | moe-E8-k2-G1 | measured | 2 |" in text
     assert "## Excluded runs" in text and "FAILED" in text
     assert "chinchilla: not fitted (needs >= 2 distinct params values, have 1)" in text
     for png in ("loss_curves.png", "savings.png", "router.png"):
         assert (path.parent / png).stat().st_size > 1000 and f"]({png})" in text
     sav = pd.read_csv(path.parent / "savings.csv")
     assert len(sav) == 2 and sav["savings_steps"].between(0.15, 0.5).all()  # truth 1/3, short noisy runs
+    assert (sav["n_seeds"] == 2).all() and (sav["n_positive"] == 2).all()
+    assert len(pd.read_csv(path.parent / "savings_per_seed.csv")) == 4  # 2 budgets x 2 seeds
     assert "moe-E8-k2-G8" in capsys.readouterr().out
     from mlflow.tracking import MlflowClient
 
@@ -99,7 +101,7 @@ def test_fit_cli_prints_coefficients_as_json(tmp_path, capsys):
 
 def test_report_on_runs_too_short_to_fit_still_writes_and_explains(tmp_path):
     # One evaluation per run (a sweep with a tiny budget) and a variant that never reaches the baseline's
-    # loss: extrapolation has no curve to fit, so savings are not measured and the report must say why.
+    # loss: extrapolation has no curve to fit, so it is "not reached" (not a number) and the report says why.
     spec = SyntheticStudy(
         name="short", token_budgets=(10240,), seeds=(0,), eval_every=10,
         speedups={"moe-E8-k2-G1": 1.0, "moe-E8-k2-G8": 0.7},
@@ -110,8 +112,9 @@ def test_report_on_runs_too_short_to_fit_still_writes_and_explains(tmp_path):
     text = path.read_text()
     assert "moe-E8-k2-G8" in text
     savings = pd.read_csv(root / "report" / "savings.csv")
-    assert savings["savings_steps"].isna().all()
-    assert savings["fit_error"].str.contains("data point").all()
+    assert savings["savings_steps"].isna().all() and (savings["status"] == "not reached").all()
+    assert savings["note"].str.contains("data point").all()
+    assert (savings["savings_bound"] <= 0).all()
     assert (root / "report" / "savings.png").exists()
 
 

@@ -1,4 +1,6 @@
-"""Step savings on constructed curves with known answers; smoothing; curve fits."""
+"""Step savings on constructed curves with known answers; smoothing; curve fits.
+Per-seed rules (not reached, degenerate fits, the t interval): test_analysis_savings_per_seed.py;
+wall-clock savings: test_analysis_savings_time.py."""
 
 import numpy as np
 import pandas as pd
@@ -28,14 +30,16 @@ def test_never_reaching_variant_is_extrapolated_with_its_fitted_curve():
     t = np.arange(10, 1001, 10)
     target = float(_law(4000))  # reached only at step 4000, beyond the logged 1000
     r = reach_step(t, _law(t), target)
-    assert r.extrapolated
+    assert r.extrapolated and r.status == "extrapolated" and "fitted curve" in r.note
     assert_close(r.step, 4000.0, rtol=1e-3, atol=0)
 
 
-def test_target_below_fitted_asymptote_is_infinite_and_flagged():
+def test_target_below_fitted_asymptote_is_not_reached_and_says_why():
     t = np.arange(10, 1001, 10)
     r = reach_step(t, _law(t), E - 0.1)
-    assert r.extrapolated and r.step == float("inf")
+    assert r.status == "not reached" and not r.reached
+    assert r.step == 1000.0  # the last observed step: any crossing lies beyond it
+    assert "levels off above the target" in r.note
 
 
 def test_curve_fit_recovers_power_law_and_inverts():
@@ -81,7 +85,7 @@ def test_savings_on_constructed_curves_equal_one_minus_inverse_speedup(tmp_path)
         seeds=(0,),
         token_budgets=(409600,),
     )
-    sav = step_savings(curves(s.metrics, s.runs, smoothing=Smoothing("none")), s.runs, n_boot=0)
+    sav = step_savings(curves(s.metrics, s.runs, smoothing=Smoothing("none")), s.runs)
     got = sav.set_index("variant")["savings_steps"]
     for v, want in truth["savings"].items():
         assert_close(got[v], want, rtol=0, atol=2e-3)
@@ -94,20 +98,21 @@ def test_slower_variant_is_extrapolated_and_has_negative_savings(tmp_path):
     s, _ = _study(
         tmp_path, speedups={"moe-E8-k2-G1": 1.0, "moe-E8-k2-G8": 0.8}, seeds=(0,), token_budgets=(409600,)
     )
-    sav = step_savings(curves(s.metrics, s.runs, smoothing=Smoothing("none")), s.runs, n_boot=0)
+    sav = step_savings(curves(s.metrics, s.runs, smoothing=Smoothing("none")), s.runs)
     row = sav.iloc[0]
-    assert row["extrapolated"]
+    assert row["extrapolated"] and row["n_extrapolated"] == 1 and row["status"] == "measured"
     assert_close(row["savings_steps"], 1 - 1 / 0.8, rtol=0, atol=5e-3)
+    assert row["n_positive"] == 0
 
 
-def test_noisy_seeds_give_an_interval_around_the_true_savings(tmp_path):
+def test_noisy_seeds_give_a_t_interval_around_the_true_savings(tmp_path):
     s, truth = _study(tmp_path, noise=0.01, seeds=(0, 1, 2, 3), token_budgets=(409600,), eval_every=5)
-    sav = step_savings(curves(s.metrics, s.runs), s.runs, n_boot=300, ci=0.95)
+    sav = step_savings(curves(s.metrics, s.runs), s.runs, ci=0.95)
     row = sav.iloc[0]
     want = truth["savings"]["moe-E8-k2-G8"]
     assert row["ci_lo"] <= row["savings_steps"] <= row["ci_hi"]
     assert abs(row["savings_steps"] - want) < 0.05
-    assert row["ci_hi"] - row["ci_lo"] > 0
+    assert row["ci_hi"] - row["ci_lo"] > 0 and row["n_seeds"] == 4 and row["n_positive"] == 4
 
 
 def test_missing_baseline_raises_naming_variants(tmp_path):
