@@ -2,6 +2,7 @@
 
     python -m analysis.report --study-dir DIR [--tracking-uri URI --study NAME] [--baseline VARIANT]
         [--best-lr | --no-best-lr]
+    python -m analysis.report --from-curves REPORT_DIR --study-dir OUT   (recompute from curves.csv, runs.csv)
 
 `studies.run` calls `write_report` at the end of a sweep (see studies/callbacks.py).
 """
@@ -18,27 +19,28 @@ import pandas as pd
 
 from analysis import cli, plots
 from analysis.checks import ROUTED_SCALE, comparability_checks, per_variant
-from analysis.curves import fit_loss_curve
+from analysis.curves import degenerate_reason, fit_loss_curve
+from analysis.curves_io import load_curves, write_curves
 from analysis.derive import LR, Smoothing, curves, final_losses, run_finals
 from analysis.findings import FINDINGS_FILE, finding_sentences, read_findings
 from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
 from analysis.load import Study, check_tracking_server, load_study
 from analysis.paired import paired_differences
 from analysis.report_md import FINAL_COLUMNS, fairness_sections, final_labels, render, with_downstream
-from analysis.savings import pick_baselines, step_savings
-from analysis.tuning import best_lr_runs, lr_tuning, use_best_lr
+from analysis.savings import pick_baselines, savings_tables
+from analysis.tuning import best_lr_runs, lr_tuning, use_best_lr, write_lr_pick
 from studies import runfiles
 
 log = logging.getLogger(__name__)
 PROG = "python -m analysis.report"
 SAVINGS_CI = 0.9
-"""Central mass of the seed-bootstrap interval of the step savings."""
+"""Central mass of the Student t interval over seeds of the savings (steps and training time)."""
 # Router stats normalised so a uniform router reads the same at every G (docs/outputs.md); per block for
 # the first/last MoE layer plot (names of blocks a model lacks are simply absent).
 ROUTER_STATS = ("top1_share_norm", "entropy_norm", "imbalance")
 # Histories the report reads; per-layer router stats stay in MLflow (one query per run x key).
 REPORT_METRICS = (
-    "val/loss", "train/loss", "tokens", "flops",
+    "val/loss", "train/loss", "tokens", "flops", "time/train_s",
     *(f"router/{stat}" for stat in ROUTER_STATS),
     *(f"router/layer{i}/top1_share_norm" for i in range(128)),
 )  # fmt: skip
@@ -99,16 +101,24 @@ def write_report(
     smoothing: Smoothing | None = None,
     n_boot: int = 1000,
     best_lr: bool | None = None,
+    from_curves: Path | None = None,
 ) -> Path:
     """Load the study, write study_dir/report/report.md and PNGs, log them on parent_run_id, print a table.
 
+    n_boot: no longer used (savings intervals are Student t over seeds, issue 23); kept so that existing
+    calls and `--n-boot` still run.
     best_lr: compare each variant at its own best `optim.lr` (savings, final and paired tables use only
     those runs). None = on when some variant has several LRs; True refuses a variant with one LR; False
     refuses a variant with several (runs at different LRs are not seeds). See analysis/tuning.py.
+    from_curves: read the study from a report folder's curves.csv and runs.csv (analysis/curves_io.py).
     """
     study_dir = Path(study_dir)
     smoothing = smoothing or Smoothing()
-    s: Study = load_study(study_dir, tracking_uri=tracking_uri, study=study, metrics=REPORT_METRICS)
+    s: Study = (
+        load_curves(from_curves)
+        if from_curves is not None
+        else load_study(study_dir, tracking_uri=tracking_uri, study=study, metrics=REPORT_METRICS)
+    )
     if s.runs.empty:
         raise ValueError(
             f"study {s.name!r} at {s.source} has no finished point runs ({len(s.excluded)} excluded)"
@@ -127,25 +137,31 @@ def write_report(
     checks = comparability_checks(s.runs)
     finals = final_table(curve, runs)
 
-    fits: dict[str, LawFit] = {}
+    fits: dict[str, LawFit] = {}  # usable fits only: a degenerate one is listed, never drawn
     fit_rows = []
     for key, g in curve.groupby("run_key", sort=True):
         try:
             f = fit_loss_curve(g["step"], g["smooth"])
-            fits[key] = f
-            fit_rows.append({"run_key": key, **f.coefficients, "rmse_log": f.rmse_log, "error": ""})
         except (ValueError, FitError) as e:
-            fit_rows.append({"run_key": key, "error": str(e)})
+            fit_rows.append({"run_key": key, "error": str(e), "degenerate": ""})
+            continue
+        why = degenerate_reason(f)
+        if not why:
+            fits[key] = f
+        fit_rows.append(
+            {"run_key": key, **f.coefficients, "rmse_log": f.rmse_log, "error": "", "degenerate": why}
+        )
     fit_table = pd.DataFrame(fit_rows).merge(runs[["run_key", "variant", "seed"]], on="run_key")
 
     try:
-        savings = step_savings(curve, runs, baseline=baseline, n_boot=n_boot, ci=SAVINGS_CI)
+        tables = savings_tables(curve, runs, metrics=s.metrics, baseline=baseline, ci=SAVINGS_CI)
+        savings, per_seed = tables.summary, tables.per_seed
         paired = paired_differences(per_run, pick_baselines(runs, baseline))
         savings_note = ""
     except ValueError as e:
         if baseline is not None:
             raise
-        savings, paired, savings_note = pd.DataFrame(), pd.DataFrame(), str(e)
+        savings, per_seed, paired, savings_note = pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), str(e)
 
     data = law_data(curve, runs)
     laws = {"chinchilla": _try_law(fit_chinchilla, data, {"params": 2, "tokens": 2})}
@@ -157,9 +173,8 @@ def write_report(
     )
     figures = _figures(out, curve, s, fits, savings, data, laws)
     fair = fairness_sections(checks, tuning, at_best, smoothing)
-    text = render(
-        s, findings, fair, finals, savings, savings_note, paired, fit_table, laws, figures, smoothing
-    )
+    sav = (savings, per_seed, savings_note)
+    text = render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing)
     downstream = out / "downstream.md"  # written by `python -m studies.eval` (lm-evaluation-harness)
     if downstream.exists():
         text = with_downstream(text, downstream.read_text())
@@ -168,8 +183,11 @@ def write_report(
     (out / FINDINGS_FILE).write_text("".join(f + "\n" for f in findings))
     finals.to_csv(out / "final_losses.csv", index=False)
     tuning.grid.to_csv(out / "lr_grid.csv", index=False)
+    write_lr_pick(tuning, out)  # report/lr_pick.json: each variant's LR, or why none was picked
     if not savings.empty:
         savings.to_csv(out / "savings.csv", index=False)
+    if not per_seed.empty:
+        per_seed.to_csv(out / "savings_per_seed.csv", index=False)
     if not paired.empty:
         paired.to_csv(out / "paired.csv", index=False)
     (out / "laws.json").write_text(
@@ -185,6 +203,7 @@ def write_report(
             indent=2,
         )
     )
+    write_curves(s, out, metrics=REPORT_METRICS)  # the raw curves behind every number above
     print(summary_text(finals, savings, smoothing))
     if parent_run_id:
         from mlflow.tracking import MlflowClient
@@ -195,11 +214,12 @@ def write_report(
 
 
 def summary_text(finals: pd.DataFrame, savings: pd.DataFrame, smoothing: Smoothing | None = None) -> str:
-    """Plain-text summary: final losses (labelled as in report.md), with step savings and intervals."""
+    """Plain-text summary: final losses (labelled as in report.md), with savings, t intervals, sign counts."""
     smoothing = smoothing or Smoothing()
     t = finals.copy()
     if not savings.empty:
-        cols = ["model", "tokens", "variant", "savings_steps", "ci_lo", "ci_hi", "extrapolated"]
+        cols = ["model", "tokens", "variant", "status", "savings_steps", "ci_lo", "ci_hi", "n_positive",
+                "n_not_reached", "savings_time"]  # fmt: skip
         t = t.merge(savings[cols], on=["model", "tokens", "variant"], how="left")
     t = t.rename(columns=final_labels(smoothing))
     return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
@@ -242,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     """The CLI; bad input (a flag, a run file) is one line on stderr and exit code 2 (analysis.cli)."""
     p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--study-dir", type=Path, required=True, help="study directory (report/ goes here)")
+    p.add_argument("--from-curves", type=Path, help="read curves.csv and runs.csv from this report folder "
+                   "instead of MLflow or run folders (report/ still goes under --study-dir)")  # fmt: skip
     p.add_argument("--tracking-uri", help="MLflow tracking URI; default: read study-dir/runs/*")
     p.add_argument("--study", help="study (experiment) name; default: the study directory's name")
     p.add_argument("--baseline", help="variant to measure savings against; default: granularity 1")
@@ -250,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=cli.checked(int, lambda v: v >= 1, ">= 1"), default=5,
                    help="smoothing window in logged points")  # fmt: skip
     p.add_argument("--n-boot", type=cli.checked(int, lambda v: v >= 0, ">= 0"), default=1000,
-                   help="bootstrap replicates over seeds")  # fmt: skip
+                   help="ignored: savings intervals are Student t over seeds (kept for old commands)")  # fmt: skip
     p.add_argument(
         "--best-lr",
         action=argparse.BooleanOptionalAction,
@@ -259,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    if a.tracking_uri:
+    if a.from_curves is not None:
+        if a.tracking_uri:
+            return cli.fail(PROG, "--from-curves and --tracking-uri are exclusive: the curves are the study")
+        if not a.from_curves.is_dir():
+            return cli.fail(PROG, f"--from-curves {a.from_curves}: no such directory")
+    elif a.tracking_uri:
         try:
             check_tracking_server(a.tracking_uri)
         except ValueError as e:
@@ -279,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             smoothing=Smoothing(method=a.smoothing, window=a.window),
             n_boot=a.n_boot,
             best_lr=a.best_lr,
+            from_curves=a.from_curves,
         )
     except (ValueError, FitError) as e:  # RunFileError is a ValueError naming the file
         return cli.fail(PROG, e)

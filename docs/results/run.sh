@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the committed laptop results: bash docs/results/run.sh NAME [NAME ...]
 # Each NAME runs one sweep into outputs/results/ (its own study directory) and copies the report, the
-# command, the wall time and the git sha into docs/results/NAME/. A re-run skips finished points.
+# command, the wall time and the git sha into docs/results/NAME/ (the report folder holds the raw curves,
+# curves.csv and runs.csv, that recompute it: docs/outputs.md). A re-run skips finished points.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=outputs/results
@@ -43,6 +44,8 @@ for name in "$@"; do
 - git sha: \`$sha\`$dirty
 - wall time: ${wall} s on $(nproc) cores ($(uname -m)), started $(date -u -d @"$start" +%Y-%m-%dT%H:%MZ)
 - report: [report/report.md](report/report.md); sweep log: [log.txt](log.txt)
+- raw curves: [report/curves.csv](report/curves.csv) (run x step), [report/runs.csv](report/runs.csv) (run);
+  recompute the report from them: \`python -m analysis.report --from-curves docs/results/$name/report --study-dir <out>\`
 EOF
     echo "== $name: ${wall} s -> $out"
 done
