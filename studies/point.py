@@ -93,16 +93,21 @@ def _checked(model: ModelConfig) -> ModelConfig:
     return model
 
 
+# The router a label leaves unnamed: the presets' recipe, softmax after top-k (arXiv 2506.02890), so a
+# before_topk arm is the one named; at k*G = 1, where after top-k gives the router no gradient, before.
+LABEL_DEFAULT = MoEConfig(order="after_topk")
+LABEL_DEFAULT_K1 = MoEConfig(order="before_topk")
+
+
 def variant_label(model: ModelConfig) -> str:
     """dense, or moe-E<E>-k<k>-G<G> plus what differs from the default router (docs/outputs.md)."""
     m = model.moe
     if m is None:
         return "dense"
     parts = [f"moe-E{m.num_experts}-k{m.top_k}-G{m.granularity}"]
-    default = MoEConfig()
-    parts += [
-        getattr(m, key) for key in ("router", "score", "order") if getattr(m, key) != getattr(default, key)
-    ]
+    default = LABEL_DEFAULT_K1 if m.k_routed == 1 else LABEL_DEFAULT
+    keys = ("router", "score", "order") if m.router == "token_choice" else ("router", "score")
+    parts += [getattr(m, key) for key in keys if getattr(m, key) != getattr(default, key)]
     if m.num_shared:
         parts.append(f"shared{m.num_shared}")
     if model.first_dense_layers:

@@ -75,7 +75,7 @@ def test_olmoe_1b_7b_matches_published_6_9b_total_and_rounds_to_1_3b_active():
 def test_paper2_presets_round_to_published_sizes_and_granularity_keeps_them_matched():
     plans = plan_sweep(["granularity=1,8", "model=beyond50b_56b", *BIG_BATCH], multirun=True)
     g1, g8 = plans
-    assert (g1.variant, g8.variant) == ("moe-E8-k2-G1-after_topk", "moe-E8-k2-G8-after_topk")
+    assert (g1.variant, g8.variant) == ("moe-E8-k2-G1", "moe-E8-k2-G8")
     assert round(g1.params_total / 1e9) == 56 and round(g1.params_active / 1e9) == 17
     # Matched: identical except the router, which grows from d_model x 8 to d_model x 64 per block.
     router_growth = 32 * 4096 * (64 - 8)

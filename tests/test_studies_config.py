@@ -192,9 +192,10 @@ def test_equal_resources_pairs_dense_and_moe_at_equal_total_params_and_compute(c
 def test_variant_labels_name_the_router_differences(compose):
     assert point_of(compose, ["variant=dense"]).variant == "dense"
     assert (
-        point_of(compose, ["granularity=8", "model.moe.order=after_topk"]).variant
-        == "moe-E8-k2-G8-after_topk"
-    )
+        point_of(compose, ["granularity=8", "model.moe.order=before_topk"]).variant
+        == "moe-E8-k2-G8-before_topk"
+    ), "the presets route with softmax after top-k; the other order is named"
+    assert point_of(compose, ["granularity=8"]).variant == "moe-E8-k2-G8"
     assert point_of(compose, ["moe=shared"]).variant == "moe-E8-k2-G1-shared1-1dense"
 
 
