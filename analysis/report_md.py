@@ -65,7 +65,8 @@ def fairness_sections(
         "Savings, final losses and paired differences below use each variant at its own best LR "
         f"(lowest mean {smoothed_label(smoothing)} over seeds, val_loss); runs at other LRs are left out of "
         "them. "
-        "A best LR at the edge of its grid is not bracketed: a better one may lie outside.",
+        "A best LR at the edge of its grid is not picked (note 'no pick: ...'): a better one may lie "
+        "outside; that variant is compared at it, untuned, and the findings say so.",
         "",
         md_table(grid),
         "",
