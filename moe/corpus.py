@@ -1,8 +1,9 @@
 """Corpus side of the data pipeline: documents, the BPE tokenizer and the token shard format.
 
 A document is `(name, text)`; the name is stable (a relative path such as `stdlib/json/decoder.py` or
-`site/torch/nn/functional.py`, `file.jsonl:<line>` or `pydoc_topics/<topic>`) because the train/validation split and the `max_chars` subset are decided by
-hashing it, so they do not depend on file-system order, on other documents, or on any RNG.
+`site/torch/nn/functional.py`, `file.jsonl:<line>` or `pydoc_topics/<topic>`) because the train/validation
+split and the `max_chars` subset are decided by hashing it (moe.split, re-exported here), so they do not
+depend on file-system order or on any RNG.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from moe.progress import interactive, stage
-
-Document = tuple[str, str]
+from moe.split import Document
 
 FORMAT_VERSION = 1
 """Shard layout version, checked in every meta.json (user token folders too). Bump when the layout changes."""
-CORPUS_VERSION = 2
-"""Hashed into built fingerprints: bump when the corpus selection or tokenizer recipe changes, so old
-cache entries miss. (2: installed packages join the stdlib corpus; tokenizer_chars.)"""
+CORPUS_VERSION = 3
+"""Hashed into built fingerprints: bump when the corpus selection, the split or the tokenizer recipe
+changes, so old cache entries miss. (2: installed packages join the stdlib corpus; tokenizer_chars.
+3: near-duplicate documents split as a group, training spans seen in validation removed.)"""
 EOD_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOD_TOKEN,)
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -218,38 +219,6 @@ def text_folder_documents(folder: Path) -> list[Document]:
             if text.strip():
                 docs.append((path.relative_to(folder).as_posix(), text))
     return sorted(docs)
-
-
-def unit_hash(name: str, salt: str) -> float:
-    """A deterministic number in [0, 1) from a document name (salted so uses stay independent)."""
-    digest = hashlib.sha256(f"{salt}\0{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2.0**64
-
-
-def cap_chars(docs: list[Document], max_chars: int | None) -> list[Document]:
-    """A deterministic subset of about `max_chars` characters, spread over the whole corpus.
-
-    Documents are taken in hash order (not name order, which would favour one package) and the
-    last one is truncated so the total is exactly min(max_chars, corpus size)."""
-    if max_chars is None:
-        return docs
-    kept: list[Document] = []
-    total = 0
-    for name, text in sorted(docs, key=lambda d: unit_hash(d[0], "subset")):
-        if total >= max_chars:
-            break
-        text = text[: max_chars - total]
-        kept.append((name, text))
-        total += len(text)
-    return sorted(kept)
-
-
-def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
-    """Train/validation split by a hash of each document's name; order within each split is by name."""
-    train, val = [], []
-    for doc in sorted(docs):
-        (val if unit_hash(doc[0], "val") < val_fraction else train).append(doc)
-    return train, val
 
 
 def hash_documents(h: hashlib._Hash, docs: Iterable[Document]) -> None:

@@ -12,7 +12,6 @@ the end-of-document token; meta.json beside them describes dtype, vocab_size and
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -24,29 +23,21 @@ from typing import Literal
 
 from filelock import FileLock
 
+from moe import data_build
 from moe.corpus import (
-    BPE_MIN_FREQUENCY,
-    CORPUS_VERSION,
     DTYPES,
-    EOD_TOKEN,
     FORMAT_VERSION,
     SPECIAL_TOKENS,
-    Document,
-    cap_chars,
-    dtype_for_vocab,
     embedded_corpus,
-    hash_documents,
     read_meta,
     read_token_folder,
-    split_documents,
     stdlib_root,
     text_files,
     text_folder_documents,
-    train_tokenizer,
-    unigram_entropy,
-    write_shard,
+    unigram_entropy,  # noqa: F401  (re-exported: callers import it from here)
 )
 from moe.files import write_json_atomic
+from moe.split import Document, cap_chars, split_documents
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +63,8 @@ class DataConfig:
     """BPE vocabulary (ids are < vocab_size) for stdlib/text/hf, or the model's vocabulary with a
     tokenizer_file (at least its size); ignored for tokens (read from meta.json)."""
     val_fraction: float = 0.05
-    """Fraction of documents held out for validation, chosen by a hash of each document's name."""
+    """Fraction of documents held out for validation, chosen by a hash of the name of each group of
+    near-duplicate documents (moe.split; data.source=hf: of each text)."""
     max_chars: int | None = None
     """Cap on corpus size in characters (deterministic subset); None uses everything."""
     tokenizer_chars: int | None = None
@@ -238,102 +230,6 @@ def _tokens_fingerprint(folder: Path) -> str:
     return f"tokens-{h.hexdigest()[:16]}"
 
 
-# Building ----------------------------------------------------------------------------------------
-
-
-def _tokenizer_cap(cfg: DataConfig, train: list[Document]) -> int | None:
-    """data.tokenizer_chars if it binds, else None: a cap above the training split changes nothing,
-    so it must not change the fingerprint either."""
-    cap = cfg.tokenizer_chars
-    return cap if cap is not None and cap < sum(len(t) for _, t in train) else None
-
-
-def _tokenizer_settings(cfg: DataConfig, tokenizer_cap: int | None) -> dict:
-    """What decides the tokenizer: a pretrained file's content, or the BPE recipe."""
-    if cfg.tokenizer_file is not None:
-        from moe.hf_data import file_digest
-
-        return {"format": FORMAT_VERSION, "corpus": CORPUS_VERSION, "vocab_size": cfg.vocab_size,
-                "tokenizer_file_sha256": file_digest(Path(cfg.tokenizer_file).expanduser())}  # fmt: skip
-    return {
-        "format": FORMAT_VERSION,
-        "corpus": CORPUS_VERSION,
-        "tokenizer_chars": tokenizer_cap,
-        "vocab_size": cfg.vocab_size,
-        "specials": SPECIAL_TOKENS,
-        "min_frequency": BPE_MIN_FREQUENCY,
-    }
-
-
-def _fingerprint(cfg: DataConfig, train: list[Document], val: list[Document]) -> str:
-    h = hashlib.sha256()
-    settings = _tokenizer_settings(cfg, _tokenizer_cap(cfg, train))
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    for part, docs in (("train", train), ("val", val)):
-        h.update(part.encode())
-        hash_documents(h, docs)
-    return f"{cfg.source}-v{cfg.vocab_size}-{h.hexdigest()[:16]}"
-
-
-def _build(cfg: DataConfig, train: list[Document], val: list[Document], out: Path) -> None:
-    """Write tokenizer.json, train.bin, val.bin into `out`, then meta.json last (it marks completion)."""
-    dtype = dtype_for_vocab(cfg.vocab_size)
-    t0 = time.perf_counter()
-    tokenizer_docs = [] if cfg.tokenizer_file else cap_chars(train, _tokenizer_cap(cfg, train))
-    tokenizer, eod = _tokenizer(cfg, lambda: [text for _, text in tokenizer_docs])
-    t1 = time.perf_counter()
-    tokenizer.save(str(out / "tokenizer.json"))
-    n_train = write_shard(tokenizer, train, out / "train.bin", dtype, eod)
-    n_val = write_shard(tokenizer, val, out / "val.bin", dtype, eod)
-    t2 = time.perf_counter()
-    meta = {
-        "version": FORMAT_VERSION,
-        "dtype": dtype,
-        "vocab_size": cfg.vocab_size,
-        "tokenizer_vocab_size": tokenizer.get_vocab_size(),
-        "eod_id": eod,
-        "tokenizer_file": cfg.tokenizer_file,
-        "n_train_tokens": n_train,
-        "n_val_tokens": n_val,
-        "source": cfg.source,
-        "n_train_docs": len(train),
-        "n_val_docs": len(val),
-        "n_train_chars": sum(len(t) for _, t in train),
-        "n_val_chars": sum(len(t) for _, t in val),
-        "n_tokenizer_chars": sum(len(t) for _, t in tokenizer_docs),
-        **_provenance(cfg),
-        "val_unigram_entropy_nats": unigram_entropy(out / "val.bin", dtype),
-        "tokenizer_train_s": round(t1 - t0, 3),
-        "encode_s": round(t2 - t1, 3),
-        "build_id": uuid.uuid4().hex,
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json_atomic(out / "meta.json", meta)
-
-
-def _tokenizer(cfg: DataConfig, texts):
-    """(tokenizer, eod id): data.tokenizer_file's, or a BPE trained on texts()."""
-    if cfg.tokenizer_file is not None:
-        from moe.hf_data import pretrained_tokenizer
-
-        return pretrained_tokenizer(cfg)
-    tokenizer = train_tokenizer(texts(), cfg.vocab_size)
-    return tokenizer, tokenizer.token_to_id(EOD_TOKEN)
-
-
-def _provenance(cfg: DataConfig) -> dict:
-    """Where an embedded corpus came from: the interpreter and the package versions that were read.
-    Informational only; the fingerprint hashes the content itself."""
-    if cfg.source != "stdlib":
-        return {}
-    corpus = embedded_corpus()
-    return {
-        "python_version": corpus.python,
-        "packages": dict(corpus.packages),
-        "missing_packages": list(corpus.missing),
-    }
-
-
 def _cache_entry_ok(entry: Path) -> bool:
     """A complete entry has meta.json (written last), tokenizer.json and shards of the stated sizes."""
     try:
@@ -358,7 +254,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     if cfg.source == "hf":
         return _prepare_hf(cfg, cache)
     train, val = _load_split(cfg)
-    fingerprint = _fingerprint(cfg, train, val)
+    fingerprint = data_build.fingerprint(cfg, train, val)
     entry = cache / fingerprint
     if not _cache_entry_ok(entry):
         cache.mkdir(parents=True, exist_ok=True)
@@ -373,7 +269,7 @@ def _prepare_hf(cfg: DataConfig, cache: Path) -> PreparedData:
     from moe import hf_data
 
     hf_data.check_source(cfg)
-    settings = {**_tokenizer_settings(cfg, cfg.tokenizer_chars), "source": "hf", "text_column": cfg.text_column,
+    settings = {**data_build.tokenizer_settings(cfg, cfg.tokenizer_chars), "source": "hf", "text_column": cfg.text_column,
                 "max_chars": cfg.max_chars, "val_fraction": cfg.val_fraction}  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
     fp = hf_data.fingerprint(cfg, settings, cache)
@@ -384,7 +280,7 @@ def _prepare_hf(cfg: DataConfig, cache: Path) -> PreparedData:
                 t0 = time.perf_counter()
                 work = cache / f".partial-{fp}"
                 meta = hf_data.build_resumable(
-                    cfg, work, fp, lambda: _tokenizer(cfg, lambda: hf_data.training_texts(cfg))
+                    cfg, work, fp, lambda: data_build.make_tokenizer(cfg, lambda: hf_data.training_texts(cfg))
                 )
                 write_json_atomic(work / "meta.json", meta)
                 _install(work, entry)
@@ -398,7 +294,7 @@ def _build_entry(cfg: DataConfig, train: list[Document], val: list[Document], en
     tmp.mkdir()
     try:
         t0 = time.perf_counter()
-        _build(cfg, train, val, tmp)
+        data_build.build_shards(cfg, train, val, tmp)
         _install(tmp, entry)
         log.info("built data cache %s in %.1f s", entry, time.perf_counter() - t0)
     finally:

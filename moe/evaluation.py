@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from moe.distributed import all_reduce_sum
 
-
 WALL_CLOCK_METRICS = ("tokens_per_s", "time/train_s")
 """Logged metrics that measure wall time: two runs that are otherwise bit-identical (a resumed one and
 an uninterrupted one) differ in these alone."""

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moe.corpus import DTYPES, EOD_TOKEN, FORMAT_VERSION, dtype_for_vocab, unigram_entropy, unit_hash
+from moe.corpus import DTYPES, EOD_TOKEN, FORMAT_VERSION, dtype_for_vocab, unigram_entropy
+from moe.split import unit_hash
 
 log = logging.getLogger(__name__)
 

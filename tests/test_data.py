@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch.testing import assert_close
 
-from moe.corpus import EMBEDDED_PACKAGES, cap_chars, embedded_corpus, split_documents, stdlib_documents
+from moe.corpus import EMBEDDED_PACKAGES, embedded_corpus, stdlib_documents
 from moe.data import (
     MAX_VOCAB,
     MIN_VOCAB,
@@ -31,6 +31,7 @@ from moe.data import (
     validate_data_config,
     validation_batches,
 )
+from moe.split import cap_chars, split_documents
 
 # Small but real: a 300k-character hash-spread subset of the stdlib corpus with a 512-token BPE.
 SMALL = dict(vocab_size=512, val_fraction=0.3, max_chars=300_000)
@@ -248,12 +249,20 @@ def test_text_folder_with_txt_md_and_jsonl_documents(tmp_path):
     assert meta["n_train_docs"] + meta["n_val_docs"] == len(docs) == 16
     assert meta["n_val_docs"] > 0 and meta["n_train_docs"] > 0
     tok = load_tokenizer(prepared)
+    train_docs, val_docs = split_documents(sorted(docs.items()), 0.5)
+    val_ids = shard(prepared, "val")
+    texts = [tok.decode(p[:-1].tolist()) for p in np.split(val_ids, np.flatnonzero(val_ids == 0) + 1)[:-1]]
+    assert texts == [text for _, text in val_docs]
+    # These templated documents share 32-token spans, so train.bin is the training documents less
+    # what they share with validation (moe.leakage): each piece between EODs lies in one of them, in order.
+    assert meta["n_train_tokens_cut_as_leaked"] > 0
     train_ids = shard(prepared, "train")
-    texts = [
-        tok.decode(p[:-1].tolist()) for p in np.split(train_ids, np.flatnonzero(train_ids == 0) + 1)[:-1]
-    ]
-    train_names = sorted(split_documents(sorted(docs.items()), 0.5)[0])
-    assert texts == [docs[name] for name, _ in train_names]
+    encoded = iter(tok.encode(text).ids for _, text in train_docs)
+    doc = next(encoded)
+    for piece in np.split(train_ids, np.flatnonzero(train_ids == 0) + 1)[:-1]:
+        piece = piece[:-1].tolist()
+        while not any(doc[i : i + len(piece)] == piece for i in range(len(doc) - len(piece) + 1)):
+            doc = next(encoded)  # StopIteration (a failure) if a piece is in no later document
     # the same documents elsewhere hash to the same cache entry
     moved = tmp_path / "moved"
     (tmp_path / "corpus").rename(moved)
