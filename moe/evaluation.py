@@ -66,6 +66,11 @@ def evaluate(model: torch.nn.Module, batches: list, device: torch.device, autoca
     return EvalResult(loss=loss_sum / tokens, se=se, windows=int(n))
 
 
+def eval_metrics(result: EvalResult, name: str) -> dict[str, float]:
+    """{name: loss, name_se: its standard error}; the error only where defined (one window has none)."""
+    return {name: result.loss, **({f"{name}_se": result.se} if math.isfinite(result.se) else {})}
+
+
 def router_metrics(router: list, layer_indices: list[int]) -> dict[str, float]:
     """router/layer<i>/<stat> per MoE block, router/<stat> averaged, train/aux_loss and train/z_loss."""
     out: dict[str, float] = {}

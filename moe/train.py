@@ -32,8 +32,9 @@ from moe.checkpoint import capture_rng, load_sharded, restore_rng, save_checkpoi
 from moe.config import ModelConfig
 from moe.data import PreparedData, TokenLoader, validation_batches
 from moe.distributed import active_world, all_reduce_sum, barrier, explains_rank_failures
-from moe.evaluation import TrainClock, evaluate, router_metrics
+from moe.evaluation import EvalResult, TrainClock, eval_metrics, evaluate, router_metrics
 from moe.model import Transformer
+from moe.optim import build_optimizer, resolve_device
 from moe.parallel import (
     ParallelConfig,
     eval_batches_per_rank,
@@ -44,7 +45,6 @@ from moe.parallel import (
 )
 from moe.schedule import lr_at
 from moe.train_plan import (
-    Device,
     OptimConfig,
     TrainConfig,
     TrainPlan,
@@ -77,6 +77,9 @@ class TrainResult:
     """Wall time spent evaluating (included in wall_s)."""
     log_s: float
     """Wall time spent collecting diagnostics and inside the logger (included in wall_s)."""
+    final_eval: EvalResult | None = None
+    """The evaluation on train.final_eval_tokens after the last step (None: not asked for, or this call
+    trained no step)."""
     train_s: float = math.nan
     """Training-only wall seconds over the whole run, resumed parts included (metric `time/train_s`:
     no evaluation, logging, checkpointing or compilation; moe.evaluation.TrainClock)."""
@@ -112,35 +115,6 @@ class _Quiet:
 
 
 _QUIET = _Quiet()
-
-
-def resolve_device(device: Device) -> torch.device:
-    """cpu, or the current CUDA device (distributed_env sets it to cuda:LOCAL_RANK)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but no CUDA device is available")
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def build_optimizer(
-    model: torch.nn.Module, optim: OptimConfig, own_group: list | None = None
-) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (decaying norm gains and biases only hurts); the fused
-    kernel on CUDA. `own_group` (EP experts: plain tensors among FSDP's DTensors) gets a group of its
-    own, as a foreach/fused step cannot mix the two."""
-    separate = {id(p) for p in own_group or []}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in separate]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    if own_group:
-        groups.append({"params": list(own_group), "weight_decay": optim.weight_decay})
-    fused = all(p.is_cuda for p in params) or None
-    return torch.optim.AdamW(
-        groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused
-    )
 
 
 def format_eta(seconds: float) -> str:
@@ -352,9 +326,7 @@ def train(
                 val_loss = val.loss
                 if not math.isfinite(val_loss):
                     raise NonFiniteLossError("val/loss", step, val_loss)
-                metrics = {"val/loss": val_loss, "time/train_s": train_s}
-                if math.isfinite(val.se):  # one window has no spread
-                    metrics["val/loss_se"] = val.se
+                metrics = {**eval_metrics(val, "val/loss"), "time/train_s": train_s}
                 # a val event off the log steps carries its own tokens
                 logger.log_metrics(metrics if logged else {**metrics, "tokens": tokens}, step)
                 eval_s += time.perf_counter() - t_eval
@@ -380,6 +352,14 @@ def train(
 
     # --- final -----------------------------------------------------------------------------------
     check_finite()
+    final_eval = None
+    if train.final_eval_tokens and start < plan.steps:
+        final_val = validation_batches(data, model_cfg.seq_len, plan.micro_batch_size, train.final_eval_tokens)
+        forwards = eval_batches_per_rank(len(final_val), world) if layout.mode == "fsdp" else 0
+        final_eval = evaluate(model, final_val[rank::world], device, autocast, forwards, final_val[0])
+        if not math.isfinite(final_eval.loss):
+            raise NonFiniteLossError("val/loss_final", plan.steps, final_eval.loss)
+        logger.log_metrics(eval_metrics(final_eval, "val/loss_final"), plan.steps)
     # A finished run keeps its final weights (export, eval), in every layout.
     if train.checkpoint_every and start < plan.steps:
         with clock.excluded():
@@ -397,6 +377,7 @@ def train(
         tokens_per_s=trained / wall,
         eval_s=total_eval_s,
         log_s=total_log_s,
+        final_eval=final_eval,
         train_s=train_s,
         resumed_from=start,
     )

@@ -88,6 +88,11 @@ class TrainConfig:
     (the savings interpolation and the curve fits need points there)."""
     eval_tokens: int = 65536
     """Validation tokens per evaluation (the same tokens every time and for every sweep point)."""
+    final_eval_tokens: int | None = None
+    """Validation tokens of one more evaluation after the last step (windows spread over the whole val
+    split, capped by its size), logged as val/loss_final with its window-level standard error
+    val/loss_final_se: a final loss precise enough to compare single runs, which the frequent cheap
+    evaluations of the curve are not. None: none."""
     log_every: int = 10
     """Log train metrics and router diagnostics every this many steps."""
     progress_every: int = 25
@@ -111,6 +116,8 @@ class TrainConfig:
         for name in ("eval_every", "progress_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 0 (0: never)")
+        if self.final_eval_tokens is not None and self.final_eval_tokens < 1:
+            raise ValueError(f"train.final_eval_tokens={self.final_eval_tokens} must be >= 1 or null")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
             raise ValueError(f"train.micro_batch_tokens={self.micro_batch_tokens} must be >= 1 or null")
         if self.device not in DEVICES:
@@ -175,8 +182,9 @@ def plan_training(
         raise ValueError(
             f"train.tokens={train.tokens} is smaller than one batch (train.batch_tokens={train.batch_tokens})"
         )
-    if train.eval_tokens < seq:
-        raise ValueError(f"train.eval_tokens={train.eval_tokens} is smaller than model.seq_len={seq}")
+    for key in ("eval_tokens", "final_eval_tokens"):
+        if (getattr(train, key) or seq) < seq:
+            raise ValueError(f"train.{key}={getattr(train, key)} is smaller than model.seq_len={seq}")
     steps = -(-train.tokens // train.batch_tokens)
     decay = round(optim.decay_frac * steps) if optim.schedule == "wsd" else 0
     return TrainPlan(

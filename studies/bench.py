@@ -22,7 +22,8 @@ from hydra import compose, initialize_config_dir
 
 from moe.data import TokenLoader, prepare_data
 from moe.model import Transformer
-from moe.train import build_optimizer, train
+from moe.optim import build_optimizer
+from moe.train import train
 from studies import runfiles, tracking
 from studies.config import load_run_config, register_configs
 from studies.mlflow_logger import FanOut, MlflowLogger

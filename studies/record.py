@@ -27,7 +27,8 @@ import torch
 from omegaconf import OmegaConf
 
 from analysis.derive import RAW_LABEL, Smoothing, final_smoothed, smoothed_label
-from moe.train import NonFiniteLossError, TrainingInterrupted, TrainResult, resolve_device
+from moe.optim import resolve_device
+from moe.train import NonFiniteLossError, TrainingInterrupted, TrainResult
 from moe.train_plan import Device
 from studies import runfiles, tracking
 from studies.mlflow_logger import FanOut, MlflowLogger, OfflineRun, SkipLogged
@@ -35,6 +36,11 @@ from studies.point import Point
 
 FINAL_METRICS = {"val/loss": "final/val_loss_raw", "val/loss_smoothed": "final/val_loss_smoothed"}
 """summary.json's final numbers -> the MLflow metrics that carry them (labels: summary.json)."""
+FINAL_EVAL_LABELS = {
+    "val/loss_final": "final val loss on train.final_eval_tokens (raw)",
+    "val/loss_final_se": "its standard error (validation windows as samples)",
+}
+"""summary.json's numbers from the extra evaluation after the last step (moe.train, train.final_eval_tokens)."""
 STATUS_EVERY_S = 10.0  # status.json's step is refreshed at most this often while a point trains
 
 
@@ -241,6 +247,10 @@ class PointRecord:
             smoothing = Smoothing()
             final["val/loss_smoothed"] = final_smoothed([s for s, _ in val], [v for _, v in val], smoothing)
             labels["val/loss_smoothed"] = smoothed_label(smoothing)
+        for key, label in FINAL_EVAL_LABELS.items():  # from the log: a resumed call may have trained nothing
+            logged = [v for (k, step), v in values.items() if k == key and step == result.steps]
+            if logged:
+                final[key], labels[key] = logged[-1], label
         return final, labels
 
     def _close_mlflow(self, ok: bool) -> None:

@@ -28,9 +28,10 @@ from moe.data import DataConfig, prepare_data
 from moe.layer import MoELayer
 from moe.memory import estimate_memory
 from moe.model import Transformer
+from moe.optim import build_optimizer
 from moe.parallel import ParallelConfig, parallelize, resolve_layout
 from moe.parallel_ep import ExpertShard, shard_experts_
-from moe.train import OptimConfig, TrainingInterrupted, build_optimizer, train
+from moe.train import OptimConfig, TrainingInterrupted, train
 
 FSDP = dataclasses.asdict(ParallelConfig(mode="fsdp"))
 EP2 = dataclasses.asdict(ParallelConfig(mode="fsdp", ep=2))

@@ -70,6 +70,7 @@ def test_mlflow_run_has_tags_params_metric_history_and_artifacts(finished):
     assert train_s and all(m.value > 0 for m in train_s)
     summary = json.loads((study_dir / "runs" / result.run_key / "summary.json").read_text())
     assert 0 < summary["train_s"] < summary["wall_s"], "training-only seconds, beside the point's wall time"
+    assert summary["final"]["val/loss_final_se"] > 0 and "val/loss_final" in summary["final_labels"]
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"config.yaml", "metrics.jsonl", "summary.json"} <= artifacts
     local = mlflow.artifacts.download_artifacts(run_id=result.mlflow_run_id, artifact_path="summary.json",

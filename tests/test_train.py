@@ -193,3 +193,17 @@ def test_a_checkpoint_evaluated_on_other_validation_windows_is_refused_on_resume
         ValueError, match="evaluated on the 'first' validation windows, this run uses 'spread'"
     ):
         train(TINY, data, OptimConfig(), cfg, ListLogger(), progress=None, resume=state)
+
+
+def test_final_evaluation_on_more_windows_has_a_smaller_standard_error(data):
+    log = ListLogger()
+    cfg = dataclasses.replace(FAST, tokens=512 * 10, final_eval_tokens=16384)
+    result = train(TINY, data, OptimConfig(lr=1e-2), cfg, log, progress=None)
+    (step, final), = log.history("val/loss_final")
+    assert step == 10 and final == result.final_eval.loss
+    curve_se = dict(log.history("val/loss_se"))[10]
+    assert result.final_eval.windows == 16384 // TINY.seq_len
+    assert 0 < result.final_eval.se < curve_se, "16 times the windows of the curve's evaluations"
+    assert abs(final - result.final_val_loss) < 3 * curve_se, "the same model on more of the same split"
+    with pytest.raises(ValueError, match="train.final_eval_tokens=0"):
+        TrainConfig(final_eval_tokens=0)
