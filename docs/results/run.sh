@@ -10,15 +10,17 @@ ROOT=outputs/results
 args_of() {
     case "$1" in
         default)         echo "-m granularity=1,8" ;;
-        lr_sweep)        echo "-m study=lr_sweep model.init=normal" ;;  # the init before the tuned preset
-        lr_sweep_fan_in) echo "-m study=lr_sweep model.init=fan_in study.name=lr_sweep_fan_in optim.lr=0.001,0.003,0.01,0.03" ;;
-        lr_sweep_2m)     echo "-m study=lr_sweep tokens=2000000 optim.lr=0.005,0.01,0.02 study.name=lr_sweep_2m" ;;
-        probe_normal_init) echo "-m granularity=1,8 model.init=normal optim.lr=0.003 study.name=probe_normal_init" ;;
+        lr_sweep)        echo "-m study=lr_sweep" ;;
         granularity)     echo "-m study=granularity" ;;
-        token_budget)    echo "-m study=token_budget tokens=500000,1000000,4000000 seed=0,1" ;;
+        token_budget)    echo "-m study=token_budget tokens=500000,1000000,4000000 seed=0,1,2" ;;
         router_order)    echo "-m study=router_order seed=0,1" ;;
-        *) echo "unknown result name $1" >&2; exit 2 ;;
+        equal_resources) echo "-m study=equal_resources seed=0,1" ;;
+        *) echo "unknown result name $1 (default, lr_sweep, granularity, token_budget, router_order, equal_resources)" >&2; exit 2 ;;
     esac
+}
+
+machine_facts() {
+    python -c 'import torch; print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} torch threads in this shell")'
 }
 
 for name in "$@"; do
@@ -43,6 +45,7 @@ for name in "$@"; do
 - command: \`python -m studies.run $args paths.root=$ROOT\`
 - git sha: \`$sha\`$dirty
 - wall time: ${wall} s on $(nproc) cores ($(uname -m)), started $(date -u -d @"$start" +%Y-%m-%dT%H:%MZ)
+- machine: $(machine_facts) (per run: summary.json "machine", report/runs.csv machine.*)
 - report: [report/report.md](report/report.md); sweep log: [log.txt](log.txt)
 - raw curves: [report/curves.csv](report/curves.csv) (run x step), [report/runs.csv](report/runs.csv) (run);
   recompute the report from them: \`python -m analysis.report --from-curves docs/results/$name/report --study-dir <out>\`
