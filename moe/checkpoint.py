@@ -5,7 +5,8 @@ with `weights_only=True`) plus `step_<step>.pt.sha256`. Writing goes temp file -
 fsync(dir) for the .pt, then the same for the .sha256: the digest file is the commit marker, so a crash
 at any point leaves either a complete, verifiable checkpoint or one that `load_latest` skips. Loading
 walks from the newest step down and takes the first whose digest matches and which unpickles; a corrupt
-or half-written one is reported and the previous one is used. The last `keep_last` checkpoints are kept.
+or half-written one is reported and the previous one is used. The last `keep_last` checkpoints are kept,
+and every one saved with keep=True (a branch point, docs/branches.md: `<name>.keep` marks it, written first).
 
 Sharded runs (FSDP, EP; moe.parallel) write `step_<step>.dcp/` instead: every rank writes its shards
 with torch.distributed.checkpoint (DCP) plus, from rank 0, `train_state.pt` (step, plan, loader, RNG);
@@ -62,6 +63,10 @@ def checkpoint_path(directory: Path, step: int, sharded: bool | None = None) -> 
 
 def _digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
+
+
+def _keep_path(path: Path) -> Path:
+    return path.with_name(path.name + ".keep")
 
 
 def _is_sharded(path: Path) -> bool:
@@ -185,6 +190,11 @@ def _manifest(folder: Path) -> str:
     return "".join(f"{_sha256(p)}  {p.name}\n" for p in sorted(folder.iterdir()) if p.is_file())
 
 
+def is_committed(path: Path) -> bool:
+    """Whether a checkpoint's commit marker (its digest file) exists: it was written to the end."""
+    return _digest_path(Path(path)).exists()
+
+
 def verify(path: Path) -> None:
     """Raise CheckpointError unless `path` and its digest file exist and agree."""
     digest = _digest_path(path)
@@ -210,14 +220,19 @@ def verify(path: Path) -> None:
         )
 
 
-def save_checkpoint(directory: Path, step: int, state: Mapping[str, Any], keep_last: int) -> Path:
-    """Write `state` (tensors and plain containers) as the checkpoint of `step`; keep the newest keep_last."""
+def save_checkpoint(
+    directory: Path, step: int, state: Mapping[str, Any], keep_last: int, keep: bool = False
+) -> Path:
+    """Write `state` (tensors and plain containers) as the checkpoint of `step`; keep the newest keep_last
+    and those saved with keep=True."""
     if keep_last < 1:
         raise ValueError(f"train.keep_last={keep_last} must be >= 1")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(directory)
     path = checkpoint_path(directory, step, sharded=False)
+    if keep:  # before the checkpoint: a kill between the two never leaves it unmarked
+        _keep_path(path).touch()
     _atomic_write(path, lambda f: torch.save({"format": FORMAT, "step": step, **state}, f))
     _atomic_write(_digest_path(path), lambda f: f.write(f"{_sha256(path)}\n".encode()))
     _rotate(directory, keep_last)
@@ -234,11 +249,12 @@ def _remove(path: Path) -> None:
 
 def _rotate(directory: Path, keep_last: int) -> None:
     for _, old in list_checkpoints(directory)[keep_last:]:
-        _remove(old)
+        if not _keep_path(old).exists():
+            _remove(old)
 
 
 def save_sharded(directory: Path, step: int, tensors: Mapping[str, Any], state: Mapping[str, Any],
-                 keep_last: int) -> Path:  # fmt: skip
+                 keep_last: int, keep: bool = False) -> Path:  # fmt: skip
     """Every rank: write this rank's shards of `tensors` (a nested dict of tensors / DTensors with
     global shapes) with DCP; rank 0 also writes `state` (plain values) and, once every rank's shards
     are on disk, the digest marker. Returns the checkpoint folder."""
@@ -257,6 +273,8 @@ def save_sharded(directory: Path, step: int, tensors: Mapping[str, Any], state: 
         if path.exists() or _digest_path(path).exists():  # a killed earlier attempt at this step
             _remove(path)
         path.mkdir()
+        if keep:
+            _keep_path(path).touch()
     if dist_on:
         dist.barrier()
     try:

@@ -135,6 +135,7 @@ def train(
     resume: Mapping[str, Any] | None = None,
     stop_requested: Callable[[], bool] | None = None,
     parallel: ParallelConfig | None = None,
+    keep: Callable[[int], bool] | None = None,
 ) -> TrainResult:
     """Train on `data` for `train.tokens` tokens, logging through `logger`.
 
@@ -145,6 +146,9 @@ def train(
     TrainingInterrupted is raised (preemption). NaN/inf loss raises NonFiniteLossError.
     parallel: how the run is laid out over the process group's ranks (moe.parallel; None: DDP inside a
     process group, else one process). A checkpoint of any layout resumes in any other.
+    keep: asked after every step below the last; True writes a checkpoint of that step that rotation
+    never deletes (a branch point, docs/branches.md). A branch (train.branch_from) passes its parent's
+    checkpoint of plan.branch_step as `resume`.
     Inside a process group every rank calls this with the same arguments; only rank 0 logs and prints,
     and a stop request on any rank stops all of them."""
     # --- build ---------------------------------------------------------------------------------
@@ -152,7 +156,7 @@ def train(
     layout = resolve_layout(parallel, world, model_cfg)
     plan = plan_training(model_cfg, optim, train, world_size=world)
     if resume is not None:
-        check_resume(resume, plan, model_cfg)
+        check_resume(resume, plan, model_cfg, optim)
     device = resolve_device(train.device)
     # sharded layouts: every rank writes its shards; otherwise rank 0 writes for all
     checkpoint_dir_out = checkpoint_dir if rank == 0 or layout.sharded else None
@@ -208,17 +212,17 @@ def train(
     # checkpoints written before time/train_s existed do not hold it: that run's clock is unknown
     clock = TrainClock(device, resume["last"].get("train_s", math.nan) if resume is not None else 0.0)
 
-    def checkpoint(step: int) -> Path | None:
+    def checkpoint(step: int, kept: bool = False) -> Path | None:
         path = None
         if checkpoint_dir_out is not None:
             state = {"loader": loader.state_dict(), "rng": capture_rng(), "plan": asdict(plan),
                      "last": {"train_loss": train_loss, "val_loss": val_loss, "train_s": clock.total_s},
-                     "model_config": asdict(model_cfg), "layout": asdict(layout)}  # fmt: skip
+                     "model_config": asdict(model_cfg), "layout": asdict(layout), "optim": asdict(optim)}  # fmt: skip
             if layout.sharded:
-                path = save_sharded(checkpoint_dir_out, step, par.state_tensors(opt), state, train.keep_last)
+                path = save_sharded(checkpoint_dir_out, step, par.state_tensors(opt), state, train.keep_last, kept)
             else:  # ranks hold identical states: rank 0 writes for all
                 state.update(model=model.state_dict(), optimizer=opt.state_dict())
-                path = save_checkpoint(checkpoint_dir_out, step, state, train.keep_last)
+                path = save_checkpoint(checkpoint_dir_out, step, state, train.keep_last, kept)
         barrier()  # no rank leaves (e.g. on preemption) before the checkpoint exists
         return path
 
@@ -250,6 +254,7 @@ def train(
         lr = lr_at(
             step - 1, total_steps=plan.steps, peak_lr=optim.lr, min_lr=min_lr,
             warmup_steps=plan.warmup_steps, kind=optim.schedule, decay_steps=plan.decay_steps,
+            decay_shape=optim.decay_shape,
         )  # fmt: skip
         for group in opt.param_groups:
             group["lr"] = lr
@@ -273,11 +278,12 @@ def train(
                 load += aux.tokens_per_expert.to(device)
         loader.seek(base + plan.accum * world)
         stop = step < plan.steps and stop_requested is not None and stop_requested()
-        if world > 1:  # one small all-reduce: loss, stop votes and expert loads of every rank
-            flat = all_reduce_sum(torch.cat([loss_sum.view(1).float(), torch.tensor([float(stop)], device=device),
-                                             *loads]))  # fmt: skip
-            loss_sum, stop = flat[0] / world, bool(flat[1] > 0)
-            loads = list(flat[2:].split([len(x) for x in loads])) if loads else []
+        kept = step < plan.steps and keep is not None and keep(step)
+        if world > 1:  # one small all-reduce: loss, stop and keep votes and expert loads of every rank
+            flat = all_reduce_sum(torch.cat([loss_sum.view(1).float(),
+                                             torch.tensor([float(stop), float(kept)], device=device), *loads]))  # fmt: skip
+            loss_sum, stop, kept = flat[0] / world, bool(flat[1] > 0), bool(flat[2] > 0)
+            loads = list(flat[3:].split([len(x) for x in loads])) if loads else []
         first_bad = (bad_step == 0) & ~torch.isfinite(loss_sum)
         bad_step.masked_fill_(first_bad, step)
         bad_loss.copy_(torch.where(first_bad, loss_sum / plan.accum, bad_loss))
@@ -342,11 +348,11 @@ def train(
             )
 
         if step < plan.steps:
-            if stop or (train.checkpoint_every and step % train.checkpoint_every == 0):
+            if stop or kept or (train.checkpoint_every and step % train.checkpoint_every == 0):
                 check_finite()
                 with clock.excluded():
                     log_pending_losses()  # a resume starts after this step: nothing before it may be lost
-                    path = checkpoint(step)
+                    path = checkpoint(step, kept)
                 if stop:
                     raise TrainingInterrupted(step, path)
 

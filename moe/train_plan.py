@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 from moe.config import ModelConfig
 from moe.loader import VAL_WINDOWS
-from moe.schedule import SCHEDULES, ScheduleKind
+from moe.schedule import DECAY_SHAPES, SCHEDULES, DecayShape, ScheduleKind
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -41,17 +41,25 @@ class OptimConfig:
     warmup_frac: float = 0.02
     """Linear warmup length as a fraction of the total steps (at least one step)."""
     decay_frac: float = 0.2
-    """wsd only: fraction of the total steps spent in the final linear decay."""
+    """wsd only: fraction of the total steps spent in the final decay (the cooldown)."""
+    decay_shape: DecayShape = "linear"
+    """wsd only: the cooldown's shape, linear or 1-sqrt (arXiv 2405.18392: 1-sqrt ends lower)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "schedule" and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            if f.name not in ("schedule", "decay_shape") and not (
+                isinstance(value, (int, float)) and math.isfinite(value)
+            ):
                 raise ValueError(f"optim.{f.name}={value!r} must be a finite number")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ValueError(
+                f"optim.decay_shape={self.decay_shape!r} is not one of {', '.join(DECAY_SHAPES)}"
+            )
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -107,7 +115,13 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps and at the last one (when a checkpoint folder is
     given), so a finished run keeps its final weights; 0: never."""
     keep_last: int = 2
-    """Checkpoints kept on disk (older ones are deleted after a new one is written)."""
+    """Checkpoints kept on disk (older ones are deleted after a new one is written); those `train`
+    was asked to keep for branches (its `keep` argument) are never deleted."""
+    branch_from: int | None = None
+    """A cooldown branch (docs/branches.md): the token budget of the warmup-stable-decay run with
+    otherwise the same config that this run branches from. It starts from that run's checkpoint at
+    step steps - decay_steps (its branch point, in that run's constant phase), with that run's warmup,
+    and decays over its own last decay_frac. None: an ordinary run."""
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_tokens", "eval_tokens", "log_every", "keep_last"):
@@ -124,6 +138,9 @@ class TrainConfig:
             raise ValueError(f"train.device={self.device!r} is not one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.branch_from is not None and self.branch_from <= self.tokens:
+            raise ValueError(f"train.tokens={self.tokens} is not below train.branch_from={self.branch_from}: "
+                             "a branch is shorter than the run it branches from")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -147,6 +164,9 @@ class TrainPlan:
     val_windows: str = VAL_WINDOWS
     """Where the validation windows sit in the val split (moe.loader.VAL_WINDOWS): a checkpoint of
     another placement is refused on resume, so one run's val curve is measured on one set of tokens."""
+    branch_step: int = 0
+    """A branch (train.branch_from): the step of the parent run it starts from, steps - decay_steps;
+    0: not a branch."""
 
 
 def is_eval_step(train: TrainConfig, step: int, steps: int) -> bool:
@@ -187,20 +207,51 @@ def plan_training(
             raise ValueError(f"train.{key}={getattr(train, key)} is smaller than model.seq_len={seq}")
     steps = -(-train.tokens // train.batch_tokens)
     decay = round(optim.decay_frac * steps) if optim.schedule == "wsd" else 0
+    warmup, branch_step = max(1, round(optim.warmup_frac * steps)), 0
+    if train.branch_from is not None:
+        warmup, branch_step = _branch(optim, train, steps, decay)
     return TrainPlan(
         steps=steps,
         batch_size=train.batch_tokens // seq,
         micro_batch_size=micro_tokens // seq,
         accum=train.batch_tokens // (micro_tokens * world_size),
         batch_tokens=train.batch_tokens,
-        warmup_steps=max(1, round(optim.warmup_frac * steps)),
+        warmup_steps=warmup,
         decay_steps=decay,
         world_size=world_size,
+        branch_step=branch_step,
     )
+
+
+def _branch(optim: OptimConfig, train: TrainConfig, steps: int, decay: int) -> tuple[int, int]:
+    """(warmup steps, branch step) of a cooldown branch: the parent's warmup, and the step where this
+    run's decay starts, which must lie after the parent's warmup (and so in its constant phase)."""
+    parent_steps = -(-train.branch_from // train.batch_tokens)
+    if optim.schedule != "wsd":
+        raise ValueError(f"train.branch_from={train.branch_from} needs optim.schedule=wsd, not "
+                         f"{optim.schedule}: a branch decays from the constant phase of a warmup-stable-decay run")  # fmt: skip
+    if parent_steps <= steps:
+        raise ValueError(f"train.tokens={train.tokens} ({steps} steps) is not below train.branch_from="
+                         f"{train.branch_from} ({parent_steps} steps of train.batch_tokens={train.batch_tokens})")  # fmt: skip
+    if decay < 1:
+        raise ValueError(f"optim.decay_frac={optim.decay_frac} gives the branch of train.tokens={train.tokens} "
+                         f"no decay step ({steps} steps): a branch is a cooldown")  # fmt: skip
+    warmup = max(1, round(optim.warmup_frac * parent_steps))
+    if steps - decay < warmup:
+        raise ValueError(
+            f"optim.decay_frac={optim.decay_frac} puts the branch point of train.tokens={train.tokens} at step "
+            f"{steps - decay}, before the warmup of the run it branches from ends (step {warmup}: "
+            f"optim.warmup_frac={optim.warmup_frac} of its {parent_steps} steps)"
+        )
+    return warmup, steps - decay
 
 
 # Plan fields a resumed run may change: how the global batch is spread over ranks, not what it is.
 _LAYOUT_FIELDS = ("world_size", "accum")
+# Plan fields added later, at the value that checkpoints written before them had.
+_PLAN_DEFAULTS = {"branch_step": 0}
+# What a branch shares with the run it branches from (the parent's steps and decay differ).
+_BRANCH_FIELDS = ("batch_size", "batch_tokens", "warmup_steps")
 
 
 def _flat(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -210,10 +261,18 @@ def _flat(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
-def check_resume(resume: Mapping[str, Any], plan: TrainPlan, model_cfg: ModelConfig) -> None:
-    """ValueError naming the key when a checkpoint was written by a run with a different model or
-    training plan. The world size and the split into micro-batches per rank may differ (resharding)."""
+def check_resume(
+    resume: Mapping[str, Any], plan: TrainPlan, model_cfg: ModelConfig, optim: OptimConfig | None = None
+) -> None:
+    """ValueError naming the key when a checkpoint was written by a run with a different model,
+    optimiser or training plan. The world size and the split into micro-batches per rank may differ
+    (resharding). A branch (plan.branch_step) also starts from its parent's checkpoint of that step."""
     step = resume["step"]
+    if optim is not None and "optim" in resume:  # checkpoints before branches lack it
+        for key, value in asdict(optim).items():
+            if resume["optim"].get(key) != value:
+                raise ValueError(f"checkpoint of step {step} has optim.{key}={resume['optim'].get(key)!r}, "
+                                 f"this run optim.{key}={value!r}")  # fmt: skip
     if "model_config" in resume:  # checkpoints before the sharded format lack it
         have = _flat(resume["model_config"], "model.")
         want = _flat(asdict(model_cfg), "model.")
@@ -221,7 +280,7 @@ def check_resume(resume: Mapping[str, Any], plan: TrainPlan, model_cfg: ModelCon
             if have.get(key) != want.get(key):
                 raise ValueError(f"checkpoint of step {step} has {key}={have.get(key)!r}, this run "
                                  f"{key}={want.get(key)!r}: it is a different model")  # fmt: skip
-    saved, now = dict(resume["plan"]), asdict(plan)
+    saved, now = {**_PLAN_DEFAULTS, **resume["plan"]}, asdict(plan)
     if saved.get("micro_batch_size") != now["micro_batch_size"]:
         raise ValueError(
             f"checkpoint of step {step} was written with {saved.get('micro_batch_size')} sequences per "
@@ -234,7 +293,23 @@ def check_resume(resume: Mapping[str, Any], plan: TrainPlan, model_cfg: ModelCon
             f"windows, this run uses {now['val_windows']!r} (moe.loader.validation_batches): its val curve "
             "would mix two sets of tokens; train the point again from the start"
         )
+    if plan.branch_step and step == plan.branch_step and saved["steps"] != plan.steps:
+        _check_parent(saved, plan, step)
+        return
     for key in sorted(set(saved) | set(now)):
         if key not in _LAYOUT_FIELDS and saved.get(key) != now.get(key):
             raise ValueError(f"checkpoint of step {step} was written for plan {key}={saved.get(key)!r}, "
                              f"this run has {key}={now.get(key)!r}")  # fmt: skip
+
+
+def _check_parent(saved: Mapping[str, Any], plan: TrainPlan, step: int) -> None:
+    """The checkpoint a branch starts from: its parent's, of the branch step, in the parent's constant
+    phase, with the same batches and warmup."""
+    for key in _BRANCH_FIELDS:
+        if saved[key] != getattr(plan, key):
+            raise ValueError(f"checkpoint of step {step} was written for plan {key}={saved[key]!r}, this branch "
+                             f"has {key}={getattr(plan, key)!r}: it is not the run this branch branches from")  # fmt: skip
+    if saved["branch_step"] or saved["steps"] <= plan.steps or saved["steps"] - saved["decay_steps"] < step:
+        raise ValueError(f"checkpoint of step {step} (a run of {saved['steps']} steps decaying over the last "
+                         f"{saved['decay_steps']}) is not in the constant phase of a longer run: "
+                         "a branch cannot start from it")  # fmt: skip

@@ -36,6 +36,9 @@ INFRA_KEYS = {
     "data": ("cache_dir", "workers"),
     "train": ("device", "compile", "log_every", "progress_every", "checkpoint_every", "keep_last"),
 }
+# Keys added after runs were recorded, hashed only away from the value that computes what runs did
+# before them, so those runs keep their keys (and a re-run skips them).
+ADDED_KEYS = {"optim": {"decay_shape": "linear"}, "train": {"branch_from": None}}
 
 
 def data_vocab(run: RunConfig) -> int:
@@ -137,6 +140,10 @@ def run_key_of(model: ModelConfig, run: RunConfig, train: TrainConfig) -> str:
     for section, keys in INFRA_KEYS.items():
         for key in keys:
             identity[section].pop(key)
+    for section, added in ADDED_KEYS.items():
+        for key, before in added.items():
+            if identity[section][key] == before:
+                identity[section].pop(key)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
 
