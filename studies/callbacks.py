@@ -24,7 +24,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from studies import lifecycle, runfiles, snapshot, tracking
+from studies import branches, lifecycle, runfiles, snapshot, tracking
 from studies.execute import complete_done_record
 from studies.finish import (
     SWEEP_RECORD,
@@ -97,7 +97,9 @@ class StudyCallback(Callback):
             refuse(f"Run not started: {exc}")
         if config.launch.dry_run:
             row = lifecycle.plan_row("-", point.variant, point.run_key, point.run_dir, config.launch.retry_failed)
-            refuse(lifecycle.format_plan([row]), code=0)
+            refuse("\n".join(filter(None, [lifecycle.format_plan([row], branches.roles([point])),
+                                            branches.tokens_line([point])])), code=0)  # fmt: skip
+        branches.register([point])
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
         jobs = jobs_of(config)
@@ -113,13 +115,16 @@ class StudyCallback(Callback):
             retry = bool(config.launch.retry_failed)
             rows = [lifecycle.plan_row(lab, p.variant, p.run_key, p.run_dir, retry)
                     for lab, p in zip(labels, points, strict=True)]  # fmt: skip
-            print(lifecycle.format_plan(rows), flush=True)
+            print(lifecycle.format_plan(rows, branches.roles(points)), flush=True)
+            if branches.tokens_line(points):
+                print(branches.tokens_line(points), flush=True)
             if config.launch.dry_run:
                 refuse(f"Dry run: {len(points)} points validated; nothing launched.", code=0)
             actions = [lifecycle.lifecycle(p.run_dir, retry).action for p in points]
             if not any(a in ("start", "resume", "retry") for a in actions):
                 self._nothing_to_start(config, points, actions)
             print(f"Sweep of {len(points)} points validated; launching.", flush=True)
+            branches.register(points)  # before any job: each parent keeps its branches' checkpoints
         sweep_dir = Path(config.hydra.sweep.dir)
         try:  # two sweeps started in the same microsecond must not share one folder
             sweep_dir.mkdir(parents=True, exist_ok=False)

@@ -48,7 +48,7 @@ def _omegaconf_type(tp: Any, where: str) -> Any:
 # Library fields a sweep axis owns: left out of the schema, so each value has one key (the axis) and
 # `train.tokens=...` fails at compose time instead of silently disagreeing with `tokens=...`.
 AXIS_OWNED: dict[type, dict[str, str]] = {
-    TrainConfig: {"tokens": "tokens", "seed": "seed"},
+    TrainConfig: {"tokens": "tokens", "seed": "seed", "branch_from": "branch_from"},
     MoEConfig: {"granularity": "granularity"},
 }
 
@@ -175,6 +175,13 @@ class LaunchConfig:
     detach: bool = False
     """Submit the sweep's jobs and return without waiting (`--detach`); the end-of-sweep work runs as a
     SLURM job after the array (afterany), or by hand with `python -m studies.finish <sweep dir>`."""
+    parent_wait_s: float = 86400.0
+    """How long a cooldown branch waits for its parent to write the checkpoint it starts from before
+    its job fails, saying so (docs/branches.md)."""
+
+    def __post_init__(self) -> None:
+        if not self.parent_wait_s >= 0:
+            raise ValueError(f"launch.parent_wait_s={self.parent_wait_s} must be >= 0")
 
 
 @dataclass
@@ -236,6 +243,11 @@ class RunConfig:
     with the same total params, and a MoE gets the tokens that cost the same training FLOPs."""
     seed: int = 0
     """Seed for initialisation and data order (train.seed follows it)."""
+    branch_from: int | None = None
+    """Cooldown branches (docs/branches.md; needs optim.schedule=wsd): the budget of the parent run, the
+    point of the same config with tokens=branch_from, trained in full; a point with a smaller `tokens`
+    starts from the parent's checkpoint at its branch point and decays over its own last
+    optim.decay_frac. None: every point trains from scratch."""
 
 
 RunSchema = schema_of(RunConfig)

@@ -3,6 +3,8 @@
 Order: prepare the data (the cache the sweep's validation filled), derive the point at the data's
 vocabulary, take ownership of its run folder (studies.lifecycle.owned), decide (start / resume / skip
 / retry / refuse), then train inside a PointRecord, which sets the final status however training ends.
+A cooldown branch without a checkpoint of its own starts from its parent's (studies.branches.start,
+which waits for it); every point keeps the checkpoints its branches asked for (branches.KeptSteps).
 A job of several tasks trains the point data-parallel: rank 0 owns and records it and tells the other
 ranks what it decided (studies.ranks); they train alongside and return None. A peer failure that leaves
 rank 0 stuck in a collective is recorded from its heartbeat thread (ranks.RecordPeerFailure).
@@ -25,7 +27,7 @@ from moe.data import PreparedData, check_budget, prepare_data, unigram_entropy
 from moe.distributed import PeerFailure
 from moe.loader import VAL_WINDOWS
 from moe.train import train
-from studies import lifecycle, ranks, runfiles, sync, tracking
+from studies import branches, lifecycle, ranks, runfiles, sync, tracking
 from studies.config import RunConfig, load_run_config
 from studies.mlflow_logger import FanOut
 from studies.point import Point, build_point
@@ -121,10 +123,13 @@ def _follow_point(
     if action != "train":  # skip, busy or refuse: rank 0 reports it
         return None
     ckpt_dir = point.run_dir / runfiles.CHECKPOINTS
-    state = load_checkpoint(checkpoint_path(ckpt_dir, detail)) if detail else None
+    path = checkpoint_path(ckpt_dir, detail)
+    if point.parent is not None and detail == point.plan.branch_step and not path.exists():
+        path = checkpoint_path(branches.parent_dir(point) / runfiles.CHECKPOINTS, detail)  # a branch's start
+    state = load_checkpoint(path) if detail else None
     failures.watch(point)
     train(point.model, prepared, run.optim, point.train, FanOut(), progress=None, checkpoint_dir=ckpt_dir,
-          resume=state, stop_requested=stop_requested, parallel=run.parallel)  # fmt: skip
+          resume=state, stop_requested=stop_requested, parallel=run.parallel, keep=branches.KeptSteps(point.run_dir))  # fmt: skip
     return None
 
 
@@ -172,6 +177,8 @@ def _decide_and_train(
         raise lifecycle.PreviouslyFailedError(f"point {point.run_key} ({point.variant}) {plan.detail}")
 
     state = load_latest(run_dir / runfiles.CHECKPOINTS) if plan.step else None
+    if point.parent is not None and state is None:  # a branch that has no step of its own yet
+        state = branches.start(point, run.launch.parent_wait_s)
     start = state["step"] if state else 0  # a digest-valid file may still fail to load: one further back
     _warn_if_threads_changed(point, plan.status)
     entropy = unigram_entropy(prepared.val_path, prepared.dtype)
@@ -198,7 +205,7 @@ def _decide_and_train(
                 point.model, prepared, run.optim, point.train, record.logger,
                 progress=lambda line: print(f"[{point.variant}] {line}", flush=True),
                 checkpoint_dir=run_dir / runfiles.CHECKPOINTS, resume=state, stop_requested=stop_requested,
-                parallel=run.parallel,
+                parallel=run.parallel, keep=branches.KeptSteps(run_dir),
             )  # fmt: skip
         except PeerFailure as exc:  # the record's failure_reason says it too; the tag is for filtering
             record.opened.mlflow.set_tags(ranks.failed_rank_tags(exc))

@@ -124,8 +124,13 @@ def plan_row(label: str, variant: str, run_key: str, run_dir: Path, retry_failed
         return label, variant, run_key, f"unknown ({exc})"
 
 
-def format_plan(rows: list[tuple[str, ...]]) -> str:
+def format_plan(rows: list[tuple[str, ...]], roles: list[str] | None = None) -> str:
+    """The sweep table; with `roles` (studies.branches.roles) a column says which points are cooldown
+    branches and which their parents."""
     header = ("overrides", "variant", "run key", "action")
+    if roles is not None:
+        header = (*header[:3], "branch", header[3])
+        rows = [(*row[:3], role, *row[3:]) for row, role in zip(rows, roles, strict=True)]
     table = [header, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]

@@ -29,7 +29,8 @@ from moe.validate import validate_model_config
 from studies import tracking
 from studies.config import RunConfig
 
-AXES = ("variant", "dense_match", "granularity", "top_k", "experts", "tokens", "budget_from", "seed")
+AXES = ("variant", "dense_match", "granularity", "top_k", "experts", "tokens", "budget_from", "seed",
+        "branch_from")  # fmt: skip
 # Keys that change where or how a point runs, or how often it reports, but not what it computes: left
 # out of the run key. Everything else in model, data, optim and train is in it.
 INFRA_KEYS = {
@@ -148,6 +149,36 @@ def run_key_of(model: ModelConfig, run: RunConfig, train: TrainConfig) -> str:
 
 
 @dataclass(frozen=True)
+class Parent:
+    """The run a cooldown branch starts from: the point of the same config with tokens=branch_from."""
+
+    run_key: str
+    """Its run key (its folder is runs/<run_key> of the same study)."""
+    tokens: int
+    """Its training budget."""
+    plan: TrainPlan
+    """Its steps and batch shapes."""
+
+
+def _parent(run: RunConfig, model: ModelConfig, train: TrainConfig, world: int) -> Parent | None:
+    """The parent of a branch (None for any other point); ValueError naming the axes if impossible."""
+    if run.branch_from is None:
+        return None
+    if run.optim.schedule != "wsd":
+        raise ValueError(f"branch_from={run.branch_from} needs optim.schedule=wsd (optim=wsd), not "
+                         f"{run.optim.schedule}: branches cool down from a constant-LR phase")  # fmt: skip
+    if run.tokens == run.branch_from:
+        return None  # the parent itself: an ordinary warmup-stable-decay run
+    if run.tokens > run.branch_from:
+        raise ValueError(f"tokens={run.tokens} is not below branch_from={run.branch_from}: a branch is "
+                         "shorter than its parent (the point with tokens=branch_from)")  # fmt: skip
+    parent_run = dataclasses.replace(run, tokens=run.branch_from)
+    parent_train = dataclasses.replace(train, tokens=training_tokens(parent_run, model))
+    plan = plan_training(model, run.optim, parent_train, world_size=world)
+    return Parent(run_key_of(model, parent_run, parent_train), parent_train.tokens, plan)
+
+
+@dataclass(frozen=True)
 class Point:
     run: RunConfig
     """The composed config."""
@@ -163,10 +194,19 @@ class Point:
     """Short hash of what the point computes (run_key_of)."""
     study_dir: Path
     """<paths.root>/<study.name>."""
+    parent: Parent | None = None
+    """A cooldown branch's parent run (docs/branches.md); None for any other point."""
 
     @property
     def run_dir(self) -> Path:
         return self.study_dir / "runs" / self.run_key
+
+    @property
+    def role(self) -> str | None:
+        """Its part in cooldown branching: "branch", "parent" (the point with tokens=branch_from) or None."""
+        if self.parent is not None:
+            return "branch"
+        return "parent" if self.run.branch_from is not None else None
 
     @property
     def world_size(self) -> int:
@@ -196,7 +236,17 @@ class Point:
             "seed": str(self.run.seed),
             "run_key": self.run_key,
             "git_sha": tracking.git_sha(),
+            **self.branch_tags(),
         }
+
+    def branch_tags(self) -> dict[str, str]:
+        """branch (parent / branch) and, on a branch, branch_of (its parent's run key) and branch_step."""
+        if self.role is None:
+            return {}
+        if self.parent is None:
+            return {"branch": "parent"}
+        return {"branch": "branch", "branch_of": self.parent.run_key,
+                "branch_step": str(self.plan.branch_step)}  # fmt: skip
 
     def accounting(self) -> dict[str, float]:
         params = count_params(self.model)
@@ -237,9 +287,15 @@ def build_point(run: RunConfig, *, cwd: Path | None = None, vocab_size: int | No
             f"tokens={tokens} is smaller than one batch (train.batch_tokens={run.train.batch_tokens})"
         )
     train_cfg = dataclasses.replace(run.train, tokens=tokens, seed=run.seed)
-    plan = plan_training(model, run.optim, train_cfg, world_size=world)
+    parent = _parent(run, model, train_cfg, world)
+    if parent is not None:
+        train_cfg = dataclasses.replace(train_cfg, branch_from=parent.tokens)
+
+    def plan_it():
+        return plan_training(model, run.optim, train_cfg, world_size=world)
+
+    plan = plan_it() if parent is None else _axis("branch_from", run.branch_from, plan_it)
     resolve_layout(run.parallel, world, model)  # parallel.* against the ranks and the experts
     study_dir = Path(cwd or os.getcwd()) / run.paths.root / run.study.name
-    return Point(
-        run, model, train_cfg, plan, variant_label(model), run_key_of(model, run, train_cfg), study_dir
-    )
+    key = run_key_of(model, run, train_cfg)
+    return Point(run, model, train_cfg, plan, variant_label(model), key, study_dir, parent)

@@ -8,6 +8,7 @@
         owner.json       the process that trains the point now (studies.ownership)
         mlflow_run_id    the point's MLflow run
         checkpoints/     moe.checkpoint files
+        branches.json    a parent's cooldown branches: {branch run key: {"step", "tokens"}} (studies.branches)
 
 Stdlib only (with moe.files, itself stdlib only), so the analysis side can read a study without torch or Hydra. One rule for a broken line
 of metrics.jsonl everywhere: a torn last line (a kill mid-write) is dropped; a corrupt line elsewhere is
@@ -31,6 +32,7 @@ STATUS = "status.json"
 OWNER = "owner.json"
 RUN_ID = "mlflow_run_id"
 CHECKPOINTS = "checkpoints"
+BRANCHES = "branches.json"
 
 STATUSES = ("RUNNING", "DONE", "FAILED", "PREEMPTED", "INTERRUPTED")
 RESUMABLE = ("RUNNING", "PREEMPTED", "INTERRUPTED")

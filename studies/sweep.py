@@ -2,7 +2,8 @@
 validation, the one path every mode takes before any job starts (`studies.run` with and without `-m`,
 `--dry-run`, `studies.plan`).
 
-    expand      jobs_of(master config) -> [(overrides, composed config)]; compose_jobs for the CLIs
+    expand      jobs_of(master config) -> [(overrides, composed config)]; compose_jobs for the CLIs;
+                cooldown branches after the other points (ordered_jobs, which the sweeper launches by)
     label       varying(override lists): per point, only what differs between the points
     validate    validate_jobs(jobs) -> points, or one ValueError listing every bad point by its overrides
 """
@@ -25,7 +26,7 @@ from analysis.tuning import lr_grid_errors
 from moe.accounting import count_params_of_module
 from moe.data import PreparedData, check_budget, prepare_data
 from moe.model import Transformer
-from studies import checks
+from studies import branches, checks
 from studies.config import RunConfig, load_run_config, register_configs
 from studies.point import Point, build_point
 
@@ -41,7 +42,7 @@ def sweep_overrides(master: DictConfig) -> list[list[str]]:
     """The override lists of every job a multirun of `master` launches (study params + command line),
     expanded as Hydra's basic sweeper does."""
     sweeper = master.hydra.sweeper.get("_target_", "")
-    if not str(sweeper).endswith("BasicSweeper"):
+    if not str(sweeper).endswith(("BasicSweeper", "ParentsFirstSweeper")):
         raise ValueError(f"hydra.sweeper._target_={sweeper} is not Hydra's BasicSweeper: cannot expand it")
     node = master.hydra.sweeper.get("params")
     params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
@@ -52,14 +53,21 @@ def sweep_overrides(master: DictConfig) -> list[list[str]]:
 
 def jobs_of(master: DictConfig) -> list[Job]:
     """(overrides, composed config) of every job of a multirun, composed by the config loader the
-    launcher uses (Hydra must be initialised: inside a Hydra app or compose_jobs)."""
-    loader = GlobalHydra.instance().config_loader()
-    return [(tuple(job), _composed(lambda j=job: loader.load_sweep_config(master, list(j))))
-            for job in sweep_overrides(master)]  # fmt: skip
+    launcher uses (Hydra must be initialised: inside a Hydra app or compose_jobs), in launch order."""
+    return ordered_jobs(master, sweep_overrides(master), GlobalHydra.instance().config_loader())
+
+
+def ordered_jobs(master: DictConfig, override_lists: Sequence[Sequence[str]], loader) -> list[Job]:
+    """The jobs of `override_lists` composed, in the order the sweep launches them: every cooldown branch
+    after the other points (studies.branches.parents_first; hydra_plugins.moe_scaling.sweeper)."""
+    jobs = [(tuple(job), _composed(lambda j=job: loader.load_sweep_config(master, list(j))))
+            for job in override_lists]  # fmt: skip
+    return branches.parents_first(jobs)
 
 
 # Keys that look like config keys but are owned by an axis (studies.config.AXIS_OWNED).
-AXIS_KEYS = {"train.tokens": "tokens", "train.seed": "seed", "model.moe.granularity": "granularity"}
+AXIS_KEYS = {"train.tokens": "tokens", "train.seed": "seed", "train.branch_from": "branch_from",
+             "model.moe.granularity": "granularity"}  # fmt: skip
 
 
 def _composition_error(exc: Exception) -> Exception:
@@ -188,6 +196,9 @@ def validate_jobs(jobs: Sequence[Job], cwd: Path | None = None) -> list[Point]:
         if len(same) > 1:
             errors.append(f"  {' and '.join(same)}: the same run (run key {key}, identical config): "
                           "keep one of them")  # fmt: skip
+    label_of = {id(point): label for label, point in points}
+    bad_branches = branches.check_branches([p for _, p in points])
+    errors += [f"  {label_of[id(p)]}: {reason}" for p, reason in bad_branches]
     if errors:
         raise ValueError(f"{len(errors)} of {len(jobs)} sweep points are invalid:\n" + "\n".join(errors))
     validated = [p for _, p in points]
