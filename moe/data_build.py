@@ -25,8 +25,8 @@ from moe.corpus import (
     write_shard,
 )
 from moe.files import write_json_atomic
-from moe.leakage import SPAN, remove_leaked_spans
 from moe.progress import stage
+from moe.spans import SPAN, remove_leaked_spans
 from moe.split import Document, cap_chars
 
 if TYPE_CHECKING:

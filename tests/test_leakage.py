@@ -12,15 +12,8 @@ import yaml
 
 from moe.corpus import embedded_corpus, open_shard, read_meta
 from moe.data import DataConfig, prepare_data, validation_batches
-from moe.leakage import (
-    SPAN,
-    covered_positions,
-    eval_window_positions,
-    leakage,
-    main,
-    measure,
-    without_leaked_spans,
-)
+from moe.leakage import eval_window_positions, main, measure
+from moe.spans import SPAN, covered_positions, leakage, without_leaked_spans
 from moe.split import NEAR_DUP_MAX_DOCS, cap_chars, near_duplicate_groups, split_documents, unit_hash
 
 EOD = 0

@@ -11,7 +11,7 @@ args_of() {
     case "$1" in
         default)         echo "-m granularity=1,8" ;;
         lr_sweep)        echo "-m study=lr_sweep" ;;
-        granularity)     echo "-m study=granularity" ;;
+        granularity)     echo "-m study=granularity granularity=1,8" ;;  # G=2,4: the same study without granularity=1,8 (resumes)
         token_budget)    echo "-m study=token_budget tokens=500000,1000000,4000000 seed=0,1,2" ;;
         router_order)    echo "-m study=router_order seed=0,1" ;;
         equal_resources) echo "-m study=equal_resources seed=0,1" ;;
