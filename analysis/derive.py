@@ -149,10 +149,23 @@ LR = "optim.lr"
 """The learning-rate param: runs of one variant at different values are points of an LR grid, not seeds."""
 
 
-def run_finals(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+FINAL_EVAL = "val/loss_final"
+"""The extra evaluation after a run's last step on many windows (train.final_eval_tokens), and its
+window-level standard error `val/loss_final_se`."""
+
+
+def run_finals(curve: pd.DataFrame, runs: pd.DataFrame, metrics: pd.DataFrame | None = None) -> pd.DataFrame:
     """Final smoothed loss per run with what identifies it: run_key, model, tokens (the budget tag),
-    variant, seed, lr (`optim.lr`, NaN where not logged) and final_smooth."""
+    variant, seed, lr (`optim.lr`, NaN where not logged) and final_smooth; with `metrics` (Study.metrics)
+    also final_eval and final_eval_se, the run's FINAL_EVAL and its standard error (NaN where not logged)."""
     tags = runs[["run_key", "model", "tokens", "variant", "seed"]].copy()
     tags["lr"] = pd.to_numeric(runs[LR], errors="coerce") if LR in runs else np.nan
     f = final_losses(curve)[["run_key", "final_smooth"]]
-    return tags.merge(f, on="run_key", how="inner").reset_index(drop=True)
+    out = tags.merge(f, on="run_key", how="inner").reset_index(drop=True)
+    for name, metric in (("final_eval", FINAL_EVAL), ("final_eval_se", f"{FINAL_EVAL}_se")):
+        logged = pd.Series(dtype=float)
+        if metrics is not None and not metrics.empty:
+            m = metrics[metrics["metric"] == metric].sort_values("step")
+            logged = m.groupby("run_key")["value"].last()
+        out[name] = out["run_key"].map(logged).astype(float)
+    return out

@@ -25,7 +25,7 @@ def t_interval(values, ci: float) -> tuple[float, float]:
 
 
 def paired_differences(
-    per_run: pd.DataFrame, baselines: dict[tuple, str], *, ci: float = 0.95
+    per_run: pd.DataFrame, baselines: dict[tuple, str], *, ci: float = 0.95, column: str = "final_smooth"
 ) -> pd.DataFrame:
     """One row per (model, tokens, variant != baseline) from `derive.run_finals` rows.
 
@@ -33,17 +33,18 @@ def paired_differences(
     (variant - baseline; negative favours the variant), ci_lo, ci_hi (NaN with < 2 pairs), sd_diff
     (seed standard deviation of the differences; NaN with < 2 pairs), diffs (each seed's difference, in
     the order of `seeds`), favour_variant (pairs where the variant's loss is lower).
+    column: the per-run loss compared (final_smooth; final_eval, the many-window final evaluation).
     """
     if not 0 < ci < 1:
         raise ValueError(f"ci={ci} must be in (0, 1)")
     rows = []
     for (model, tokens), base in sorted(baselines.items(), key=str):
         g = per_run[(per_run["model"] == model) & (per_run["tokens"] == tokens)]
-        b = _by_seed(g[g["variant"] == base])
+        b = _by_seed(g[g["variant"] == base], column)
         for variant, gv in g.groupby("variant", sort=True):
             if variant == base:
                 continue
-            v = _by_seed(gv)
+            v = _by_seed(gv, column)
             common = v.index.intersection(b.index).sort_values()
             d = (v[common] - b[common]).to_numpy(dtype=float)
             lo, hi = t_interval(d, ci)
@@ -67,7 +68,7 @@ def paired_differences(
     return pd.DataFrame(rows)
 
 
-def _by_seed(g: pd.DataFrame) -> pd.Series:
-    """Final smoothed loss per seed (a seed run twice is averaged); runs without a seed are left out."""
-    g = g.dropna(subset=["seed"])
-    return g.groupby(g["seed"].astype(int))["final_smooth"].mean()
+def _by_seed(g: pd.DataFrame, column: str) -> pd.Series:
+    """`column` per seed (a seed run twice is averaged); runs without a seed or a value are left out."""
+    g = g.dropna(subset=["seed", column])
+    return g.groupby(g["seed"].astype(int))[column].mean()

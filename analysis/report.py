@@ -21,7 +21,7 @@ from analysis import cli, plots
 from analysis.checks import ROUTED_SCALE, comparability_checks, per_variant
 from analysis.curves import degenerate_reason, fit_loss_curve
 from analysis.curves_io import load_curves, write_curves
-from analysis.derive import LR, Smoothing, curves, final_losses, run_finals
+from analysis.derive import FINAL_EVAL, LR, Smoothing, curves, final_losses, run_finals
 from analysis.findings import FINDINGS_FILE, finding_sentences, read_findings
 from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
 from analysis.load import Study, check_tracking_server, load_study
@@ -40,7 +40,7 @@ SAVINGS_CI = 0.9
 ROUTER_STATS = ("top1_share_norm", "entropy_norm", "imbalance")
 # Histories the report reads; per-layer router stats stay in MLflow (one query per run x key).
 REPORT_METRICS = (
-    "val/loss", "train/loss", "tokens", "flops", "time/train_s",
+    "val/loss", "train/loss", "tokens", "flops", FINAL_EVAL, f"{FINAL_EVAL}_se", "time/train_s",
     *(f"router/{stat}" for stat in ROUTER_STATS),
     *(f"router/layer{i}/top1_share_norm" for i in range(128)),
 )  # fmt: skip
@@ -128,7 +128,7 @@ def write_report(
     out = study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     curve = curves(s.metrics, s.runs, "val/loss", smoothing)
-    per_run = run_finals(curve, s.runs)
+    per_run = run_finals(curve, s.runs, s.metrics)
     tuning = lr_tuning(per_run)
     at_best = use_best_lr(tuning, best_lr)  # refuses a mode that would mislead, before any fitting
     runs = best_lr_runs(s.runs, tuning) if at_best else s.runs
@@ -157,11 +157,13 @@ def write_report(
         tables = savings_tables(curve, runs, metrics=s.metrics, baseline=baseline, ci=SAVINGS_CI)
         savings, per_seed = tables.summary, tables.per_seed
         paired = paired_differences(per_run, pick_baselines(runs, baseline))
+        paired_eval = paired_differences(per_run, pick_baselines(runs, baseline), column="final_eval")
         savings_note = ""
     except ValueError as e:
         if baseline is not None:
             raise
         savings, per_seed, paired, savings_note = pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), str(e)
+        paired_eval = pd.DataFrame()
 
     data = law_data(curve, runs)
     laws = {"chinchilla": _try_law(fit_chinchilla, data, {"params": 2, "tokens": 2})}
@@ -174,7 +176,8 @@ def write_report(
     figures = _figures(out, curve, s, fits, savings, data, laws)
     fair = fairness_sections(checks, tuning, at_best, smoothing)
     sav = (savings, per_seed, savings_note)
-    text = render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing)
+    text = render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing,
+                  final_eval=(per_run, paired_eval))  # fmt: skip
     downstream = out / "downstream.md"  # written by `python -m studies.eval` (lm-evaluation-harness)
     if downstream.exists():
         text = with_downstream(text, downstream.read_text())
@@ -190,6 +193,8 @@ def write_report(
         per_seed.to_csv(out / "savings_per_seed.csv", index=False)
     if not paired.empty:
         paired.to_csv(out / "paired.csv", index=False)
+    if not paired_eval.empty and paired_eval["n_pairs"].any():
+        paired_eval.to_csv(out / "paired_final_eval.csv", index=False)
     (out / "laws.json").write_text(
         json.dumps(
             {

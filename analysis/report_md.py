@@ -94,9 +94,40 @@ def paired_section(paired: pd.DataFrame, note: str, smoothing: Smoothing) -> lis
     ]
 
 
-def render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing) -> str:
+def final_eval_section(per_run: pd.DataFrame, paired_eval: pd.DataFrame) -> list[str]:
+    """The many-window final evaluation (val/loss_final): per variant, then paired by seed; nothing when
+    no run logged it (older stores, train.final_eval_tokens=null)."""
+    runs = per_run.dropna(subset=["final_eval"])
+    if runs.empty:
+        return []
+    table = (
+        runs.groupby(["model", "tokens", "variant"], dropna=False)
+        .agg(seeds=("final_eval", "count"), final_eval=("final_eval", "mean"),
+             std_over_seeds=("final_eval", "std"), single_run_se=("final_eval_se", "mean"))
+        .reset_index()
+    )  # fmt: skip
+    lines = [
+        "## Final evaluation on many windows (`val/loss_final`)",
+        "",
+        "One more evaluation after the last step on train.final_eval_tokens spread over the val split: "
+        "single_run_se is a run's standard error with its windows as samples (mean over the seeds), "
+        "std_over_seeds the spread of the runs themselves.",
+        "",
+        md_table(table),
+        "",
+    ]
+    if paired_eval.empty or not paired_eval["n_pairs"].any():
+        return lines
+    t = paired_eval.copy()
+    for c in ("ci_lo", "ci_hi", "sd_diff"):
+        t[c] = [format(v, ".4g") if np.isfinite(v) else "n/a" for v in t[c]]
+    return lines + ["Paired by seed (variant - baseline `val/loss_final`; as above):", "", md_table(t), ""]
+
+
+def render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing, final_eval=()) -> str:
     """The whole report.md: findings first, then loading notes, exclusions, checks, tables, fits, figures.
-    sav: (savings summary, savings per seed, why they were not measured)."""
+    sav: (savings summary, savings per seed, why they were not measured); final_eval: (run_finals rows,
+    paired differences of their final_eval) or empty."""
     savings, per_seed, savings_note = sav
     lines = [
         f"# Study report: {s.name}",
@@ -126,6 +157,7 @@ def render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smo
     ]
     lines += savings_sections(savings, per_seed, savings_note, smoothing)
     lines += paired_section(paired, savings_note, smoothing)
+    lines += final_eval_section(*final_eval) if final_eval else []
     lines += fits_section(fit_table)
     lines += ["## Scaling-law fits", ""]
     for name, (fit, err) in laws.items():
