@@ -79,7 +79,8 @@ def _measured(r, v: str, target: str, ci: float) -> str:
     x, more, interval = _amount(r["savings_steps"], r["ci_lo"], r["ci_hi"], ci)
     how = f"extrapolated by the fitted curve in {k} of {_seeds(n)}" if k else "not extrapolated"
     if int(r["n_not_reached"]):
-        how += f"; not reached in {int(r['n_not_reached'])} of {_seeds(n)}, left out of the mean{_at_most(r)}"
+        how += (f"; not reached in {int(r['n_not_reached'])} of {_seeds(n)}, counted at its bound{_at_most(r)}: "
+                "the savings are upper bounds")  # fmt: skip
     text = (f"{v} reaches {target} in {x} {'more' if more else 'fewer'} steps ({interval or 'no interval'}, "
             f"{pos} of {_seeds(n)} favour{'s' * (n == 1)} {v}; {how})")  # fmt: skip
     f, more, _ = _amount(r["savings_flops"], np.nan, np.nan, ci)

@@ -14,9 +14,12 @@ A crossing not observed within the variant's logged steps:
 - "not reached": no usable fit, a fitted curve that levels off above the target, or a fitted crossing
   before the last observed step (which the curve itself did not make). The savings are unknown, at most
   `savings_bound` = 1 - last step / steps_baseline (<= 0 when the budgets match), never a number.
-Summary rule: the mean and interval are over the seeds with a number when those are more than half of
-the paired seeds (the note says in how many the variant did not reach the target); otherwise the
-variant is "not reached".
+Summary rule: when more than half of the paired seeds have a number, the step savings' mean and t
+interval are over every paired seed, a not-reached seed counted at its bound `savings_bound` (its true
+savings are lower), so with any not-reached seed the mean is an upper bound (`upper_bound`, said in the
+note and the finding); the FLOP, token and time savings are over the seeds with a number, upper bounds
+too then. Otherwise the variant is "not reached". Leaving a not-reached seed out would bias the mean
+toward the variant.
 """
 
 from __future__ import annotations
@@ -277,15 +280,18 @@ def summarise(seeds: pd.DataFrame, ci: float, unpaired=()) -> dict:
            "savings_steps_sd": nan, "n_positive": 0, "n_extrapolated": 0, "n_not_reached": 0, "savings_bound": nan, "savings_tokens": nan,
            "savings_flops": nan, "savings_time": nan, "savings_time_ci_lo": nan, "savings_time_ci_hi": nan,
            "n_time": 0, "tokens_per_s_ratio": nan, "target_loss": nan, "steps_baseline": nan,
-           "steps_variant": nan, "extrapolated": False, "unpaired": ",".join(map(str, unpaired)), "note": ""}  # fmt: skip
+           "steps_variant": nan, "extrapolated": False, "upper_bound": False,
+           "unpaired": ",".join(map(str, unpaired)), "note": ""}  # fmt: skip
     if n == 0:
         out["note"] = "no seed both arms ran" + (f" (unpaired seeds {out['unpaired']})" if unpaired else "")
         return out
     num = seeds[seeds["reach"] != "not reached"]
     miss = seeds[seeds["reach"] == "not reached"]
-    x = num["savings_steps"].to_numpy(dtype=float)
+    reached = num["savings_steps"].to_numpy(dtype=float)
+    x = np.concatenate([reached, miss["savings_bound"].to_numpy(dtype=float)])  # bounds: an upper bound
     out.update(
-        n_positive=int((x > 0).sum()),
+        upper_bound=bool(len(miss)),
+        n_positive=int((reached > 0).sum()),
         n_extrapolated=int((num["reach"] == "extrapolated").sum()),
         n_not_reached=len(miss),
         savings_bound=float(miss["savings_bound"].max()) if len(miss) else nan,
@@ -296,7 +302,7 @@ def summarise(seeds: pd.DataFrame, ci: float, unpaired=()) -> dict:
     )
     notes = [f"not reached in {len(miss)} of {n} seed{'s' * (n != 1)} ("
              + "; ".join(f"seed {r.seed}: {r.note}" for r in miss.itertuples())
-             + ")"] if len(miss) else []  # fmt: skip
+             + "), counted at its bound: the savings are upper bounds"] if len(miss) else []  # fmt: skip
     if 2 * len(num) <= n:
         out.update(status="not reached", note="; ".join(notes))
         return out
