@@ -215,7 +215,7 @@ def test_an_interrupted_build_resumes_where_it_stopped_and_matches_a_fresh_one(t
     fresh = prepare_data(
         hf_cfg(tmp_path, path, tokenizer_file=str(tokenizer_file), cache_dir=str(tmp_path / "fresh"))
     )
-    entry = next(p for p in cache.iterdir() if p.name.startswith("hf-"))
+    entry = next(p for p in cache.iterdir() if p.name.startswith("hf-") and p.is_dir())  # not its .lock
     assert (entry / "train.bin").read_bytes() == fresh.train_path.read_bytes()
     assert (entry / "val.bin").read_bytes() == fresh.val_path.read_bytes()
 
