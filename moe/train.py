@@ -332,9 +332,9 @@ def train(
                 val_loss = val.loss
                 if not math.isfinite(val_loss):
                     raise NonFiniteLossError("val/loss", step, val_loss)
-                metrics = {**eval_metrics(val, "val/loss"), "time/train_s": train_s}
-                # a val event off the log steps carries its own tokens
-                logger.log_metrics(metrics if logged else {**metrics, "tokens": tokens}, step)
+                metrics = eval_metrics(val, "val/loss")
+                # a val event off the log steps carries its own tokens and clock (one value per step)
+                logger.log_metrics(metrics if logged else {**metrics, "tokens": tokens, "time/train_s": train_s}, step)
                 eval_s += time.perf_counter() - t_eval
                 total_eval_s += time.perf_counter() - t_eval
 

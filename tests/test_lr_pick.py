@@ -108,11 +108,11 @@ def _nothing_written(root):
 def test_lr_sweep_study_is_two_seeds_per_lr_and_refused_with_one_seed_or_one_lr(shrunk, tmp_path):
     points = validate_jobs(compose_jobs(["study=lr_sweep", *shrunk], multirun=True), cwd=tmp_path)
     grid = {(p.variant, p.run.optim.lr, p.run.seed) for p in points}
-    assert grid == {(v, lr, s) for v in (G1, G8) for lr in (3e-3, 6e-3, 1.2e-2) for s in (0, 1)}
+    assert grid == {(v, lr, s) for v in (G1, G8) for lr in (5e-3, 1e-2, 2e-2) for s in (0, 1)}
     assert all(p.run.study.best_lr for p in points)
     one_seed = compose_jobs(["study=lr_sweep", *shrunk, "seed=0"], multirun=True)
     want = (
-        f"study.best_lr=true but seed has one value (0) at optim.lr=0.003, 0.006, 0.012 for variant {G1} at "
+        f"study.best_lr=true but seed has one value (0) at optim.lr=0.005, 0.01, 0.02 for variant {G1} at "
         "model=tiny tokens=10240: the best LR is picked by the mean over seeds, so each learning rate needs at "
         "least 2 seeds (sweep -m seed=0,1) (and 1 more)"
     )

@@ -118,8 +118,8 @@ def test_sweep_expands_study_params_and_command_line_as_hydra_basic_sweeper():
     jobs = [job for job, _ in compose_jobs(["study=granularity", "model=small"], multirun=True)]
     pairs = {(next(o for o in j if o.startswith("granularity=")), next(o for o in j if o.startswith("seed=")))
              for j in jobs}  # fmt: skip
-    assert len(jobs) == 12
-    assert pairs == {(f"granularity={g}", f"seed={s}") for g in (1, 2, 4, 8) for s in (0, 1, 2)}
+    assert len(jobs) == 20
+    assert pairs == {(f"granularity={g}", f"seed={s}") for g in (1, 2, 4, 8) for s in (0, 1, 2, 3, 4)}
     assert all("model=small" in j for j in jobs)
     # A command-line value replaces the study's sweep of the same key, as in Hydra.
     jobs = [job for job, _ in compose_jobs(["study=granularity", "seed=5"], multirun=True)]
