@@ -219,6 +219,14 @@ def reference_experts(
     return torch.zeros_like(x_TD).index_add(0, r.token_A, y_AD)
 
 
+def split_hidden(w_NDF: Tensor, granularity: int) -> Tensor:
+    """(N, D, F) -> (N*G, D, F/G): expert n's hidden columns in G consecutive slices, slice g becoming
+    expert n*G + g. A w2 (N, F, D) needs no cut: its reshape to (N*G, F/G, D) is the same split."""
+    N, D, F_ = w_NDF.shape
+    G = granularity
+    return w_NDF.reshape(N, D, G, F_ // G).permute(0, 2, 1, 3).reshape(N * G, D, F_ // G).clone()
+
+
 class Experts(nn.Module):
     """N fine experts stored as stacked weights: w1/w3 (N, D, F), w2 (N, F, D)."""
 
@@ -275,8 +283,17 @@ class Experts(nn.Module):
         self, init: InitScheme, std: float, out_std: float, out_fan_in: int | None = None
     ) -> None:
         """Input projections N(0, std) (fan-in d_model), output N(0, out_std) (fan-in `out_fan_in`,
-        default F)."""
-        init_weight_(self.w1, init, std, self.d_model)
-        if self.w3 is not None:
-            init_weight_(self.w3, init, std, self.d_model)
-        init_weight_(self.w2, init, out_std, out_fan_in or self.d_hidden)
+        default F). With out_fan_in = G*F (the coarse expert's hidden size) the numbers are drawn in the
+        coarse layout and cut by `split_hidden`: from the same generator state a fine layer gets exactly
+        the G-split of the coarse layer's experts (w2's layout already is one), each weight still
+        distributed as before; paired arms then share their random numbers (docs/method.md §6)."""
+        coarse_hidden = out_fan_in or self.d_hidden
+        G = coarse_hidden // self.d_hidden
+        for w in (self.w1, self.w3):
+            if w is None:
+                continue
+            coarse_NDF = w.new_empty(w.shape[0] // G, self.d_model, coarse_hidden)
+            init_weight_(coarse_NDF, init, std, self.d_model)
+            with torch.no_grad():
+                w.copy_(split_hidden(coarse_NDF, G))
+        init_weight_(self.w2, init, out_std, coarse_hidden)

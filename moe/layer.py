@@ -91,10 +91,10 @@ class MoELayer(nn.Module):
         self.router.update_bias(tokens_per_expert)
 
     def reset_parameters(self, init: InitScheme, std: float, out_std: float) -> None:
-        """Router and shared gate like input projections; experts and shared FFNs via their own init."""
+        """Router and shared gate like input projections; experts and shared FFNs via their own init.
+        The router, whose size grows with G, draws last: from one generator state, layers that differ
+        only in G draw the same experts (as a G-split) and the same shared FFNs."""
         d_model = self.router.weight.shape[1]
-        init_weight_(self.router.weight, init, std, d_model)
-        self.router.expert_bias.zero_()
         # fan_in counts the coarse expert's hidden size for w2: a fine layer is then distributed as a
         # split of a G=1 layer (its G slices of one coarse expert sum to one output).
         self.experts.reset_parameters(init, std, out_std, out_fan_in=self.d_expert)
@@ -104,3 +104,5 @@ class MoELayer(nn.Module):
             init_weight_(self.shared_gate.weight, init, std, d_model)
         if self.out_norm is not None:
             self.out_norm.reset_parameters()
+        init_weight_(self.router.weight, init, std, d_model)
+        self.router.expert_bias.zero_()

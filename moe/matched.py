@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 from moe.config import ModelConfig, MoEConfig, replace
+from moe.experts import split_hidden
 from moe.validate import validate_model_config
 
 
@@ -119,8 +120,7 @@ def split_state_dict(state: dict, base: ModelConfig, granularity: int) -> dict:
     for name, t in state.items():
         leaf = name.rsplit(".", 2)
         if name.endswith(("ffn.experts.w1", "ffn.experts.w3")):  # (E, D, F) -> (E*G, D, F/G)
-            E, D, F_ = t.shape
-            out[name] = t.reshape(E, D, G, F_ // G).permute(0, 2, 1, 3).reshape(E * G, D, F_ // G).clone()
+            out[name] = split_hidden(t, G)
         elif name.endswith("ffn.experts.w2"):  # (E, F, D) -> (E*G, F/G, D)
             E, F_, D = t.shape
             out[name] = t.reshape(E * G, F_ // G, D).clone()

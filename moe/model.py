@@ -13,6 +13,7 @@ K = head dim, R = K/2 (rotary frequencies).
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,6 +114,24 @@ class ModelOutput:
     """One MoEAux per MoE block, in block order (see Transformer.moe_layer_indices)."""
 
 
+def stream_seed(base: int, name: str) -> int:
+    """The seed of submodule `name`'s init stream under run seed `base` (stable across processes)."""
+    return (base * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+def _from_stream(base: int, name: str, draw: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """`draw` on its own stream, leaving the host generator as it was. Two models that differ only in
+    G then share every weight but the routers (and their experts as a G-split): paired arms see the
+    same random numbers, so their difference is not buried under init noise."""
+
+    def seeded(m: nn.Module) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream_seed(base, name))
+            draw(m)
+
+    return seeded
+
+
 class Transformer(nn.Module):
     """The language model. Build on `torch.device("meta")` to plan without allocating weights."""
 
@@ -141,7 +160,8 @@ class Transformer(nn.Module):
             init(self.get_submodule(name))
 
     def init_steps(self) -> list[tuple[str, Callable[[nn.Module], None]]]:
-        """The initialisation as (submodule name, its init), in the order they draw from the RNG: what
+        """The initialisation as (submodule name, its init), each drawing from its own stream seeded by
+        torch.initial_seed() and the name (`stream_seed`): what
         `reset_parameters` runs, and what a sharded build (moe.parallel.Parallel.materialize_) replays
         one submodule at a time to reach the same weights without ever holding the whole model."""
         cfg = self.cfg
@@ -158,7 +178,8 @@ class Transformer(nn.Module):
         steps.append(("norm", lambda m: m.reset_parameters()))
         if self.lm_head is not None:
             steps.append(("lm_head", lambda m: init_weight_(m.weight, cfg.init, std, cfg.d_model)))
-        return steps
+        base = torch.initial_seed()
+        return [(name, _from_stream(base, name, draw)) for name, draw in steps]
 
     def forward(self, idx_BS: Tensor, targets_BS: Tensor | None = None) -> ModelOutput:
         B, S = idx_BS.shape
