@@ -119,6 +119,8 @@ class LawFit:
     """Bootstrap percentile interval per coefficient; empty without bootstrap."""
     n_bootstrap: int = 0
     """Bootstrap replicates behind `intervals`."""
+    bootstrap_thetas: tuple[tuple[float, ...], ...] = ()
+    """Raw parameter vector (as `theta`) of each bootstrap replicate that converged; empty without."""
 
     def __getitem__(self, name: str) -> float:
         return self.coefficients[name]
@@ -131,6 +133,17 @@ class LawFit:
         """Predicted loss for rows with the law's covariate columns."""
         logx = _log_covariates(self.spec, data)
         return np.exp(self.spec.log_predict(np.array(self.theta), logx)[0])
+
+    def predict_interval(self, data: pd.DataFrame | dict, ci: float) -> tuple[np.ndarray, np.ndarray]:
+        """Percentile interval (central mass `ci`) of the predicted loss over the bootstrap replicates."""
+        if not self.bootstrap_thetas:
+            raise ValueError(f"law {self.law!r} was fitted without bootstrap: no replicates to predict from")
+        if not 0.0 < ci < 1.0:
+            raise ValueError(f"ci={ci} must be in (0, 1)")
+        logx = _log_covariates(self.spec, data)
+        pred_BN = np.exp(self.spec.log_predict(np.array(self.bootstrap_thetas), logx))
+        lo, hi = np.percentile(pred_BN, [100 * (1 - ci) / 2, 100 * (1 + ci) / 2], axis=0)
+        return lo, hi
 
 
 CURVE_SPECS = {
@@ -239,8 +252,9 @@ def fit_law(
         _check_identifiable(spec, best, logx)
         resid = spec.log_predict(best, logx)[0] - logy
         intervals: dict[str, tuple[float, float]] = {}
+        thetas: tuple[tuple[float, ...], ...] = ()
         if bootstrap > 0:
-            intervals = _bootstrap(
+            intervals, thetas = _bootstrap(
                 spec, logx, logy, optima, delta, bootstrap, ci, bootstrap_frac, seed, workers
             )
     return LawFit(
@@ -255,6 +269,7 @@ def fit_law(
         theta=tuple(float(v) for v in best),
         intervals=intervals,
         n_bootstrap=bootstrap,
+        bootstrap_thetas=thetas,
     )
 
 
@@ -327,13 +342,14 @@ def _bootstrap(spec, logx, logy, starts, delta, reps, ci, frac, seed, workers):
     best = res.x.reshape(reps, k, -1)[np.arange(reps), f.argmin(axis=1)][good]
     coefs = [spec.coefficients(t) for t in best]
     lo, hi = 100 * (1 - ci) / 2, 100 * (1 + ci) / 2
-    return {
+    intervals = {
         name: (
             float(np.percentile([c[name] for c in coefs], lo)),
             float(np.percentile([c[name] for c in coefs], hi)),
         )
         for name in coefs[0]
     }
+    return intervals, tuple(tuple(float(v) for v in t) for t in best)
 
 
 def fit_chinchilla(data: pd.DataFrame | dict, **kw) -> LawFit:

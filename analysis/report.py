@@ -23,10 +23,25 @@ from analysis.curves import degenerate_reason, fit_loss_curve
 from analysis.curves_io import load_curves, write_curves
 from analysis.derive import FINAL_EVAL, LR, Smoothing, curves, final_losses, run_finals
 from analysis.findings import FINDINGS_FILE, finding_sentences, read_findings
+from analysis.forecast import (
+    FORECAST_FILE,
+    compare,
+    forecast_summary,
+    observed_losses,
+    plot_forecast,
+    read_forecast,
+)
 from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
 from analysis.load import Study, check_tracking_server, load_study
 from analysis.paired import paired_differences
-from analysis.report_md import FINAL_COLUMNS, fairness_sections, final_labels, render, with_downstream
+from analysis.report_md import (
+    FINAL_COLUMNS,
+    fairness_sections,
+    final_labels,
+    forecast_section,
+    render,
+    with_downstream,
+)
 from analysis.savings import pick_baselines, savings_tables
 from analysis.tuning import best_lr_runs, lr_tuning, use_best_lr, write_lr_pick
 from studies import runfiles
@@ -129,6 +144,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     curve = curves(s.metrics, s.runs, "val/loss", smoothing)
     per_run = run_finals(curve, s.runs, s.metrics)
+    forecast, forecast_figs = _forecast(out, per_run)  # every finished run, whatever its LR
     tuning = lr_tuning(per_run)
     at_best = use_best_lr(tuning, best_lr)  # refuses a mode that would mislead, before any fitting
     runs = best_lr_runs(s.runs, tuning) if at_best else s.runs
@@ -173,11 +189,11 @@ def write_report(
     findings = finding_sentences(
         savings, runs, checks=checks, tuning=tuning, at_best=at_best, ci=SAVINGS_CI, smoothing=smoothing
     )
-    figures = _figures(out, curve, s, fits, savings, data, laws)
+    figures = _figures(out, curve, s, fits, savings, data, laws) + forecast_figs
     fair = fairness_sections(checks, tuning, at_best, smoothing)
     sav = (savings, per_seed, savings_note)
     text = render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing,
-                  final_eval=(per_run, paired_eval))  # fmt: skip
+                  final_eval=(per_run, paired_eval), forecast=forecast)  # fmt: skip
     downstream = out / "downstream.md"  # written by `python -m studies.eval` (lm-evaluation-harness)
     if downstream.exists():
         text = with_downstream(text, downstream.read_text())
@@ -228,6 +244,21 @@ def summary_text(finals: pd.DataFrame, savings: pd.DataFrame, smoothing: Smoothi
         t = t.merge(savings[cols], on=["model", "tokens", "variant"], how="left")
     t = t.rename(columns=final_labels(smoothing))
     return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def _forecast(out: Path, per_run: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """With out/forecast.json (written by the sweep before the held-out runs trained): compare it with
+    the finished runs, write forecast_vs_observed.csv and forecast.png; return the section and figure."""
+    path = out / FORECAST_FILE
+    if not path.exists():
+        return [], []
+    forecast = read_forecast(path)
+    table = compare(forecast, observed_losses(per_run))
+    table.to_csv(out / "forecast_vs_observed.csv", index=False)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    plot_forecast(ax, table)
+    plots.save(fig, out / "forecast.png")
+    return forecast_section(forecast, table, forecast_summary(table)), ["forecast.png"]
 
 
 def _figures(out, curve, s, fits, savings, data, laws) -> list[str]:

@@ -124,10 +124,12 @@ def final_eval_section(per_run: pd.DataFrame, paired_eval: pd.DataFrame) -> list
     return lines + ["Paired by seed (variant - baseline `val/loss_final`; as above):", "", md_table(t), ""]
 
 
-def render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing, final_eval=()) -> str:
+def render(
+    s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing, final_eval=(), forecast=()
+) -> str:
     """The whole report.md: findings first, then loading notes, exclusions, checks, tables, fits, figures.
     sav: (savings summary, savings per seed, why they were not measured); final_eval: (run_finals rows,
-    paired differences of their final_eval) or empty."""
+    paired differences of their final_eval) or empty; forecast: `forecast_section`'s lines or empty."""
     savings, per_seed, savings_note = sav
     lines = [
         f"# Study report: {s.name}",
@@ -169,8 +171,32 @@ def render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smo
                 f"- {name}: {coefs} (objective {fit.objective:.3g}, rmse(log) {fit.rmse_log:.3g}, "
                 f"{fit.n_points} points)"
             ]
-    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    lines += [""] + list(forecast)
+    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)
+
+
+def forecast_section(forecast, table: pd.DataFrame, summary: list[str]) -> list[str]:
+    """The forecast on record (analysis.forecast.Forecast) against the held-out runs' final losses:
+    `table` is analysis.forecast.compare's, `summary` its forecast_summary sentences."""
+    ivs = forecast.intervals
+    coefs = ", ".join(
+        f"{k} = {v:.4g}" + (f" [{ivs[k][0]:.4g}, {ivs[k][1]:.4g}]" if k in ivs else "")
+        for k, v in forecast.coefficients.items()
+    )
+    lines = [
+        "## Forecast (written before the held-out runs trained)",
+        "",
+        f"Written {forecast.written_at} by fitting the {forecast.law} law on {len(forecast.fit_run_keys)} "
+        f"finished runs (rmse(log) {forecast.rmse_log:.3g}): {coefs}. Intervals: {forecast.ci:.0%} percentile "
+        f"intervals over {forecast.n_bootstrap} bootstrap refits. observed = the run's `val/loss_final` where "
+        "logged, else its final val loss (smoothed); rel_err = (predicted - observed) / observed.",
+        "",
+    ]
+    lines += [f"- Flag: {f}" for f in forecast.flags] or ["Flags: none."]
+    shown = table.assign(inside=table["inside"].map({True: "yes", False: "no"}).fillna(""))  # not <NA>
+    lines += ["", md_table(shown), ""] + [f"- {s}" for s in summary] + [""]
+    return lines
 
 
 SAVINGS_COLUMNS = (

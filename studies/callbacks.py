@@ -24,7 +24,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from studies import branches, lifecycle, runfiles, snapshot, tracking
+from studies import branches, holdout, lifecycle, runfiles, snapshot, tracking
 from studies.execute import complete_done_record
 from studies.finish import (
     SWEEP_RECORD,
@@ -118,6 +118,9 @@ class StudyCallback(Callback):
             print(lifecycle.format_plan(rows, branches.roles(points)), flush=True)
             if branches.tokens_line(points):
                 print(branches.tokens_line(points), flush=True)
+            if held := sum(holdout.is_held_out(cfg) for _, cfg in jobs):
+                print(f"held out of the law fit: {held} points (study.holdout={list(config.study.holdout)}), "
+                      "last, after their forecast is written", flush=True)  # fmt: skip
             if config.launch.dry_run:
                 refuse(f"Dry run: {len(points)} points validated; nothing launched.", code=0)
             actions = [lifecycle.lifecycle(p.run_dir, retry).action for p in points]
@@ -191,3 +194,6 @@ class StudyCallback(Callback):
         result = finish_sweep(sweep_dir, report=self.report, even_if_running=True)
         if result.failed:
             refuse(failure_message(result))
+        if why := (runfiles.read_json(sweep_dir / SWEEP_RECORD) or {}).get("held_out_not_started"):
+            refuse(f"Held-out points not started: {why}. Re-run the same command once that is fixed "
+                   "(finished points are skipped).")  # fmt: skip

@@ -118,6 +118,9 @@ class StudyConfig:
     best_lr: bool | None = None
     """Compare each variant at its own best optim.lr (analysis.tuning). None: when a variant has several
     learning rates; true with a one-point grid is refused."""
+    holdout: list[str] = field(default_factory=list)
+    """Points held out of the scaling-law fit, as key=value (e.g. model=tiny_d128): they train last, after
+    the study has written report/forecast.json for them from the other points (studies.holdout)."""
 
     def __post_init__(self) -> None:
         name = self.name
@@ -126,6 +129,10 @@ class StudyConfig:
                 f"study.name={name!r} must be a plain folder name (no '/', '\\', '..' or surrounding "
                 "spaces): it names the study's folder under paths.root"
             )
+        for entry in self.holdout:
+            key, eq, value = str(entry).partition("=")
+            if not eq or not key.strip() or not value.strip():
+                raise ValueError(f"study.holdout entry {entry!r} must be key=value, e.g. model=tiny_d128")
 
 
 @dataclass

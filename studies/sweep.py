@@ -26,7 +26,7 @@ from analysis.tuning import lr_grid_errors
 from moe.accounting import count_params_of_module
 from moe.data import PreparedData, check_budget, prepare_data
 from moe.model import Transformer
-from studies import branches, checks
+from studies import branches, checks, holdout
 from studies.config import RunConfig, load_run_config, register_configs
 from studies.point import Point, build_point
 
@@ -59,10 +59,11 @@ def jobs_of(master: DictConfig) -> list[Job]:
 
 def ordered_jobs(master: DictConfig, override_lists: Sequence[Sequence[str]], loader) -> list[Job]:
     """The jobs of `override_lists` composed, in the order the sweep launches them: every cooldown branch
-    after the other points (studies.branches.parents_first; hydra_plugins.moe_scaling.sweeper)."""
+    after the other points (studies.branches.parents_first; hydra_plugins.moe_scaling.sweeper), and the
+    held-out points of a forecast (study.holdout) after all of them (studies.holdout)."""
     jobs = [(tuple(job), _composed(lambda j=job: loader.load_sweep_config(master, list(j))))
             for job in override_lists]  # fmt: skip
-    return branches.parents_first(jobs)
+    return holdout.held_out_last(branches.parents_first(jobs))
 
 
 # Keys that look like config keys but are owned by an axis (studies.config.AXIS_OWNED).
@@ -199,6 +200,8 @@ def validate_jobs(jobs: Sequence[Job], cwd: Path | None = None) -> list[Point]:
     label_of = {id(point): label for label, point in points}
     bad_branches = branches.check_branches([p for _, p in points])
     errors += [f"  {label_of[id(p)]}: {reason}" for p, reason in bad_branches]
+    if not errors:
+        errors += [f"  {reason}" for reason in holdout.holdout_errors(jobs, [p for _, p in points])]
     if errors:
         raise ValueError(f"{len(errors)} of {len(jobs)} sweep points are invalid:\n" + "\n".join(errors))
     validated = [p for _, p in points]

@@ -1,0 +1,162 @@
+"""Held-out points (study.holdout, docs/scaling_law.md): a law fitted on the other points of a study
+forecasts them before they train, so the forecast is a test the law can fail.
+
+    before jobs   holdout_errors(jobs, points): the refusals (an entry that matches no point, or all of
+                  them; a fit set smaller than the law; --detach, which would start them unforecast)
+    sweep order   held_out_last(jobs): held-out points after every other point (studies.sweep)
+    between       forecast_before(master, jobs): fit on the finished other points and write
+                  report/forecast.json (never overwritten: a re-run keeps the first) and log it on the
+                  sweep's MLflow parent run; the sweeper starts no held-out point without it
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from studies import runfiles
+from studies.config import load_run_config
+from studies.point import Point, build_point
+
+LAW_COEFFICIENTS = {"finegrained": 7, "chinchilla": 5}
+"""Free coefficients of each law (analysis.laws): the fit set needs more distinct (N, D, G) points."""
+
+
+def matches(cfg: Any, entry: str) -> bool:
+    """Whether a composed job config has `entry` (key=value; `model` names the size preset)."""
+    key, _, value = entry.partition("=")
+    key, value = key.strip(), value.strip()
+    if key == "model":
+        return str(OmegaConf.select(cfg, "model.name")) == value
+    return str(OmegaConf.select(cfg, key)) == value
+
+
+def is_held_out(cfg: Any) -> bool:
+    """A job whose composed config matches any study.holdout entry (a composition error never does)."""
+    if not isinstance(cfg, DictConfig):
+        return False
+    return any(matches(cfg, entry) for entry in OmegaConf.select(cfg, "study.holdout") or [])
+
+
+def held_out_last(jobs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """Jobs with the held-out ones after the others, each group in its own order (a stable sort)."""
+    return sorted(jobs, key=lambda job: is_held_out(job[1]))
+
+
+def law_of(points: Sequence[Point]) -> str:
+    """The fine-grained law when the fit set has several G, else Chinchilla's."""
+    gs = {_grid(p)[2] for p in points}
+    return "finegrained" if len(gs) > 1 else "chinchilla"
+
+
+def _grid(p: Point) -> tuple[float, int, int]:
+    return (float(p.accounting()["acct.params_non_embedding"]), p.train.tokens,
+            p.model.moe.granularity if p.model.moe else 1)  # fmt: skip
+
+
+def _levels(values: Sequence[float], rel: float = 0.05) -> int:
+    """Distinct levels of a covariate, values within `rel` of the last level counting as one (the router
+    makes N differ a little between the G of one size)."""
+    levels: list[float] = []
+    for v in sorted(values):
+        if not levels or v > levels[-1] * (1 + rel):
+            levels.append(v)
+    return len(levels)
+
+
+def holdout_errors(jobs: Sequence[tuple[Any, Any]], points: Sequence[Point]) -> list[str]:
+    """Why the study's held-out points cannot be forecast, before any job (empty: they can)."""
+    if not points or not points[0].run.study.holdout:
+        return []
+    entries = list(points[0].run.study.holdout)
+    cfgs = [cfg for _, cfg in jobs]
+    errors = [f"study.holdout entry {e!r} matches none of the {len(points)} points"
+              for e in entries if not any(matches(cfg, e) for cfg in cfgs)]  # fmt: skip
+    held = [is_held_out(cfg) for cfg in cfgs]
+    fit = [p for p, h in zip(points, held, strict=True) if not h]
+    if not fit:
+        errors.append(f"study.holdout={entries} holds out every point: none is left to fit the law on")
+        return errors
+    law = law_of(fit)
+    grid = {_grid(p) for p in fit}
+    need = LAW_COEFFICIENTS[law] + 1
+    if len(grid) < need:
+        errors.append(f"study.holdout: the points left to fit the {law} law on have {len(grid)} distinct "
+                      f"(N, D, G) values, fewer than its {need - 1} coefficients + 1; add sizes or budgets")  # fmt: skip
+    # each term's coefficient and exponent (and c, or c and a) need three levels of its covariate
+    axes = (("model sizes", 0), ("token budgets", 1)) + ((("granularities", 2),) if law == "finegrained" else ())
+    for name, i in axes:
+        if (k := _levels([g[i] for g in grid])) < 3:
+            errors.append(f"study.holdout: the points left to fit on have {k} {name}; the {law} law needs 3 or more")
+    if points[0].run.launch.detach:
+        errors.append("study.holdout with launch.detach=true: the held-out points would be submitted before "
+                      "their forecast exists; run the sweep attached")  # fmt: skip
+    return errors
+
+
+def _target_row(p: Point) -> dict[str, Any]:
+    params, tokens, g = _grid(p)
+    return {"run_key": p.run_key, "model": p.run.model.name, "params": params, "tokens": float(tokens),
+            "granularity": float(g), "seed": p.run.seed}  # fmt: skip
+
+
+def fit_rows(points: Sequence[Point]) -> tuple[pd.DataFrame, list[str]]:
+    """The finished points' (N, D, G, final val loss) and the run keys of those that are not finished."""
+    rows, missing = [], []
+    for p in points:
+        summary = runfiles.read_json(p.run_dir / "summary.json") or {}
+        loss = (summary.get("final") or {}).get("val/loss_final")
+        if summary.get("status") != "DONE" or loss is None:
+            missing.append(p.run_key)
+            continue
+        rows.append({**_target_row(p), "loss": float(loss)})
+    return pd.DataFrame(rows), missing
+
+
+def forecast_before(master: DictConfig, jobs: Sequence[tuple[Any, Any]], study_dir: Path,
+                    tracking_uri: str | None) -> str | None:  # fmt: skip
+    """Write the held-out points' forecast before they start; None when it exists, else why it cannot."""
+    from analysis.forecast import forecast_path, make_forecast, read_forecast, write_forecast
+
+    points = [(build_point(load_run_config(cfg)), is_held_out(cfg)) for _, cfg in jobs]
+    held = [p for p, h in points if h]
+    path = forecast_path(study_dir)
+    if path.exists():
+        have = {row.run_key for row in read_forecast(path).rows}
+        if missing := [p.run_key for p in held if p.run_key not in have]:
+            return (f"{path} (written earlier) has no forecast for held-out points {missing}: a forecast is never "
+                    "rewritten; start them in a new study (study.name) or drop them from the sweep")  # fmt: skip
+        print(f"Forecast of the {len(held)} held-out points kept from {path}", flush=True)
+        return None
+    fit = [p for p, h in points if not h]
+    data, unfinished = fit_rows(fit)
+    try:
+        forecast = make_forecast(data, pd.DataFrame([_target_row(p) for p in held]), law=law_of(fit))
+    except (ValueError, RuntimeError) as exc:
+        return f"no forecast for the held-out points: {exc}"
+    if unfinished:
+        print(f"Forecast fitted without {len(unfinished)} unfinished points: {unfinished}", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_forecast(path, forecast)
+    _log_on_parent(path, forecast, tracking_uri)
+    print(f"Forecast of the {len(held)} held-out points written to {path} before they start", flush=True)
+    return None
+
+
+def _log_on_parent(path: Path, forecast: Any, tracking_uri: str | None) -> None:
+    from studies.callbacks import PARENT_ENV
+    from studies.tracking import open_client
+
+    run_id = os.environ.get(PARENT_ENV)
+    if not run_id or not tracking_uri:
+        return
+    client = open_client(tracking_uri)
+    client.log_artifact(run_id, str(path), artifact_path="forecast")
+    client.set_tag(run_id, "forecast_written_at", forecast.written_at)
+    for row in forecast.rows:
+        client.log_metric(run_id, f"forecast/{row.run_key}", row.predicted)

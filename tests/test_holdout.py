@@ -1,0 +1,115 @@
+"""Held-out points (study.holdout): refused before any job when they cannot be forecast, launched after
+every other point, and started only once report/forecast.json holds their forecast, which a re-run keeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from studies.config import StudyConfig
+from studies.holdout import is_held_out
+from studies.sweep import compose_jobs, validate_jobs
+
+REPO = Path(__file__).resolve().parents[1]
+# Four widths x G in {1, 2, 4} x three budgets from one WSD run each; the widest is held out, leaving
+# three levels of N, D and G (27 points) for the fine-grained law's 7 coefficients.
+GRID = ["study=scaling_law", "model=tiny", "model.d_model=16,32,48,64", "granularity=1,2,4", "seed=0",
+        "branch_from=20480", "tokens=5120,10240,20480", "study.holdout=['model.d_model=64']", "infra=basic"]  # fmt: skip
+
+
+# A small grid for the refusals: validation composes and checks each point, so fewer points, faster tests.
+SMALL = ["study=scaling_law", "model=tiny", "model.d_model=16,32,48", "granularity=1,2", "seed=0",
+         "tokens=10240", "branch_from=null", "study.holdout=['model.d_model=48']"]  # fmt: skip
+
+
+def refusal(shrunk: list[str], tmp_path: Path, *extra: str) -> str:
+    jobs = compose_jobs([*shrunk, *SMALL, *extra], multirun=True)
+    with pytest.raises(ValueError) as info:
+        validate_jobs(jobs, cwd=tmp_path)
+    assert not (tmp_path / "outputs").exists(), "validation wrote something"
+    return str(info.value)
+
+
+def test_held_out_points_launch_after_every_other_point_and_its_branches(shrunk):
+    jobs = compose_jobs([*shrunk, *GRID], multirun=True)
+    held = [is_held_out(cfg) for _, cfg in jobs]
+    assert held == [False] * 27 + [True] * 9
+    assert all("model.d_model=64" in job for job, _ in jobs[27:])
+    # within the held-out group the parents (tokens=20480) still come before their branches
+    budgets = [next(o for o in job if o.startswith("tokens=")) for job, _ in jobs[27:]]
+    assert budgets == ["tokens=20480"] * 3 + ["tokens=5120", "tokens=10240"] * 3
+
+
+def test_a_holdout_entry_that_matches_no_point_is_refused_naming_it(shrunk, tmp_path):
+    message = refusal(shrunk, tmp_path, "study.holdout=['model.d_model=96']")
+    assert "study.holdout entry 'model.d_model=96' matches none of the 6 points" in message
+
+
+def test_holding_out_every_point_is_refused(shrunk, tmp_path):
+    message = refusal(shrunk, tmp_path, "study.holdout=['seed=0']")
+    assert "holds out every point: none is left to fit the law on" in message
+
+
+def test_a_fit_set_smaller_than_the_law_is_refused_before_any_job(shrunk, tmp_path):
+    message = refusal(shrunk, tmp_path)
+    assert "have 4 distinct (N, D, G) values, fewer than its 7 coefficients + 1" in message
+    assert "have 2 model sizes; the finegrained law needs 3 or more" in message
+    assert "have 1 token budgets; the finegrained law needs 3 or more" in message
+    assert "have 2 granularities; the finegrained law needs 3 or more" in message
+
+
+def test_holdout_with_detach_is_refused_as_the_forecast_would_come_too_late(shrunk, tmp_path):
+    message = refusal(shrunk, tmp_path, "launch.detach=true")
+    assert "held-out points would be submitted before their forecast exists" in message
+
+
+@pytest.mark.parametrize("entry", ["model", "=tiny", "model="])
+def test_a_holdout_entry_that_is_not_key_value_is_refused_naming_it(entry):
+    with pytest.raises(ValueError, match=f"study.holdout entry '{entry}' must be key=value"):
+        StudyConfig(holdout=[entry])
+
+
+def study_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "MOE_THREADS": "1", "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-m", "studies.run", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_study_forecasts_its_held_out_points_before_they_start_and_a_rerun_keeps_the_forecast(
+    shrunk, tmp_path
+):
+    args = [*shrunk, *GRID, "launch.parent_wait_s=120"]
+    first = study_run(args, tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    study = tmp_path / "outputs" / "scaling_law"
+    path = study / "report" / "forecast.json"
+    forecast = json.loads(path.read_text())
+    held = {p.name for p in (study / "runs").iterdir()
+            if json.loads((p / "summary.json").read_text())["params"]["model.d_model"] == 64}  # fmt: skip
+    assert {row["run_key"] for row in forecast["rows"]} == held and len(held) == 9
+    written = datetime.fromisoformat(forecast["written_at"]).timestamp() * 1000
+    client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "scaling_law"]
+    runs = client.search_runs([exp.experiment_id])
+    starts = {r.data.tags.get("run_key"): r.info.start_time for r in runs if r.data.tags.get("kind") == "point"}
+    assert all(starts[key] > written for key in held), (written, starts)
+    assert all(starts[key] < written for key in set(starts) - held)
+    (parent,) = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    assert {f"forecast/{key}" for key in held} <= set(parent.data.metrics)
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "forecast")] == ["forecast/forecast.json"]
+    report = (study / "report" / "report.md").read_text()
+    assert "## Forecast (written before the held-out runs trained)" in report
+    assert (study / "report" / "forecast_vs_observed.csv").exists()
+    before = path.read_bytes()
+    second = study_run(args, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert path.read_bytes() == before
