@@ -156,7 +156,7 @@ def _caveats(r, name, checks, tuning, at_best) -> list[str]:
         best = best[best["variant"].isin(arms)].set_index("variant")
         if not at_best:
             lrs = ", ".join(sorted({fmt_lr(v) for v in best["lr"]}))
-            notes.append(f"arms not at their best LR (one {LR} each, untuned: {lrs})")
+            notes.append(f"LR not tuned in this study (one {LR} each: {lrs}; a preset names where it was picked)")
         else:
             notes += [f"{name[v]}'s LR: {best.loc[v, 'note']}" for v in arms if v in best.index
                       and best.loc[v, "note"]]  # fmt: skip

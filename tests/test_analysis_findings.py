@@ -68,7 +68,7 @@ def test_report_opens_with_one_finding_sentence_per_comparison(report):
     assert lo <= x <= hi and abs(x - truth["savings"][G8]) < 0.02
     sav = pd.read_csv(path.parent / "savings.csv").iloc[0]
     assert_close(x, round(sav["savings_steps"], 3), rtol=0, atol=1e-9)
-    assert "arms not at their best LR (one optim.lr each, untuned: 0.003)" in m.group(4)
+    assert "LR not tuned in this study (one optim.lr each: 0.003; a preset names where it was picked)" in m.group(4)
     assert text.index("## Findings") < text.index("## Comparability checks")
     assert f"## Findings\n\n- {findings[0]}\n" in text
 
@@ -96,8 +96,8 @@ def test_caveats_name_one_seed_repeated_data_and_batch_expert_choice(tmp_path):
     assert caveats == (
         "fewer than 2 seeds both arms ran: no interval, and a seed alone moves the loss; "
         "not checked, not logged: machine.threads; repeated data in G=8 "
-        "(data.epochs up to 2.5); expert choice over the whole batch in G=8 (not causal); arms not at "
-        "their best LR (one optim.lr each, untuned: 0.003)."
+        "(data.epochs up to 2.5); expert choice over the whole batch in G=8 (not causal); LR not tuned in "
+        "this study (one optim.lr each: 0.003; a preset names where it was picked)."
     )
 
 
@@ -120,7 +120,7 @@ def test_caveat_names_an_arm_whose_best_lr_is_at_the_edge_of_its_grid(tmp_path):
     write_study(tmp_path / "lr", spec)
     (finding,) = read_findings(write_report(tmp_path / "lr", n_boot=0))
     assert "G=8's LR: no pick: best LR 0.01 is the highest of the grid; extend the grid upward" in finding
-    assert "G=1's LR" not in finding and "arms not at their best LR" not in finding
+    assert "G=1's LR" not in finding and "LR not tuned in this study" not in finding
 
 
 def test_a_slower_variant_takes_more_steps_and_is_said_to_be_extrapolated(tmp_path):
