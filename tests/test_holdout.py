@@ -113,3 +113,28 @@ def test_a_study_forecasts_its_held_out_points_before_they_start_and_a_rerun_kee
     second = study_run(args, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert path.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_held_out_points_without_a_forecast_never_start_and_the_sweep_exits_non_zero(shrunk, tmp_path):
+    from analysis.forecast import Forecast, ForecastRow, forecast_path, write_forecast
+
+    # one G: Chinchilla's 5 coefficients on 3 widths x 3 budgets; an earlier forecast, for another point
+    grid = [*GRID[:2], "model.d_model=16,32,48,64", "granularity=1", *GRID[4:]]
+    study = tmp_path / "outputs" / "scaling_law"
+    row = ForecastRow(run_key="0123456789", model="tiny", params=1e6, tokens=2e4, granularity=1.0, seed=0,
+                      predicted=4.0, lo=3.9, hi=4.1)  # fmt: skip
+    earlier = Forecast(law="chinchilla", coefficients={}, intervals={}, ci=0.9, n_bootstrap=100, rmse_log=0.01,
+                       fit_run_keys=(), flags=(), rows=(row,), written_at="2026-01-01T00:00:00+00:00")  # fmt: skip
+    forecast_path(study).parent.mkdir(parents=True)
+    assert write_forecast(forecast_path(study), earlier)
+    before = forecast_path(study).read_bytes()
+    run = study_run([*shrunk, *grid], tmp_path)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Held-out points not started:" in run.stderr and "has no forecast for held-out points" in run.stderr
+    # held-out parents have a folder (their branches.json, written before any job) but never a status
+    started = [json.loads((p / "summary.json").read_text()) for p in (study / "runs").iterdir()
+               if (p / "status.json").exists()]  # fmt: skip
+    assert sorted(r["params"]["model.d_model"] for r in started) == [16] * 3 + [32] * 3 + [48] * 3
+    assert all(r["status"] == "DONE" for r in started)
+    assert forecast_path(study).read_bytes() == before
