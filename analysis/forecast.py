@@ -263,8 +263,10 @@ def _exponent_flags(coefficients, intervals, starts, ci: float) -> list[str]:
         if name not in coefficients:
             continue
         v, edge = coefficients[name], float(np.max(starts[name]))
-        if v <= EDGE_TOL:
-            flags.append(f"{name} = {v:.4g} is at its lower bound 0: that term does not scale in the fit")
+        if v < -EDGE_TOL:
+            flags.append(f"{name} = {v:.4g} is negative: that term grows with its covariate in the fit")
+        elif v <= EDGE_TOL:
+            flags.append(f"{name} = {v:.4g} is at 0: that term does not scale in the fit")
         elif v >= edge - EDGE_TOL:
             flags.append(f"{name} = {v:.4g} is at or beyond the start grid's upper edge {edge:g}")
         if name in intervals:
