@@ -124,6 +124,35 @@ def plot_law(ax, data: pd.DataFrame, fit: LawFit, *, title: str = ""):
     ax.set_title(title or f"{fit.law}: {coefs}", fontsize=8)
 
 
+def plot_law_by_granularity(axes, data: pd.DataFrame, fit: LawFit | None):
+    """Observed final loss vs tokens, one axis per G (increasing), one colour per model size; lines: the
+    fine-grained law's prediction per size (dashed for a size only held-out runs have; none without a
+    fit); held-out runs as hollow diamonds."""
+    gs = sorted(data["granularity"].unique())
+    if len(axes) != len(gs):
+        raise ValueError(f"plot_law_by_granularity: {len(axes)} axes for {len(gs)} granularities")
+    colors = _colors(data["params"].unique())
+    tokens = np.geomspace(data["tokens"].min() / 1.5, data["tokens"].max() * 1.5, 50)
+    for ax, G in zip(axes, gs, strict=True):
+        for n, g in data[data["granularity"] == G].groupby("params", sort=True):
+            held = g["held_out"].astype(bool)
+            if (~held).any():
+                ax.scatter(
+                    g.loc[~held, "tokens"], g.loc[~held, "loss"], color=colors[n], s=14, label=f"N={n:.3g}"
+                )
+            if held.any():
+                ax.scatter(g.loc[held, "tokens"], g.loc[held, "loss"], marker="D", s=30, facecolors="none",
+                           edgecolors=colors[n], label=f"N={n:.3g} held out")  # fmt: skip
+            if fit is not None:
+                grid = {"params": np.full(50, n), "tokens": tokens, "granularity": np.full(50, G)}
+                ax.plot(tokens, fit.predict(grid), color=colors[n], lw=0.9, ls="--" if held.all() else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_title(f"G={G:g}" + ("" if fit is not None else " (no fine-grained fit)"), fontsize=9)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("final val loss (smoothed)")
+
+
 def save(fig, path) -> None:
     """Write a PNG and free the figure."""
     fig.tight_layout()

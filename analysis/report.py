@@ -31,7 +31,8 @@ from analysis.forecast import (
     plot_forecast,
     read_forecast,
 )
-from analysis.laws import FitError, LawFit, fit_chinchilla, fit_finegrained
+from analysis.law_report import LawSettings, answers_section, law_report, laws_json, write_law_outputs
+from analysis.laws import FitError, LawFit, fit_chinchilla
 from analysis.load import Study, check_tracking_server, load_study
 from analysis.paired import paired_differences
 from analysis.report_md import (
@@ -84,14 +85,17 @@ def final_table(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def law_data(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """One scaling-law point per run: non-embedding params, tokens trained, final smoothed loss, G."""
+    """One scaling-law point per run: non-embedding params, tokens trained, final smoothed loss, G, and
+    the run's key and training FLOPs (analysis.law_report leaves held-out runs out by key)."""
     f = final_losses(curve).merge(runs, on="run_key", suffixes=("", "_tag"))
     return pd.DataFrame(
         {
+            "run_key": f["run_key"],
             "params": pd.to_numeric(f["acct.params_non_embedding"]).astype(float),
             "tokens": f["tokens"].astype(float),
             "loss": f["final_smooth"].astype(float),
             "granularity": pd.to_numeric(f["granularity"], errors="coerce").astype(float),
+            "flops": pd.to_numeric(f["flops"], errors="coerce").astype(float),
         }
     )
 
@@ -117,6 +121,7 @@ def write_report(
     n_boot: int = 1000,
     best_lr: bool | None = None,
     from_curves: Path | None = None,
+    law_settings: LawSettings | None = None,
 ) -> Path:
     """Load the study, write study_dir/report/report.md and PNGs, log them on parent_run_id, print a table.
 
@@ -126,6 +131,7 @@ def write_report(
     those runs). None = on when some variant has several LRs; True refuses a variant with one LR; False
     refuses a variant with several (runs at different LRs are not seeds). See analysis/tuning.py.
     from_curves: read the study from a report folder's curves.csv and runs.csv (analysis/curves_io.py).
+    law_settings: how the answers' laws are fitted (analysis/law_report.py; bootstrap 100 by default).
     """
     study_dir = Path(study_dir)
     smoothing = smoothing or Smoothing()
@@ -183,17 +189,22 @@ def write_report(
 
     data = law_data(curve, runs)
     laws = {"chinchilla": _try_law(fit_chinchilla, data, {"params": 2, "tokens": 2})}
-    g_data = data.dropna(subset=["granularity"])
-    laws["finegrained"] = _try_law(fit_finegrained, g_data, {"params": 2, "tokens": 2, "granularity": 2})
+    fc = read_forecast(out / FORECAST_FILE) if (out / FORECAST_FILE).exists() else None
+    lr = law_report(
+        data, per_run, runs, baseline=baseline, savings=savings, forecast=fc, settings=law_settings
+    )
+    laws["finegrained"] = (lr.finegrained.fit, lr.finegrained.reason)  # one fit: on the runs not held out
 
     findings = finding_sentences(
         savings, runs, checks=checks, tuning=tuning, at_best=at_best, ci=SAVINGS_CI, smoothing=smoothing
     )
     figures = _figures(out, curve, s, fits, savings, data, laws) + forecast_figs
+    figures += write_law_outputs(out, lr, data)
     fair = fairness_sections(checks, tuning, at_best, smoothing)
     sav = (savings, per_seed, savings_note)
     text = render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing,
-                  final_eval=(per_run, paired_eval), forecast=forecast)  # fmt: skip
+                  final_eval=(per_run, paired_eval), forecast=forecast,
+                  answers=answers_section(lr))  # fmt: skip
     downstream = out / "downstream.md"  # written by `python -m studies.eval` (lm-evaluation-harness)
     if downstream.exists():
         text = with_downstream(text, downstream.read_text())
@@ -220,7 +231,8 @@ def write_report(
                     else {"error": err}
                 )
                 for k, (f, err) in laws.items()
-            },
+            }
+            | laws_json(lr),
             indent=2,
         )
     )

@@ -125,11 +125,13 @@ def final_eval_section(per_run: pd.DataFrame, paired_eval: pd.DataFrame) -> list
 
 
 def render(
-    s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing, final_eval=(), forecast=()
-) -> str:
-    """The whole report.md: findings first, then loading notes, exclusions, checks, tables, fits, figures.
-    sav: (savings summary, savings per seed, why they were not measured); final_eval: (run_finals rows,
-    paired differences of their final_eval) or empty; forecast: `forecast_section`'s lines or empty."""
+    s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing, final_eval=(), forecast=(),
+    answers=(),
+) -> str:  # fmt: skip
+    """The whole report.md: answers and findings first, then loading notes, exclusions, checks, tables, fits,
+    figures. sav: (savings summary, savings per seed, why they were not measured); final_eval: (run_finals
+    rows, paired differences of their final_eval) or empty; forecast: `forecast_section`'s lines or empty;
+    answers: analysis.law_report's `answers_section` lines, or empty."""
     savings, per_seed, savings_note = sav
     lines = [
         f"# Study report: {s.name}",
@@ -137,6 +139,7 @@ def render(
         f"Source: `{s.source}`. Finished point runs: {len(s.runs)}; "
         f"excluded: {len(s.excluded)}. Smoothing: {smoothing.describe()} ({smoothing}).",
         "",
+        *answers,
         "## Findings",
         "",
     ]
