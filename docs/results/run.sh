@@ -15,7 +15,11 @@ args_of() {
         token_budget)    echo "-m study=token_budget tokens=500000,1000000,4000000 seed=0,1,2" ;;
         router_order)    echo "-m study=router_order seed=0,1" ;;
         equal_resources) echo "-m study=equal_resources seed=0,1" ;;
-        *) echo "unknown result name $1 (default, lr_sweep, granularity, token_budget, router_order, equal_resources)" >&2; exit 2 ;;
+        # WSD parents of 2M and their cooldown branches; analysis.branch_check compares them with the cosine
+        # runs of token_budget (0.5M, 1M) and granularity (2M): run those two first
+        branch_check)    echo "-m study.name=branch_check granularity=1,8 seed=0,1,2 tokens=500000,1000000,2000000 optim=wsd optim.decay_shape=1-sqrt branch_from=2000000" ;;
+        scaling_law)     echo "study=scaling_law" ;;  # a study preset is a sweep without -m (~2.5 h; resumes)
+        *) echo "unknown result name $1 (default, lr_sweep, granularity, token_budget, router_order, equal_resources, branch_check, scaling_law)" >&2; exit 2 ;;
     esac
 }
 
@@ -50,5 +54,9 @@ for name in "$@"; do
 - raw curves: [report/curves.csv](report/curves.csv) (run x step), [report/runs.csv](report/runs.csv) (run);
   recompute the report from them: \`python -m analysis.report --from-curves docs/results/$name/report --study-dir <out>\`
 EOF
+    if [ "$name" = branch_check ]; then
+        python -m analysis.branch_check "$ROOT/branch_check" --against "$ROOT/token_budget" "$ROOT/granularity" \
+            --csv "$out/report/branch_vs_cosine.csv" | tee "$out/branch_vs_cosine.txt"
+    fi
     echo "== $name: ${wall} s -> $out"
 done
