@@ -361,3 +361,13 @@ def fit_finegrained(data: pd.DataFrame | dict, **kw) -> LawFit:
     """L = c + (g/G^gamma + a)/N^alpha + b/D^beta on columns params, tokens, granularity, loss."""
     kw.setdefault("keep_starts", 512)
     return fit_law(FINEGRAINED, data, **kw)
+
+
+def levels(values, rel: float = 0.05) -> int:
+    """Distinct levels of a covariate, values within `rel` of the previous level counting as one: the
+    router makes N differ a little between the G of one model size, which is not another size."""
+    out: list[float] = []
+    for v in sorted(float(x) for x in values):
+        if not out or v > out[-1] * (1 + rel):
+            out.append(v)
+    return len(out)

@@ -31,7 +31,8 @@ from analysis.forecast import (
     plot_forecast,
     read_forecast,
 )
-from analysis.law_report import LawSettings, answers_section, law_report, laws_json, write_law_outputs
+from analysis.law_answers import answers_section
+from analysis.law_report import LawSettings, law_report, laws_json, write_law_outputs
 from analysis.laws import FitError, LawFit, fit_chinchilla
 from analysis.load import Study, check_tracking_server, load_study
 from analysis.paired import paired_differences

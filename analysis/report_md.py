@@ -131,7 +131,7 @@ def render(
     """The whole report.md: answers and findings first, then loading notes, exclusions, checks, tables, fits,
     figures. sav: (savings summary, savings per seed, why they were not measured); final_eval: (run_finals
     rows, paired differences of their final_eval) or empty; forecast: `forecast_section`'s lines or empty;
-    answers: analysis.law_report's `answers_section` lines, or empty."""
+    answers: analysis.law_answers' `answers_section` lines, or empty."""
     savings, per_seed, savings_note = sav
     lines = [
         f"# Study report: {s.name}",

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from analysis.laws import levels
 from studies import runfiles
 from studies.config import load_run_config
 from studies.point import Point, build_point
@@ -59,16 +60,6 @@ def _grid(p: Point) -> tuple[float, int, int]:
             p.model.moe.granularity if p.model.moe else 1)  # fmt: skip
 
 
-def _levels(values: Sequence[float], rel: float = 0.05) -> int:
-    """Distinct levels of a covariate, values within `rel` of the last level counting as one (the router
-    makes N differ a little between the G of one size)."""
-    levels: list[float] = []
-    for v in sorted(values):
-        if not levels or v > levels[-1] * (1 + rel):
-            levels.append(v)
-    return len(levels)
-
-
 def holdout_errors(jobs: Sequence[tuple[Any, Any]], points: Sequence[Point]) -> list[str]:
     """Why the study's held-out points cannot be forecast, before any job (empty: they can)."""
     if not points or not points[0].run.study.holdout:
@@ -91,7 +82,7 @@ def holdout_errors(jobs: Sequence[tuple[Any, Any]], points: Sequence[Point]) -> 
     # each term's coefficient and exponent (and c, or c and a) need three levels of its covariate
     axes = (("model sizes", 0), ("token budgets", 1)) + ((("granularities", 2),) if law == "finegrained" else ())
     for name, i in axes:
-        if (k := _levels([g[i] for g in grid])) < 3:
+        if (k := levels([g[i] for g in grid])) < 3:
             errors.append(f"study.holdout: the points left to fit on have {k} {name}; the {law} law needs 3 or more")
     if points[0].run.launch.detach:
         errors.append("study.holdout with launch.detach=true: the held-out points would be submitted before "

@@ -10,7 +10,8 @@ import pytest
 from torch.testing import assert_close
 
 from analysis.forecast import Forecast, ForecastRow, forecast_path, write_forecast
-from analysis.law_report import LawSettings, answers_section, law_fits_table, law_outcome, law_report
+from analysis.law_answers import answers_section
+from analysis.law_report import LawSettings, law_fits_table, law_outcome, law_report
 from analysis.laws import FINEGRAINED, law_from_preset
 from analysis.load import load_files
 from analysis.report import write_report
