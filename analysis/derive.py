@@ -135,6 +135,29 @@ def curves(
     return out
 
 
+SPIKE_RISE = 0.5
+"""Nats a run's val loss may rise above its lowest earlier value before the run counts as spiking: far
+above eval noise (SE ~0.01) and the last evals' wobble, far below a real loss spike or divergence."""
+
+
+def worst_rise(values) -> float:
+    """The largest rise of a loss series above its lowest earlier value (0 for a series that never rises)."""
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return 0.0
+    return float(max(0.0, np.max(v[1:] - np.minimum.accumulate(v)[:-1])))
+
+
+def spiking_runs(curve: pd.DataFrame, rise: float = SPIKE_RISE) -> dict[str, str]:
+    """Runs of a `curves` table whose raw val loss rose more than `rise` above its lowest earlier value:
+    {run key: why}. Such a run enters no law fit (analysis.law_report, studies.holdout)."""
+    out = {}
+    for key, g in curve.sort_values("step").groupby("run_key"):
+        if (r := worst_rise(g["value"])) > rise:
+            out[str(key)] = f"val loss rose {r:.2f} above its earlier minimum (> {rise:g})"
+    return out
+
+
 def final_losses(curve: pd.DataFrame) -> pd.DataFrame:
     """Last raw and smoothed value (and its step) per run."""
     last = curve.sort_values("step").groupby("run_key", sort=False).tail(1)

@@ -87,6 +87,8 @@ def answers_section(rep: LawReport) -> list[str]:
     """report.md's "## Answers": plain, hedged sentences, each only where its inputs exist."""
     s = rep.settings
     held = f" (the forecast's {len(rep.held_out)} held-out runs left out)" if rep.held_out else ""
+    if rep.flagged:
+        held += " (left out as flagged: " + "; ".join(f"{k}: {why}" for k, why in rep.flagged) + ")"
     intro = (f"What the fitted laws imply, not measurements: laws fitted on {rep.finegrained.n_points} runs"
              f"{held}; {s.ci:.0%} intervals over {s.bootstrap} bootstrap refits on {s.bootstrap_frac:.0%} "
              "subsamples; comparisons by token budget use every run.")  # fmt: skip

@@ -170,6 +170,8 @@ class LawReport:
     """How the laws were fitted."""
     gap_note: str = ""
     """Why no variant is compared with the baseline, when none is."""
+    flagged: tuple[tuple[str, str], ...] = ()
+    """(run key, why) of runs left out of the fits as flagged (analysis.derive.spiking_runs)."""
 
 
 def fit_checked(law: str, data: pd.DataFrame, settings: LawSettings) -> LawFit:
@@ -241,12 +243,14 @@ def gap_trends(per_run: pd.DataFrame, runs: pd.DataFrame, baseline, savings: pd.
 
 
 def law_report(data, per_run, runs, *, baseline=None, savings=None, forecast: Forecast | None = None,
-               settings: LawSettings | None = None) -> LawReport:  # fmt: skip
-    """Fit the laws on `data` (analysis.report.law_data) less the forecast's held-out runs, solve the optima;
-    compare each variant with the baseline on per_run (analysis.derive.run_finals) and savings.csv's rows."""
+               settings: LawSettings | None = None, flagged: dict[str, str] | None = None) -> LawReport:  # fmt: skip
+    """Fit the laws on `data` (analysis.report.law_data) less the forecast's held-out runs and the `flagged`
+    ones ({run key: why}), solve the optima; compare each variant with the baseline on per_run
+    (analysis.derive.run_finals) and savings.csv's rows."""
     settings = settings or LawSettings()
     held = tuple(sorted({r.run_key for r in forecast.rows} & set(data["run_key"]))) if forecast else ()
-    fit_data = data[~data["run_key"].isin(held)].dropna(subset=["granularity"])
+    bad = tuple(sorted((k, why) for k, why in (flagged or {}).items() if k in set(data["run_key"])))
+    fit_data = data[~data["run_key"].isin(held + tuple(k for k, _ in bad))].dropna(subset=["granularity"])
     fg = law_outcome("finegrained", fit_data, settings)
     by_g = tuple(law_outcome("chinchilla", g, settings, float(G)) for G, g in fit_data.groupby("granularity"))
     largest = float(fit_data["flops"].max()) if len(fit_data) else math.nan
@@ -257,7 +261,7 @@ def law_report(data, per_run, runs, *, baseline=None, savings=None, forecast: Fo
         budgets = set(settings.budgets) | ({largest} if math.isfinite(largest) else set())
         optima = tuple(optimal_g(fg.fit, f, compute) for f in sorted(budgets))
     gaps, note = gap_trends(per_run, runs, baseline, pd.DataFrame() if savings is None else savings)
-    return LawReport(fg, by_g, optima, gaps, held, largest, settings, note)
+    return LawReport(fg, by_g, optima, gaps, held, largest, settings, note, bad)
 
 
 def law_fits_table(rep: LawReport) -> pd.DataFrame:

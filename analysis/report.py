@@ -21,7 +21,7 @@ from analysis import cli, plots
 from analysis.checks import ROUTED_SCALE, comparability_checks, per_variant
 from analysis.curves import degenerate_reason, fit_loss_curve
 from analysis.curves_io import load_curves, write_curves
-from analysis.derive import FINAL_EVAL, LR, Smoothing, curves, final_losses, run_finals
+from analysis.derive import FINAL_EVAL, LR, Smoothing, curves, final_losses, run_finals, spiking_runs
 from analysis.findings import FINDINGS_FILE, finding_sentences, read_findings
 from analysis.forecast import (
     FORECAST_FILE,
@@ -188,12 +188,11 @@ def write_report(
         savings, per_seed, paired, savings_note = pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), str(e)
         paired_eval = pd.DataFrame()
 
-    data = law_data(curve, runs)
-    laws = {"chinchilla": _try_law(fit_chinchilla, data, {"params": 2, "tokens": 2})}
+    data, flagged = law_data(curve, runs), spiking_runs(curve)  # a spiking run enters no fit
+    laws = {"chinchilla": _try_law(fit_chinchilla, data[~data["run_key"].isin(flagged)], {"params": 2, "tokens": 2})}
     fc = read_forecast(out / FORECAST_FILE) if (out / FORECAST_FILE).exists() else None
-    lr = law_report(
-        data, per_run, runs, baseline=baseline, savings=savings, forecast=fc, settings=law_settings
-    )
+    lr = law_report(data, per_run, runs, baseline=baseline, savings=savings, forecast=fc, settings=law_settings,
+                    flagged=flagged)  # fmt: skip
     laws["finegrained"] = (lr.finegrained.fit, lr.finegrained.reason)  # one fit: on the runs not held out
 
     findings = finding_sentences(

@@ -11,6 +11,8 @@ forecasts them before they train, so the forecast is a test the law can fail.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from analysis.derive import SPIKE_RISE, worst_rise
 from analysis.laws import levels
 from studies import runfiles
 from studies.config import load_run_config
@@ -96,17 +99,26 @@ def _target_row(p: Point) -> dict[str, Any]:
             "granularity": float(g), "seed": p.run.seed}  # fmt: skip
 
 
+def _val_losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    events = (json.loads(line) for line in lines if line.strip())
+    return [e["val/loss"] for e in sorted(events, key=lambda e: e["step"]) if "val/loss" in e]
+
+
 def fit_rows(points: Sequence[Point]) -> tuple[pd.DataFrame, list[str]]:
-    """The finished points' (N, D, G, final val loss) and the run keys of those that are not finished."""
-    rows, missing = [], []
+    """The finished points' (N, D, G, final val loss), and why each other one is left out: not finished,
+    or spiking (analysis.derive.worst_rise above SPIKE_RISE, the report's rule)."""
+    rows, left_out = [], []
     for p in points:
         summary = runfiles.read_json(p.run_dir / "summary.json") or {}
         loss = (summary.get("final") or {}).get("val/loss_final")
         if summary.get("status") != "DONE" or loss is None:
-            missing.append(p.run_key)
-            continue
-        rows.append({**_target_row(p), "loss": float(loss)})
-    return pd.DataFrame(rows), missing
+            left_out.append(f"{p.run_key}: not finished")
+        elif (rise := worst_rise(_val_losses(p.run_dir))) > SPIKE_RISE:
+            left_out.append(f"{p.run_key}: val loss rose {rise:.2f} above its earlier minimum (> {SPIKE_RISE:g})")
+        else:
+            rows.append({**_target_row(p), "loss": float(loss)})
+    return pd.DataFrame(rows), left_out
 
 
 def forecast_before(master: DictConfig, jobs: Sequence[tuple[Any, Any]], study_dir: Path,
@@ -125,13 +137,14 @@ def forecast_before(master: DictConfig, jobs: Sequence[tuple[Any, Any]], study_d
         print(f"Forecast of the {len(held)} held-out points kept from {path}", flush=True)
         return None
     fit = [p for p, h in points if not h]
-    data, unfinished = fit_rows(fit)
+    data, left_out = fit_rows(fit)
     try:
         forecast = make_forecast(data, pd.DataFrame([_target_row(p) for p in held]), law=law_of(fit))
     except (ValueError, RuntimeError) as exc:
         return f"no forecast for the held-out points: {exc}"
-    if unfinished:
-        print(f"Forecast fitted without {len(unfinished)} unfinished points: {unfinished}", flush=True)
+    if left_out:  # said in the forecast itself, not only on the console
+        forecast = dataclasses.replace(forecast, flags=(*forecast.flags, *(f"left out of the fit: {w}" for w in left_out)))
+        print(f"Forecast fitted without {len(left_out)} points: {left_out}", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_forecast(path, forecast)
     _log_on_parent(path, forecast, tracking_uri)

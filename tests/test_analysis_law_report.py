@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from torch.testing import assert_close
 
+from analysis.derive import spiking_runs, worst_rise
 from analysis.forecast import Forecast, ForecastRow, forecast_path, write_forecast
 from analysis.law_answers import answers_section
 from analysis.law_report import LawSettings, law_fits_table, law_outcome, law_report
@@ -183,3 +184,22 @@ def test_report_opens_with_answers_and_writes_law_fits_without_the_held_out_runs
     laws = json.loads((out / "laws.json").read_text())
     assert laws["fit_set"]["held_out"] == [held] and set(laws["chinchilla_by_granularity"]) == {"G=1", "G=8"}
     assert "](law_fit_vs_observed.png)" in text and (out / "law_fit_vs_observed.png").stat().st_size > 1000
+
+
+def test_worst_rise_measures_a_spike_above_the_earlier_minimum_not_a_falling_curve():
+    assert worst_rise([8.0, 6.0, 5.0, 4.5]) == 0.0
+    assert worst_rise([8.0, 5.0, 5.7, 4.9, 5.2]) == pytest.approx(0.7)
+    curve = pd.DataFrame({"run_key": ["a"] * 4 + ["b"] * 4, "step": [1, 2, 3, 4] * 2,
+                          "value": [8, 6, 5, 4.9, 8, 5, 6.2, 5.1]})  # fmt: skip
+    assert list(spiking_runs(curve)) == ["b"] and "rose 1.20 above its earlier minimum" in spiking_runs(curve)["b"]
+
+
+def test_a_flagged_run_enters_no_fit_and_the_answers_say_which_and_why():
+    data, per_run, runs = _study(sizes={k: SIZES[k] for k in ("s", "m", "l")}, gs=(1,), seeds=(0,))
+    key = data["run_key"].iloc[0]
+    spoiled = data.assign(loss=np.where(data["run_key"] == key, 9.0, data["loss"]))  # a spike would pull the fit
+    rep = law_report(spoiled, per_run, runs, settings=FAST, flagged={key: "val loss rose 3.00 above ..."})
+    (g1,) = rep.by_granularity
+    assert g1.n_points == len(data) - 1 and rep.flagged == ((key, "val loss rose 3.00 above ..."),)
+    assert g1.rmse < 1e-3  # the spoiled point did not enter the fit
+    assert f"left out as flagged: {key}: val loss rose 3.00 above ..." in "\n".join(answers_section(rep))

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from studies.config import StudyConfig
-from studies.holdout import is_held_out
+from studies.holdout import fit_rows, is_held_out
 from studies.sweep import compose_jobs, validate_jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +74,23 @@ def test_holdout_with_detach_is_refused_as_the_forecast_would_come_too_late(shru
 def test_a_holdout_entry_that_is_not_key_value_is_refused_naming_it(entry):
     with pytest.raises(ValueError, match=f"study.holdout entry '{entry}' must be key=value"):
         StudyConfig(holdout=[entry])
+
+
+def test_the_fit_set_leaves_out_unfinished_and_spiking_points_saying_why(shrunk, tmp_path):
+    from studies.config import load_run_config
+    from studies.point import build_point
+
+    jobs = compose_jobs([*shrunk, *SMALL], multirun=True)
+    points = [build_point(load_run_config(cfg), cwd=tmp_path) for _, cfg in jobs[:3]]
+    for p, vals in zip(points[:2], ([7.0, 5.0, 4.5], [7.0, 5.0, 5.8]), strict=True):  # the second spikes
+        p.run_dir.mkdir(parents=True)
+        (p.run_dir / "summary.json").write_text(json.dumps({"status": "DONE", "final": {"val/loss_final": vals[-1]}}))
+        (p.run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "val/loss": v}) + "\n"
+                                                         for i, v in enumerate(vals)))  # fmt: skip
+    data, left_out = fit_rows(points)
+    assert list(data["run_key"]) == [points[0].run_key] and list(data["loss"]) == [4.5]
+    assert left_out == [f"{points[1].run_key}: val loss rose 0.80 above its earlier minimum (> 0.5)",
+                        f"{points[2].run_key}: not finished"]  # fmt: skip
 
 
 def study_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
