@@ -28,7 +28,7 @@ class ParentsFirstSweeper(BasicSweeper):
         self._held = {tuple(job) for job, cfg in self._jobs if is_held_out(cfg)}
         groups = ([list(j) for j, _ in self._jobs if tuple(j) not in self._held],
                   [list(j) for j, _ in self._jobs if tuple(j) in self._held])  # fmt: skip
-        return [b for g in groups for b in BasicSweeper.split_overrides_to_chunks(g, max_batch_size)]
+        return [b for g in groups if g for b in BasicSweeper.split_overrides_to_chunks(g, max_batch_size)]
 
     def is_done(self) -> bool:
         if super().is_done():
