@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -122,7 +121,7 @@ def fit_rows(points: Sequence[Point]) -> tuple[pd.DataFrame, list[str]]:
 
 
 def forecast_before(master: DictConfig, jobs: Sequence[tuple[Any, Any]], study_dir: Path,
-                    tracking_uri: str | None) -> str | None:  # fmt: skip
+                    tracking_uri: str | None, parent_run_id: str | None = None) -> str | None:  # fmt: skip
     """Write the held-out points' forecast before they start; None when it exists, else why it cannot."""
     from analysis.forecast import forecast_path, make_forecast, read_forecast, write_forecast
 
@@ -147,16 +146,14 @@ def forecast_before(master: DictConfig, jobs: Sequence[tuple[Any, Any]], study_d
         print(f"Forecast fitted without {len(left_out)} points: {left_out}", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_forecast(path, forecast)
-    _log_on_parent(path, forecast, tracking_uri)
+    _log_on_parent(path, forecast, tracking_uri, parent_run_id)
     print(f"Forecast of the {len(held)} held-out points written to {path} before they start", flush=True)
     return None
 
 
-def _log_on_parent(path: Path, forecast: Any, tracking_uri: str | None) -> None:
-    from studies.callbacks import PARENT_ENV
+def _log_on_parent(path: Path, forecast: Any, tracking_uri: str | None, run_id: str | None) -> None:
     from studies.tracking import open_client
 
-    run_id = os.environ.get(PARENT_ENV)
     if not run_id or not tracking_uri:
         return
     client = open_client(tracking_uri)

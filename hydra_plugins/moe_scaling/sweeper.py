@@ -34,10 +34,13 @@ class ParentsFirstSweeper(BasicSweeper):
         if super().is_done():
             return True
         if self._forecast is None and any(tuple(j) in self._held for j in self.overrides[self.batch_index]):
-            from studies.callbacks import study_dir_of, tracking_uri_of
+            import os
+
+            from studies.callbacks import PARENT_ENV, study_dir_of, tracking_uri_of
             from studies.holdout import forecast_before
 
-            why = forecast_before(self.config, self._jobs, study_dir_of(self.config), tracking_uri_of(self.config))
+            why = forecast_before(self.config, self._jobs, study_dir_of(self.config), tracking_uri_of(self.config),
+                                  os.environ.get(PARENT_ENV))  # fmt: skip
             self._forecast = "written" if why is None else why
             if why is not None:  # the sweep ends here; its end (studies.callbacks) exits non-zero with this
                 from pathlib import Path
