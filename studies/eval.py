@@ -43,6 +43,7 @@ def evaluate_model(
     *,
     include_path: Path | None = None,
     cache: Path | None = None,
+    cache_key: str | None = None,
     limit: int | None = None,
     device: str = "cpu",
     batch_size: int = 8,
@@ -67,7 +68,8 @@ def evaluate_model(
         device=device,
         batch_size=batch_size,
         limit=limit,
-        use_cache=str(cache / Path(model_dir).name) if cache is not None else None,
+        # one answer store per model: a store shared by two models answers the second from the first
+        use_cache=str(cache / (cache_key or Path(model_dir).name)) if cache is not None else None,
         log_samples=False,
     )
     scores: dict[str, float] = {}
@@ -114,7 +116,7 @@ def evaluate_study(
         model_dir = run_dir / "hf"
         if not (model_dir / "export.json").is_file():
             export_run(run_dir, model_dir, overwrite=True, allow_earlier_checkpoint=allow_earlier_checkpoint)
-        scores = evaluate_model(model_dir, tasks, cache=study_dir / "lm_eval_cache", **kw)
+        scores = evaluate_model(model_dir, tasks, cache=study_dir / "lm_eval_cache", cache_key=run_dir.name, **kw)
         runfiles.write_json(run_dir / "downstream.json", {"tasks": tasks, "scores": scores})
         _log_to_mlflow(study_dir, run_dir, fin.run.tracking.uri, scores)
         m = fin.model.moe

@@ -70,7 +70,10 @@ def test_study_points_are_scored_logged_to_mlflow_and_reported_g1_vs_g8(compose,
     # a second evaluation re-scores from lm-eval's cache and the existing exports
     again = evaluate_study(study, ["tiny_code_mc"], include_path=tasks)
     assert {p.run_key: p.scores for p in again} == {p.run_key: p.scores for p in points}
-    assert any((study / "lm_eval_cache").iterdir())
+    # each point answers from its own store, keyed by its run key (a shared one answered G=8 from G=1's)
+    stores = sorted(f.name for f in (study / "lm_eval_cache").iterdir())
+    assert all(any(name.startswith(p.run_key) for name in stores) for p in points), stores
+    assert not any(name.startswith("hf") for name in stores), stores
     # the study's report carries the comparison too, whichever of the two is written last
     from analysis.report import write_report
 
