@@ -18,7 +18,7 @@ Each check reads params the training side logs; a param an older store lacks mak
                               sit in the val split (runs without data.val_windows took the first ones)
                               and how many; arms of one comparison must share both.
   machine.threads, machine.cpu_capability, machine.torch, machine.device
-                              where a run trained (studies.record.machine_facts): thread count, CPU
+                              where a run trained (studies.job.record.machine_facts): thread count, CPU
                               capability and torch version change the loss of one run key beyond seed
                               noise; arms of one comparison must share all four.
 """
@@ -72,8 +72,14 @@ def param(runs: pd.DataFrame, name: str, *, numeric: bool = False) -> pd.Series:
 
 def comparability_checks(runs: pd.DataFrame) -> list[Check]:
     """All six checks, in a fixed order."""
-    return [repeated_data(runs), batch_expert_choice(runs), routed_scale_mix(runs), fingerprint_mix(runs),
-            val_tokens_mix(runs), machine_mix(runs)]  # fmt: skip
+    return [
+        repeated_data(runs),
+        batch_expert_choice(runs),
+        routed_scale_mix(runs),
+        fingerprint_mix(runs),
+        val_tokens_mix(runs),
+        machine_mix(runs),
+    ]
 
 
 def _check(name, params, runs, bad, unknown, found, clean, extra=()) -> Check:
@@ -178,8 +184,11 @@ def fingerprint_mix(runs: pd.DataFrame) -> Check:
 def val_tokens_mix(runs: pd.DataFrame) -> Check:
     windows = param(runs, VAL_WINDOWS).fillna("first")
     n_tokens = param(runs, EVAL_TOKENS, numeric=True)
-    val_set = pd.Series([f"{w} x {n:g}" if pd.notna(n) else np.nan for w, n in zip(windows, n_tokens, strict=True)],
-                        index=runs.index, dtype=object)  # fmt: skip
+    val_set = pd.Series(
+        [f"{w} x {n:g}" if pd.notna(n) else np.nan for w, n in zip(windows, n_tokens, strict=True)],
+        index=runs.index,
+        dtype=object,
+    )
     bad = _per_group(runs, lambda g: val_set[g.index].dropna().nunique() <= 1)
     return _check(
         "arms validated on different tokens",
@@ -196,11 +205,15 @@ def val_tokens_mix(runs: pd.DataFrame) -> Check:
 
 def machine_facts(runs: pd.DataFrame) -> pd.Series:
     """Per run, its machine facts as one text ("1 threads, AVX2, torch 2.5.1, cpu"); NaN where any of
-    them is not logged (runs from before studies.record.machine_facts)."""
+    them is not logged (runs from before studies.job.record.machine_facts)."""
     cols = [param(runs, p) for p in MACHINE]
     threads = pd.to_numeric(cols[0], errors="coerce")
-    label = [f"{t:g} threads, {c}, torch {v}, {d}" if pd.notna(t) and all(pd.notna(x) for x in (c, v, d))
-             else np.nan for t, c, v, d in zip(threads, *cols[1:], strict=True)]  # fmt: skip
+    label = [
+        f"{t:g} threads, {c}, torch {v}, {d}"
+        if pd.notna(t) and all(pd.notna(x) for x in (c, v, d))
+        else np.nan
+        for t, c, v, d in zip(threads, *cols[1:], strict=True)
+    ]
     return pd.Series(label, index=runs.index, dtype=object)
 
 

@@ -10,7 +10,7 @@ Router FLOPs, one stated convention (`ComputeModel.router_flops`):
   "paper"   c_r = 14 per router parameter per token, the paper's: it counts the routing work beyond
             the router matmul (softmax, top-k/expert-choice selection, gathering and scattering tokens).
             Default, because the published compute-optimal G (8 at 3e18, 64 at 5e25) rests on it.
-  "matmul"  c_r = 6, moe.accounting's convention (2 forward + 4 backward per parameter, as for any
+  "matmul"  c_r = 6, moe.model.accounting's convention (2 forward + 4 backward per parameter, as for any
             matmul weight; used by studies.plan and by every acct.flops_* param a run logs).
 """
 
@@ -39,7 +39,7 @@ class ComputeModel:
     """FLOPs per dense parameter per token (forward + backward)."""
     router_flops: RouterFlops = "paper"
     """paper (c_r = 14, routing overhead counted, Krajewski et al. 2024) or matmul (c_r = 6, as
-    moe.accounting counts the router)."""
+    moe.model.accounting counts the router)."""
     d_per_block: float = 64.0
     """Shape rule d_model = d_per_block * n_blocks."""
 
@@ -62,7 +62,7 @@ class ComputeModel:
         why = (
             "Krajewski et al. 2024, routing overhead counted"
             if self.router_flops == "paper"
-            else "moe.accounting's convention, router as a matmul"
+            else "moe.model.accounting's convention, router as a matmul"
         )
         return (
             f"compute model: F = (12 d^2 c_f + d E G c_r) D n_blocks, c_f = {self.c_f:g}, "

@@ -116,8 +116,12 @@ def read_runs(path: Path) -> tuple[list[dict], list[dict]]:
             row.pop("reason", None)
             finished.append(row)
         else:
-            excluded.append({**{k: row.get(k) for k in ("run_key", "variant", "status")},
-                             "reason": row.get("reason") or ""})  # fmt: skip
+            excluded.append(
+                {
+                    **{k: row.get(k) for k in ("run_key", "variant", "status")},
+                    "reason": row.get("reason") or "",
+                }
+            )
     return finished, excluded
 
 

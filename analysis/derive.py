@@ -150,7 +150,7 @@ def worst_rise(values) -> float:
 
 def spiking_runs(curve: pd.DataFrame, rise: float = SPIKE_RISE) -> dict[str, str]:
     """Runs of a `curves` table whose raw val loss rose more than `rise` above its lowest earlier value:
-    {run key: why}. Such a run enters no law fit (analysis.law_report, studies.holdout)."""
+    {run key: why}. Such a run enters no law fit (analysis.law_report, studies.launch.holdout)."""
     out = {}
     for key, g in curve.sort_values("step").groupby("run_key"):
         if (r := worst_rise(g["value"])) > rise:

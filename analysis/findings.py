@@ -79,10 +79,14 @@ def _measured(r, v: str, target: str, ci: float) -> str:
     x, more, interval = _amount(r["savings_steps"], r["ci_lo"], r["ci_hi"], ci)
     how = f"extrapolated by the fitted curve in {k} of {_seeds(n)}" if k else "not extrapolated"
     if int(r["n_not_reached"]):
-        how += (f"; not reached in {int(r['n_not_reached'])} of {_seeds(n)}, counted at its bound{_at_most(r)}: "
-                "the savings are upper bounds")  # fmt: skip
-    text = (f"{v} reaches {target} in {x} {'more' if more else 'fewer'} steps ({interval or 'no interval'}, "
-            f"{pos} of {_seeds(n)} favour{'s' * (n == 1)} {v}; {how})")  # fmt: skip
+        how += (
+            f"; not reached in {int(r['n_not_reached'])} of {_seeds(n)}, counted at its bound{_at_most(r)}: "
+            "the savings are upper bounds"
+        )
+    text = (
+        f"{v} reaches {target} in {x} {'more' if more else 'fewer'} steps ({interval or 'no interval'}, "
+        f"{pos} of {_seeds(n)} favour{'s' * (n == 1)} {v}; {how})"
+    )
     f, more, _ = _amount(r["savings_flops"], np.nan, np.nan, ci)
     text += f", {f} {'more' if more else 'fewer'} FLOPs"
     if not np.isfinite(float(r.get("savings_time", np.nan))):
@@ -156,10 +160,15 @@ def _caveats(r, name, checks, tuning, at_best) -> list[str]:
         best = best[best["variant"].isin(arms)].set_index("variant")
         if not at_best:
             lrs = ", ".join(sorted({fmt_lr(v) for v in best["lr"]}))
-            notes.append(f"LR not tuned in this study (one {LR} each: {lrs}; a preset names where it was picked)")
+            notes.append(
+                f"LR not tuned in this study (one {LR} each: {lrs}; a preset names where it was picked)"
+            )
         else:
-            notes += [f"{name[v]}'s LR: {best.loc[v, 'note']}" for v in arms if v in best.index
-                      and best.loc[v, "note"]]  # fmt: skip
+            notes += [
+                f"{name[v]}'s LR: {best.loc[v, 'note']}"
+                for v in arms
+                if v in best.index and best.loc[v, "note"]
+            ]
     return notes
 
 

@@ -25,12 +25,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("csv", help="CSV with params,tokens,loss[,granularity]")
     p.add_argument("--law", choices=sorted(FITTERS), default="chinchilla")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    p.add_argument("--bootstrap", type=cli.checked(int, lambda v: v >= 0, ">= 0"), default=0,
-                   help="bootstrap replicates for intervals (0: none)")  # fmt: skip
-    p.add_argument("--ci", type=cli.checked(float, lambda v: 0 < v < 1, "in (0, 1)"), default=0.8,
-                   help="central interval mass (0.8: 10th-90th pct)")  # fmt: skip
-    p.add_argument("--delta", type=cli.checked(float, lambda v: v > 0, "> 0"), default=1e-3,
-                   help="Huber delta on log loss")  # fmt: skip
+    p.add_argument(
+        "--bootstrap",
+        type=cli.checked(int, lambda v: v >= 0, ">= 0"),
+        default=0,
+        help="bootstrap replicates for intervals (0: none)",
+    )
+    p.add_argument(
+        "--ci",
+        type=cli.checked(float, lambda v: 0 < v < 1, "in (0, 1)"),
+        default=0.8,
+        help="central interval mass (0.8: 10th-90th pct)",
+    )
+    p.add_argument(
+        "--delta",
+        type=cli.checked(float, lambda v: v > 0, "> 0"),
+        default=1e-3,
+        help="Huber delta on log loss",
+    )
     return p
 
 

@@ -3,6 +3,9 @@
 A study fits L(N, D, G) on its finished small runs and writes report/forecast.json once, before the held-out
 (largest) runs start; a later report compares each prediction and its bootstrap interval with the loss
 the run reached. The file is never overwritten, so the prediction on record is the one made blind.
+
+Here: making the forecast (`make_forecast` -> `Forecast`) and its write-once file. Comparing it with the
+finished runs: analysis/forecast_compare.py; its figure: analysis.plots.plot_forecast.
 """
 
 from __future__ import annotations
@@ -18,20 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import plots
 from analysis.laws import GRIDS, LAWS, fit_chinchilla, fit_finegrained
 
 FORECAST_FILE = "forecast.json"
 """Its name in <study dir>/report/."""
 FORECAST_LAWS = {"finegrained": fit_finegrained, "chinchilla": fit_chinchilla}
 TARGET_COLUMNS = ("run_key", "model", "params", "tokens", "granularity", "seed")
-COMPARE_COLUMNS = (
-    *TARGET_COLUMNS, "predicted", "lo", "hi", "observed", "abs_err", "rel_err", "inside", "status",
-)  # fmt: skip
 EDGE_TOL = 1e-3
 """An exponent this close to 0 or to the start grid's top is flagged as at its bound."""
-CLOSE_REL_ERR = 0.01
-"""The summary counts held-out points whose |relative error| is at most this."""
 
 
 def forecast_path(study_dir: Path | str) -> Path:
@@ -125,7 +122,7 @@ class Forecast:
             raise ValueError("forecast has no rows: nothing was forecast")
         keys = pd.Series([r.run_key for r in self.rows])
         if keys.duplicated().any():
-            raise ValueError(f"forecast rows repeat run keys: {_repeated(keys)}")
+            raise ValueError(f"forecast rows repeat run keys: {repeated_keys(keys)}")
         if datetime.fromisoformat(self.written_at).utcoffset() is None:
             raise ValueError(f"forecast written_at={self.written_at!r} must carry its UTC offset")
 
@@ -157,11 +154,13 @@ class Forecast:
         )
 
 
-def _repeated(keys: pd.Series) -> list[str]:
+def repeated_keys(keys: pd.Series) -> list[str]:
+    """The run keys that occur more than once, sorted (for error messages)."""
     return sorted(set(keys[keys.duplicated()]))
 
 
-def _need_columns(df: pd.DataFrame, cols, what: str) -> None:
+def need_columns(df: pd.DataFrame, cols, what: str) -> None:
+    """Raise ValueError naming `what` and the missing columns unless df has all of cols."""
     missing = [c for c in cols if c not in df]
     if missing:
         raise ValueError(f"{what} lacks columns {missing}; has {sorted(df.columns)}")
@@ -193,12 +192,12 @@ def make_forecast(
     if bootstrap < 2:
         raise ValueError(f"bootstrap={bootstrap} must be >= 2: the interval is a percentile over replicates")
     spec = LAWS[law]
-    _need_columns(fit_data, ("run_key", *spec.covariates, "loss"), "fit_data")
-    _need_columns(targets, TARGET_COLUMNS, "targets")
+    need_columns(fit_data, ("run_key", *spec.covariates, "loss"), "fit_data")
+    need_columns(targets, TARGET_COLUMNS, "targets")
     if targets.empty:
         raise ValueError("targets is empty: no held-out point to forecast")
     if targets["run_key"].duplicated().any():
-        raise ValueError(f"targets repeat run keys: {_repeated(targets['run_key'])}")
+        raise ValueError(f"targets repeat run keys: {repeated_keys(targets['run_key'])}")
     if both := set(targets["run_key"]) & set(fit_data["run_key"]):
         raise ValueError(
             f"held-out run keys are also in fit_data: {sorted(both)}; a forecast must not see them"
@@ -232,15 +231,23 @@ def make_forecast(
     rows = []
     for t, p, a, b in zip(targets.itertuples(index=False), predicted, lo, hi, strict=True):
         if not a <= p <= b:
-            flags.append(f"{t.run_key}: the prediction {p:.4g} lies outside its bootstrap interval "
-                         f"[{a:.4g}, {b:.4g}], which is widened to include it")  # fmt: skip
+            flags.append(
+                f"{t.run_key}: the prediction {p:.4g} lies outside its bootstrap interval "
+                f"[{a:.4g}, {b:.4g}], which is widened to include it"
+            )
         rows.append(
             ForecastRow(
-                run_key=str(t.run_key), model=str(t.model), params=float(t.params), tokens=float(t.tokens),
-                granularity=float(t.granularity), seed=int(t.seed), predicted=float(p),
-                lo=float(p - scale * (p - min(a, p))), hi=float(p + scale * (max(b, p) - p)),
+                run_key=str(t.run_key),
+                model=str(t.model),
+                params=float(t.params),
+                tokens=float(t.tokens),
+                granularity=float(t.granularity),
+                seed=int(t.seed),
+                predicted=float(p),
+                lo=float(p - scale * (p - min(a, p))),
+                hi=float(p + scale * (max(b, p) - p)),
             )
-        )  # fmt: skip
+        )
     return Forecast(
         law=law,
         coefficients=dict(fit.coefficients),
@@ -272,8 +279,10 @@ def _exponent_flags(coefficients, intervals, starts, ci: float) -> list[str]:
         if name in intervals:
             lo, hi = intervals[name]
             if hi - lo > abs(v):
-                flags.append(f"{name} is not identified: its {ci:.0%} bootstrap interval [{lo:.3g}, {hi:.3g}] "
-                             f"is wider than its value {v:.3g}")  # fmt: skip
+                flags.append(
+                    f"{name} is not identified: its {ci:.0%} bootstrap interval [{lo:.3g}, {hi:.3g}] "
+                    f"is wider than its value {v:.3g}"
+                )
     return flags
 
 
@@ -305,80 +314,3 @@ def read_forecast(path: Path | str) -> Forecast:
         return Forecast.from_json(json.loads(Path(path).read_text()))
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a forecast ({e})") from e
-
-
-def observed_losses(per_run: pd.DataFrame) -> pd.DataFrame:
-    """run_key, loss per finished run from analysis.derive.run_finals: the many-window final evaluation
-    (final_eval) where logged, else the final smoothed val loss."""
-    loss = per_run["final_smooth"].astype(float)
-    if "final_eval" in per_run:
-        loss = per_run["final_eval"].astype(float).fillna(loss)
-    return pd.DataFrame({"run_key": per_run["run_key"], "loss": loss})
-
-
-def compare(forecast: Forecast, observed: pd.DataFrame) -> pd.DataFrame:
-    """One row per forecast row with its observed loss (NaN when the run has not finished), abs_err,
-    rel_err = (predicted - observed) / observed, inside (NA when not finished) and status."""
-    _need_columns(observed, ("run_key", "loss"), "observed")
-    if observed["run_key"].duplicated().any():
-        raise ValueError(f"observed repeats run keys: {_repeated(observed['run_key'])}")
-    loss = observed.set_index("run_key")["loss"].astype(float)
-    t = pd.DataFrame([asdict(r) for r in forecast.rows])
-    t["observed"] = t["run_key"].map(loss).astype(float)
-    done = t["observed"].notna().to_numpy()
-    bad = t[done & ~(np.isfinite(t["observed"]) & (t["observed"] > 0))]
-    if len(bad):
-        got = dict(zip(bad["run_key"], bad["observed"], strict=True))
-        raise ValueError(f"observed loss must be finite and > 0 (NaN: not finished); got {got}")
-    t["abs_err"] = (t["predicted"] - t["observed"]).abs()
-    t["rel_err"] = (t["predicted"] - t["observed"]) / t["observed"]
-    inside = (t["lo"] <= t["observed"]) & (t["observed"] <= t["hi"])
-    t["inside"] = pd.array(np.where(done, inside, pd.NA), dtype="boolean")
-    t["status"] = np.where(done, "compared", "not finished")
-    return t[list(COMPARE_COLUMNS)]
-
-
-def forecast_summary(table: pd.DataFrame) -> list[str]:
-    """Plain sentences on a `compare` table: how many finished, within 1%, inside their interval, the
-    largest error; and which held-out points never finished (they are never compared)."""
-    done = table[table["status"] == "compared"]
-    missing = table[table["status"] != "compared"]
-    n, k = len(table), len(done)
-    if k == 0:
-        lines = [f"None of the {n} held-out points has finished: nothing to compare yet."]
-    else:
-        err = done["rel_err"].abs()
-        worst = done.loc[err.idxmax()]
-        lines = [
-            f"{k} of {n} held-out points finished and are compared with their forecast.",
-            f"{int((err <= CLOSE_REL_ERR).sum())} of {k} are within {CLOSE_REL_ERR:.0%} relative error.",
-            f"{int(done['inside'].sum())} of {k} are inside their forecast interval.",
-            f"The largest |relative error| is {err.max():.2%} ({worst['run_key']}, model {worst['model']}: "
-            f"predicted {worst['predicted']:.4g}, observed {worst['observed']:.4g}).",
-        ]
-    if len(missing):
-        lines.append(f"{len(missing)} held-out points never finished: {', '.join(missing['run_key'])}.")
-    return lines
-
-
-def plot_forecast(ax, table: pd.DataFrame, *, title: str = "") -> None:
-    """Predicted loss with its interval against the observed loss, one colour per G; the diagonal is a
-    perfect forecast. Points not finished have no observed loss and are left out (the title counts them)."""
-    done = table[table["status"] == "compared"]
-    missing = len(table) - len(done)
-    title = title or "forecast vs observed final loss" + (f" ({missing} not finished)" if missing else "")
-    if done.empty:
-        ax.text(0.5, 0.5, "no held-out run has finished", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(title)
-        return
-    colors = plots._colors(done["granularity"].unique())
-    for G, g in done.groupby("granularity", sort=True):
-        yerr = [g["predicted"] - g["lo"], g["hi"] - g["predicted"]]
-        ax.errorbar(g["observed"], g["predicted"], yerr=yerr, color=colors[G], marker="o", ls="none",
-                    capsize=3, label=f"G={G:g}")  # fmt: skip
-    ends = [min(done["observed"].min(), done["lo"].min()), max(done["observed"].max(), done["hi"].max())]
-    ax.plot(ends, ends, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("observed final loss")
-    ax.set_ylabel("forecast (interval)")
-    ax.set_title(title)
-    ax.legend(fontsize=7)

@@ -23,25 +23,34 @@ def _optimum_sentence(rep: LawReport) -> str:
         where = "largest run" if at == rep.largest_flops else "within runs"
         where = where if at <= rep.largest_flops else "extrapolation"
         edge = ", the edge of the G searched" if opt.granularity == G_SEARCH[-1] else ""
-        parts.append(f"at {_e(at)} FLOPs ({where}) G = {opt.granularity} [{o.g_lo}-{o.g_hi}{edge}], "
-                     f"N = {_e(opt.params)}, D = {_e(opt.tokens)}")  # fmt: skip
+        parts.append(
+            f"at {_e(at)} FLOPs ({where}) G = {opt.granularity} [{o.g_lo}-{o.g_hi}{edge}], "
+            f"N = {_e(opt.params)}, D = {_e(opt.tokens)}"
+        )
     pub = ", ".join(f"{o.published.granularity} at {_e(o.published.flops)}" for o in rep.optima)
     top, refits = max(o.granularity for o in rep.by_granularity), len(rep.finegrained.fit.bootstrap_thetas)
-    return (f"**Compute-optimal G** from the fine-grained law; budgets beyond the largest run's "
-            f"{_e(rep.largest_flops)} FLOPs are extrapolations, and so is any G above {top:g}, the largest "
-            f"trained; in brackets the optimal G's range over {refits} bootstrap refits: " + "; ".join(parts)
-            + f". Solved under the {rep.optima[0].optimum.convention}, G from 1 to {G_SEARCH[-1]}. "
-            "Krajewski et al. 2024's law (their Table 1 coefficients under their compute model, E = 64, "
-            f"which reproduces their Table 2) gives G = {pub} FLOPs.")  # fmt: skip
+    return (
+        f"**Compute-optimal G** from the fine-grained law; budgets beyond the largest run's "
+        f"{_e(rep.largest_flops)} FLOPs are extrapolations, and so is any G above {top:g}, the largest "
+        f"trained; in brackets the optimal G's range over {refits} bootstrap refits: "
+        + "; ".join(parts)
+        + f". Solved under the {rep.optima[0].optimum.convention}, G from 1 to {G_SEARCH[-1]}. "
+        "Krajewski et al. 2024's law (their Table 1 coefficients under their compute model, E = 64, "
+        f"which reproduces their Table 2) gives G = {pub} FLOPs."
+    )
 
 
 def _gap_sentence(gap: GapTrend) -> str:
     lab, base = gap.label, gap.base_label
-    cells = [f"{d:+.3g}" + (f" [{lo:+.3g}, {hi:+.3g}]" if math.isfinite(lo) else "") + f" at {_e(t)} tokens"
-             for t, d, (lo, hi) in zip(gap.tokens, gap.diff, gap.ci, strict=True)]  # fmt: skip
+    cells = [
+        f"{d:+.3g}" + (f" [{lo:+.3g}, {hi:+.3g}]" if math.isfinite(lo) else "") + f" at {_e(t)} tokens"
+        for t, d, (lo, hi) in zip(gap.tokens, gap.diff, gap.ci, strict=True)
+    ]
     pairs = "-".join(str(n) for n in sorted(set(gap.n_pairs)))
-    text = (f"**{lab} vs {base} by token budget** (smoothed final val loss, {lab} - {base}, mean over "
-            f"{pairs} (model, seed) pairs, {GAP_CI:.0%} t interval): " + ", ".join(cells))  # fmt: skip
+    text = (
+        f"**{lab} vs {base} by token budget** (smoothed final val loss, {lab} - {base}, mean over "
+        f"{pairs} (model, seed) pairs, {GAP_CI:.0%} t interval): " + ", ".join(cells)
+    )
     if any(map(math.isfinite, gap.savings_steps)):
         shown = (f"{s:.0%}" if math.isfinite(s) else "n/a" for s in gap.savings_steps)
         text += "; step savings (savings.csv, mean over models) " + ", ".join(shown)
@@ -51,8 +60,10 @@ def _gap_sentence(gap: GapTrend) -> str:
     if abs(s) <= 1e-9 * np.abs(d).max():  # a flat gap (an exact law without a D x G term) has no direction
         return f"{text}. The difference is the same at every budget."
     ahead = d.mean() < 0  # an advantage (on average over budgets) grows when the difference falls
-    trend = (f"the {lab} {'advantage' if ahead else 'deficit'} {'grows' if (s < 0) == ahead else 'shrinks'} "
-             f"with tokens (the difference changes by {s:+.3g} per doubling of tokens)")  # fmt: skip
+    trend = (
+        f"the {lab} {'advantage' if ahead else 'deficit'} {'grows' if (s < 0) == ahead else 'shrinks'} "
+        f"with tokens (the difference changes by {s:+.3g} per doubling of tokens)"
+    )
     ends = f"{_e(gap.tokens[0])} and {_e(gap.tokens[-1])} tokens"
     if gap.resolvable:
         return f"{text}. {trend[0].upper()}{trend[1:]}, resolvably: the intervals at {ends} do not overlap."
@@ -70,8 +81,10 @@ def _exponent_sentence(rep: LawReport) -> str:
     fg = rep.finegrained
     if fg.fit is not None:
         pub = ", ".join(f"{k} {PUBLISHED[k]:g}" for k in EXPONENTS)
-        text = (f"fine-grained law on {fg.n_points} runs: {_exponents(fg)} (Krajewski et al. 2024: {pub}), "
-                f"residual RMSE {fg.rmse:.3g} (loss)")  # fmt: skip
+        text = (
+            f"fine-grained law on {fg.n_points} runs: {_exponents(fg)} (Krajewski et al. 2024: {pub}), "
+            f"residual RMSE {fg.rmse:.3g} (loss)"
+        )
     else:
         text = f"fine-grained law not fitted ({fg.reason})"
     gs = rep.by_granularity
@@ -89,9 +102,11 @@ def answers_section(rep: LawReport) -> list[str]:
     held = f" (the forecast's {len(rep.held_out)} held-out runs left out)" if rep.held_out else ""
     if rep.flagged:
         held += " (left out as flagged: " + "; ".join(f"{k}: {why}" for k, why in rep.flagged) + ")"
-    intro = (f"What the fitted laws imply, not measurements: laws fitted on {rep.finegrained.n_points} runs"
-             f"{held}; {s.ci:.0%} intervals over {s.bootstrap} bootstrap refits on {s.bootstrap_frac:.0%} "
-             "subsamples; comparisons by token budget use every run.")  # fmt: skip
+    intro = (
+        f"What the fitted laws imply, not measurements: laws fitted on {rep.finegrained.n_points} runs"
+        f"{held}; {s.ci:.0%} intervals over {s.bootstrap} bootstrap refits on {s.bootstrap_frac:.0%} "
+        "subsamples; comparisons by token budget use every run."
+    )
     lines = ["## Answers", "", intro, ""]
     missing = []
     if rep.optima:

@@ -165,7 +165,7 @@ class LawReport:
     held_out: tuple[str, ...]
     """Run keys left out of the fits: the forecast's held-out runs."""
     largest_flops: float
-    """Most training FLOPs of a fitted run (moe.accounting; NaN when not logged)."""
+    """Most training FLOPs of a fitted run (moe.model.accounting; NaN when not logged)."""
     settings: LawSettings
     """How the laws were fitted."""
     gap_note: str = ""
@@ -187,8 +187,9 @@ def fit_checked(law: str, data: pd.DataFrame, settings: LawSettings) -> LawFit:
         raise ValueError(f"its {n_coefs} coefficients need {n_coefs + 1} distinct points, has {n_distinct}")
     fitter = fit_finegrained if law == "finegrained" else fit_chinchilla
     kw = {} if settings.keep_starts is None else {"keep_starts": settings.keep_starts}  # None: the law's own
-    return fitter(data, bootstrap=settings.bootstrap, bootstrap_frac=settings.bootstrap_frac, ci=settings.ci,
-                  **kw)  # fmt: skip
+    return fitter(
+        data, bootstrap=settings.bootstrap, bootstrap_frac=settings.bootstrap_frac, ci=settings.ci, **kw
+    )
 
 
 def law_outcome(law: str, data: pd.DataFrame, settings: LawSettings, granularity=None) -> LawOutcome:
@@ -235,17 +236,32 @@ def gap_trends(per_run: pd.DataFrame, runs: pd.DataFrame, baseline, savings: pd.
     out = []
     for (v, base), g in paired[paired["n_pairs"] > 0].groupby(["variant", "baseline"]):
         g = g.sort_values("tokens")
-        trend = GapTrend(label[v], label[base], tuple(g["tokens"].astype(float)), tuple(g["mean_diff"]),
-                         tuple(zip(g["ci_lo"], g["ci_hi"], strict=True)), tuple(int(n) for n in g["n_pairs"]),
-                         tuple(float(sav.get((v, t), np.nan)) for t in g["tokens"]))  # fmt: skip
+        trend = GapTrend(
+            label[v],
+            label[base],
+            tuple(g["tokens"].astype(float)),
+            tuple(g["mean_diff"]),
+            tuple(zip(g["ci_lo"], g["ci_hi"], strict=True)),
+            tuple(int(n) for n in g["n_pairs"]),
+            tuple(float(sav.get((v, t), np.nan)) for t in g["tokens"]),
+        )
         out.append((g_of[v], v, trend))
     return tuple(t for *_, t in sorted(out, key=lambda x: x[:2])), ""
 
 
-def law_report(data, per_run, runs, *, baseline=None, savings=None, forecast: Forecast | None = None,
-               settings: LawSettings | None = None, flagged: dict[str, str] | None = None) -> LawReport:  # fmt: skip
-    """Fit the laws on `data` (analysis.report.law_data) less the forecast's held-out runs and the `flagged`
-    ones ({run key: why}), solve the optima; compare each variant with the baseline on per_run
+def law_report(
+    data,
+    per_run,
+    runs,
+    *,
+    baseline=None,
+    savings=None,
+    forecast: Forecast | None = None,
+    settings: LawSettings | None = None,
+    flagged: dict[str, str] | None = None,
+) -> LawReport:
+    """Fit the laws on `data` (analysis.report_tables.law_data) less the forecast's held-out runs and the
+    `flagged` ones ({run key: why}), solve the optima; compare each variant with the baseline on per_run
     (analysis.derive.run_finals) and savings.csv's rows."""
     settings = settings or LawSettings()
     held = tuple(sorted({r.run_key for r in forecast.rows} & set(data["run_key"]))) if forecast else ()
@@ -272,15 +288,27 @@ def law_fits_table(rep: LawReport) -> pd.DataFrame:
         head = {"law": o.law, "granularity": "all" if o.granularity is None else f"{o.granularity:g}"}
         if o.fit is None:
             nans = dict.fromkeys(("value", "lo", "hi", "rmse"), math.nan)
-            rows.append({**head, "coefficient": "", **nans, "n_points": o.n_points, "flag": "",
-                         "reason": o.reason})  # fmt: skip
+            rows.append(
+                {**head, "coefficient": "", **nans, "n_points": o.n_points, "flag": "", "reason": o.reason}
+            )
             continue
         general = [f for f in o.flags if f.split(" ", 1)[0] not in o.fit.coefficients]
         for k, v in o.fit.coefficients.items():
             lo, hi = o.fit.intervals.get(k, (math.nan, math.nan))
             flag = "; ".join([f for f in o.flags if f.split(" ", 1)[0] == k] + general)
-            rows.append({**head, "coefficient": k, "value": v, "lo": lo, "hi": hi, "rmse": o.rmse,
-                         "n_points": o.n_points, "flag": flag, "reason": ""})  # fmt: skip
+            rows.append(
+                {
+                    **head,
+                    "coefficient": k,
+                    "value": v,
+                    "lo": lo,
+                    "hi": hi,
+                    "rmse": o.rmse,
+                    "n_points": o.n_points,
+                    "flag": flag,
+                    "reason": "",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -291,13 +319,22 @@ def laws_json(rep: LawReport) -> dict:
         if o.fit is None:
             return {"error": o.reason, "n_points": o.n_points}
         f = o.fit
-        return {"coefficients": f.coefficients, "intervals": {k: list(v) for k, v in f.intervals.items()},
-                "objective": f.objective, "n_points": f.n_points, "rmse": o.rmse, "rmse_log": f.rmse_log,
-                "n_bootstrap": len(f.bootstrap_thetas), "flags": list(o.flags)}  # fmt: skip
+        return {
+            "coefficients": f.coefficients,
+            "intervals": {k: list(v) for k, v in f.intervals.items()},
+            "objective": f.objective,
+            "n_points": f.n_points,
+            "rmse": o.rmse,
+            "rmse_log": f.rmse_log,
+            "n_bootstrap": len(f.bootstrap_thetas),
+            "flags": list(o.flags),
+        }
 
-    return {"finegrained": entry(rep.finegrained),
-            "chinchilla_by_granularity": {o.label: entry(o) for o in rep.by_granularity},
-            "fit_set": {"n_runs": rep.finegrained.n_points, "held_out": list(rep.held_out)}}  # fmt: skip
+    return {
+        "finegrained": entry(rep.finegrained),
+        "chinchilla_by_granularity": {o.label: entry(o) for o in rep.by_granularity},
+        "fit_set": {"n_runs": rep.finegrained.n_points, "held_out": list(rep.held_out)},
+    }
 
 
 def write_law_outputs(out: Path, rep: LawReport, data: pd.DataFrame) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from studies import runfiles
+from records import runfiles
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def load_mlflow(tracking_uri: str, study: str, *, metrics=None, workers: int = 8
 
 
 def read_metrics_jsonl(path: Path, run_key: str) -> pd.DataFrame:
-    """Tidy rows from one metrics.jsonl, read by studies.runfiles (its rule: a torn last line is dropped,
+    """Tidy rows from one metrics.jsonl, read by records.runfiles (its rule: a torn last line is dropped,
     a corrupt line elsewhere is a RunFileError naming file:line; a repeated metric and step keeps the last)."""
     values = runfiles.metric_values(runfiles.read_events(path))
     return pd.DataFrame(
@@ -183,7 +183,7 @@ def read_metrics_jsonl(path: Path, run_key: str) -> pd.DataFrame:
 
 
 def load_files(study_dir: Path | str) -> Study:
-    """The same tables from study_dir/runs/<key>/{summary,status}.json and metrics.jsonl (studies.runfiles).
+    """The same tables from study_dir/runs/<key>/{summary,status}.json and metrics.jsonl (records.runfiles).
 
     A metrics.jsonl with a torn last line (a run killed mid-write) loads without it and is named in
     `Study.notes`; an unreadable run file is a RunFileError (a ValueError) naming the file."""

@@ -141,8 +141,15 @@ def plot_law_by_granularity(axes, data: pd.DataFrame, fit: LawFit | None):
                     g.loc[~held, "tokens"], g.loc[~held, "loss"], color=colors[n], s=14, label=f"N={n:.3g}"
                 )
             if held.any():
-                ax.scatter(g.loc[held, "tokens"], g.loc[held, "loss"], marker="D", s=30, facecolors="none",
-                           edgecolors=colors[n], label=f"N={n:.3g} held out")  # fmt: skip
+                ax.scatter(
+                    g.loc[held, "tokens"],
+                    g.loc[held, "loss"],
+                    marker="D",
+                    s=30,
+                    facecolors="none",
+                    edgecolors=colors[n],
+                    label=f"N={n:.3g} held out",
+                )
             if fit is not None:
                 grid = {"params": np.full(50, n), "tokens": tokens, "granularity": np.full(50, G)}
                 ax.plot(tokens, fit.predict(grid), color=colors[n], lw=0.9, ls="--" if held.all() else "-")
@@ -151,6 +158,38 @@ def plot_law_by_granularity(axes, data: pd.DataFrame, fit: LawFit | None):
         ax.set_title(f"G={G:g}" + ("" if fit is not None else " (no fine-grained fit)"), fontsize=9)
         ax.legend(fontsize=6)
     axes[0].set_ylabel("final val loss (smoothed)")
+
+
+def plot_forecast(ax, table: pd.DataFrame, *, title: str = "") -> None:
+    """Predicted loss with its interval against the observed loss, one colour per G; the diagonal is a
+    perfect forecast. Points not finished have no observed loss and are left out (the title counts them).
+    table: analysis.forecast_compare.compare's."""
+    done = table[table["status"] == "compared"]
+    missing = len(table) - len(done)
+    title = title or "forecast vs observed final loss" + (f" ({missing} not finished)" if missing else "")
+    if done.empty:
+        ax.text(0.5, 0.5, "no held-out run has finished", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        return
+    colors = _colors(done["granularity"].unique())
+    for G, g in done.groupby("granularity", sort=True):
+        yerr = [g["predicted"] - g["lo"], g["hi"] - g["predicted"]]
+        ax.errorbar(
+            g["observed"],
+            g["predicted"],
+            yerr=yerr,
+            color=colors[G],
+            marker="o",
+            ls="none",
+            capsize=3,
+            label=f"G={G:g}",
+        )
+    ends = [min(done["observed"].min(), done["lo"].min()), max(done["observed"].max(), done["hi"].max())]
+    ax.plot(ends, ends, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("observed final loss")
+    ax.set_ylabel("forecast (interval)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
 
 
 def save(fig, path) -> None:

@@ -4,7 +4,11 @@
         [--best-lr | --no-best-lr]
     python -m analysis.report --from-curves REPORT_DIR --study-dir OUT   (recompute from curves.csv, runs.csv)
 
-`studies.run` calls `write_report` at the end of a sweep (see studies/callbacks.py).
+`studies.run` calls `write_report` at the end of a sweep (see studies/launch/finish.py).
+
+Here: `write_report` (the pipeline, and the files it writes) and the CLI. The tables it computes:
+analysis/report_tables.py; its figures: analysis/report_figures.py; the forecast against the finished runs:
+analysis/forecast_compare.py; report.md's sections: analysis/report_md.py.
 """
 
 from __future__ import annotations
@@ -14,39 +18,26 @@ import json
 import logging
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
-from analysis import cli, plots
-from analysis.checks import ROUTED_SCALE, comparability_checks, per_variant
-from analysis.curves import degenerate_reason, fit_loss_curve
+from analysis import cli
+from analysis.checks import comparability_checks
 from analysis.curves_io import load_curves, write_curves
-from analysis.derive import FINAL_EVAL, LR, Smoothing, curves, final_losses, run_finals, spiking_runs
+from analysis.derive import FINAL_EVAL, LR, Smoothing, curves, run_finals, spiking_runs
 from analysis.findings import FINDINGS_FILE, finding_sentences, read_findings
-from analysis.forecast import (
-    FORECAST_FILE,
-    compare,
-    forecast_summary,
-    observed_losses,
-    plot_forecast,
-    read_forecast,
-)
+from analysis.forecast import FORECAST_FILE, read_forecast
+from analysis.forecast_compare import write_forecast_comparison
 from analysis.law_answers import answers_section
 from analysis.law_report import LawSettings, law_report, laws_json, write_law_outputs
-from analysis.laws import FitError, LawFit, fit_chinchilla
+from analysis.laws import FitError, fit_chinchilla
 from analysis.load import Study, check_tracking_server, load_study
 from analysis.paired import paired_differences
-from analysis.report_md import (
-    FINAL_COLUMNS,
-    fairness_sections,
-    final_labels,
-    forecast_section,
-    render,
-    with_downstream,
-)
+from analysis.report_figures import write_figures
+from analysis.report_md import fairness_sections, render, with_downstream
+from analysis.report_tables import final_table, law_data, loss_curve_fits, summary_text
 from analysis.savings import pick_baselines, savings_tables
 from analysis.tuning import best_lr_runs, lr_tuning, use_best_lr, write_lr_pick
-from studies import runfiles
+from records import runfiles
 
 log = logging.getLogger(__name__)
 PROG = "python -m analysis.report"
@@ -57,48 +48,16 @@ SAVINGS_CI = 0.9
 ROUTER_STATS = ("top1_share_norm", "entropy_norm", "imbalance")
 # Histories the report reads; per-layer router stats stay in MLflow (one query per run x key).
 REPORT_METRICS = (
-    "val/loss", "train/loss", "tokens", "flops", FINAL_EVAL, f"{FINAL_EVAL}_se", "time/train_s",
+    "val/loss",
+    "train/loss",
+    "tokens",
+    "flops",
+    FINAL_EVAL,
+    f"{FINAL_EVAL}_se",
+    "time/train_s",
     *(f"router/{stat}" for stat in ROUTER_STATS),
     *(f"router/layer{i}/top1_share_norm" for i in range(128)),
-)  # fmt: skip
-
-
-def final_table(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, tokens, variant): seeds, mean final raw and smoothed val loss over seeds, the smoothed
-    one's std (columns `report_md.FINAL_COLUMNS`), and the variant's `optim.lr` and
-    `moe.routed_scale_used` values as text ("" where not logged)."""
-    f = final_losses(curve).merge(
-        runs[["run_key", "model", "tokens", "variant", "seed"]].rename(columns={"tokens": "budget"}),
-        on="run_key",
-    )
-    raw, smoothed, std = FINAL_COLUMNS
-    out = (
-        f.groupby(["model", "budget", "variant"], dropna=False)
-        .agg(seeds=("final_smooth", "count"), **{raw: ("final", "mean"), smoothed: ("final_smooth", "mean"),
-             std: ("final_smooth", "std")})
-        .reset_index()
-        .rename(columns={"budget": "tokens"})
-    )  # fmt: skip
-    for name, col in ((LR, "lr"), (ROUTED_SCALE, "routed_scale")):
-        vals = per_variant(runs, name).rename(columns={name: col})
-        out = out.merge(vals, on=["model", "tokens", "variant"], how="left")
-    return out
-
-
-def law_data(curve: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """One scaling-law point per run: non-embedding params, tokens trained, final smoothed loss, G, and
-    the run's key and training FLOPs (analysis.law_report leaves held-out runs out by key)."""
-    f = final_losses(curve).merge(runs, on="run_key", suffixes=("", "_tag"))
-    return pd.DataFrame(
-        {
-            "run_key": f["run_key"],
-            "params": pd.to_numeric(f["acct.params_non_embedding"]).astype(float),
-            "tokens": f["tokens"].astype(float),
-            "loss": f["final_smooth"].astype(float),
-            "granularity": pd.to_numeric(f["granularity"], errors="coerce").astype(float),
-            "flops": pd.to_numeric(f["flops"], errors="coerce").astype(float),
-        }
-    )
+)
 
 
 def _try_law(fitter, data, needs: dict[str, int]):
@@ -151,7 +110,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     curve = curves(s.metrics, s.runs, "val/loss", smoothing)
     per_run = run_finals(curve, s.runs, s.metrics)
-    forecast, forecast_figs = _forecast(out, per_run)  # every finished run, whatever its LR
+    forecast, forecast_figs = write_forecast_comparison(out, per_run)  # every finished run, whatever its LR
     tuning = lr_tuning(per_run)
     at_best = use_best_lr(tuning, best_lr)  # refuses a mode that would mislead, before any fitting
     runs = best_lr_runs(s.runs, tuning) if at_best else s.runs
@@ -160,21 +119,7 @@ def write_report(
     checks = comparability_checks(s.runs)
     finals = final_table(curve, runs)
 
-    fits: dict[str, LawFit] = {}  # usable fits only: a degenerate one is listed, never drawn
-    fit_rows = []
-    for key, g in curve.groupby("run_key", sort=True):
-        try:
-            f = fit_loss_curve(g["step"], g["smooth"])
-        except (ValueError, FitError) as e:
-            fit_rows.append({"run_key": key, "error": str(e), "degenerate": ""})
-            continue
-        why = degenerate_reason(f)
-        if not why:
-            fits[key] = f
-        fit_rows.append(
-            {"run_key": key, **f.coefficients, "rmse_log": f.rmse_log, "error": "", "degenerate": why}
-        )
-    fit_table = pd.DataFrame(fit_rows).merge(runs[["run_key", "variant", "seed"]], on="run_key")
+    fits, fit_table = loss_curve_fits(curve, runs)
 
     try:
         tables = savings_tables(curve, runs, metrics=s.metrics, baseline=baseline, ci=SAVINGS_CI)
@@ -189,22 +134,46 @@ def write_report(
         paired_eval = pd.DataFrame()
 
     data, flagged = law_data(curve, runs), spiking_runs(curve)  # a spiking run enters no fit
-    laws = {"chinchilla": _try_law(fit_chinchilla, data[~data["run_key"].isin(flagged)], {"params": 2, "tokens": 2})}
+    laws = {
+        "chinchilla": _try_law(
+            fit_chinchilla, data[~data["run_key"].isin(flagged)], {"params": 2, "tokens": 2}
+        )
+    }
     fc = read_forecast(out / FORECAST_FILE) if (out / FORECAST_FILE).exists() else None
-    lr = law_report(data, per_run, runs, baseline=baseline, savings=savings, forecast=fc, settings=law_settings,
-                    flagged=flagged)  # fmt: skip
+    lr = law_report(
+        data,
+        per_run,
+        runs,
+        baseline=baseline,
+        savings=savings,
+        forecast=fc,
+        settings=law_settings,
+        flagged=flagged,
+    )
     laws["finegrained"] = (lr.finegrained.fit, lr.finegrained.reason)  # one fit: on the runs not held out
 
     findings = finding_sentences(
         savings, runs, checks=checks, tuning=tuning, at_best=at_best, ci=SAVINGS_CI, smoothing=smoothing
     )
-    figures = _figures(out, curve, s, fits, savings, data, laws) + forecast_figs
+    figures = write_figures(out, curve, s, fits, savings, data, laws) + forecast_figs
     figures += write_law_outputs(out, lr, data)
     fair = fairness_sections(checks, tuning, at_best, smoothing)
     sav = (savings, per_seed, savings_note)
-    text = render(s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing,
-                  final_eval=(per_run, paired_eval), forecast=forecast,
-                  answers=answers_section(lr))  # fmt: skip
+    text = render(
+        s,
+        findings,
+        fair,
+        finals,
+        sav,
+        paired,
+        fit_table,
+        laws,
+        figures,
+        smoothing,
+        final_eval=(per_run, paired_eval),
+        forecast=forecast,
+        answers=answers_section(lr),
+    )
     downstream = out / "downstream.md"  # written by `python -m studies.eval` (lm-evaluation-harness)
     if downstream.exists():
         text = with_downstream(text, downstream.read_text())
@@ -246,81 +215,33 @@ def write_report(
     return report
 
 
-def summary_text(finals: pd.DataFrame, savings: pd.DataFrame, smoothing: Smoothing | None = None) -> str:
-    """Plain-text summary: final losses (labelled as in report.md), with savings, t intervals, sign counts."""
-    smoothing = smoothing or Smoothing()
-    t = finals.copy()
-    if not savings.empty:
-        cols = ["model", "tokens", "variant", "status", "savings_steps", "ci_lo", "ci_hi", "n_positive",
-                "n_not_reached", "savings_time"]  # fmt: skip
-        t = t.merge(savings[cols], on=["model", "tokens", "variant"], how="left")
-    t = t.rename(columns=final_labels(smoothing))
-    return t.to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
-def _forecast(out: Path, per_run: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """With out/forecast.json (written by the sweep before the held-out runs trained): compare it with
-    the finished runs, write forecast_vs_observed.csv and forecast.png; return the section and figure."""
-    path = out / FORECAST_FILE
-    if not path.exists():
-        return [], []
-    forecast = read_forecast(path)
-    table = compare(forecast, observed_losses(per_run))
-    table.to_csv(out / "forecast_vs_observed.csv", index=False)
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    plot_forecast(ax, table)
-    plots.save(fig, out / "forecast.png")
-    return forecast_section(forecast, table, forecast_summary(table)), ["forecast.png"]
-
-
-def _figures(out, curve, s, fits, savings, data, laws) -> list[str]:
-    names = []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, x in zip(axes, ("step", "tokens", "flops"), strict=True):
-        plots.plot_loss_curves(ax, curve, s.runs, x=x, fits=fits, title=f"{s.name}: val loss vs {x}")
-    plots.save(fig, out / "loss_curves.png")
-    names.append("loss_curves.png")
-    if not savings.empty:
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        plots.plot_savings(ax, savings, title="step savings vs baseline")
-        plots.save(fig, out / "savings.png")
-        names.append("savings.png")
-    layers = sorted(
-        {int(m.split("/")[1][5:]) for m in s.metrics["metric"].unique() if m.startswith("router/layer")}
-    )
-    ends = [layers[0], layers[-1]] if len(layers) > 1 else layers
-    fig, axes = plt.subplots(1, 2 + len(ends), figsize=(5.5 * (2 + len(ends)), 4.2))
-    for ax, i in zip(axes, ends, strict=False):
-        plots.plot_router(ax, s.metrics, s.runs, stat=f"layer{i}/top1_share_norm",
-                          title=f"block {i}: top-1 share (0 even over k*G, 1 one expert)")  # fmt: skip
-    plots.plot_router(axes[-2], s.metrics, s.runs, stat="entropy_norm", title="routing entropy / ln(E*G)")
-    plots.plot_router(axes[-1], s.metrics, s.runs, stat="imbalance", title="load imbalance before dropping")
-    plots.save(fig, out / "router.png")
-    names.append("router.png")
-    for name, (fit, _) in laws.items():
-        if fit is not None:
-            fig, ax = plt.subplots(figsize=(6, 4.2))
-            plots.plot_law(ax, data if name == "chinchilla" else data.dropna(subset=["granularity"]), fit)
-            plots.save(fig, out / f"law_{name}.png")
-            names.append(f"law_{name}.png")
-    return names
-
-
 def main(argv: list[str] | None = None) -> int:
     """The CLI; bad input (a flag, a run file) is one line on stderr and exit code 2 (analysis.cli)."""
     p = cli.Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--study-dir", type=Path, required=True, help="study directory (report/ goes here)")
-    p.add_argument("--from-curves", type=Path, help="read curves.csv and runs.csv from this report folder "
-                   "instead of MLflow or run folders (report/ still goes under --study-dir)")  # fmt: skip
+    p.add_argument(
+        "--from-curves",
+        type=Path,
+        help="read curves.csv and runs.csv from this report folder "
+        "instead of MLflow or run folders (report/ still goes under --study-dir)",
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI; default: read study-dir/runs/*")
     p.add_argument("--study", help="study (experiment) name; default: the study directory's name")
     p.add_argument("--baseline", help="variant to measure savings against; default: granularity 1")
     p.add_argument("--parent-run-id", help="log the report as artifacts on this MLflow run")
     p.add_argument("--smoothing", choices=("loglinear", "ema", "median", "none"), default="loglinear")
-    p.add_argument("--window", type=cli.checked(int, lambda v: v >= 1, ">= 1"), default=5,
-                   help="smoothing window in logged points")  # fmt: skip
-    p.add_argument("--n-boot", type=cli.checked(int, lambda v: v >= 0, ">= 0"), default=1000,
-                   help="ignored: savings intervals are Student t over seeds (kept for old commands)")  # fmt: skip
+    p.add_argument(
+        "--window",
+        type=cli.checked(int, lambda v: v >= 1, ">= 1"),
+        default=5,
+        help="smoothing window in logged points",
+    )
+    p.add_argument(
+        "--n-boot",
+        type=cli.checked(int, lambda v: v >= 0, ">= 0"),
+        default=1000,
+        help="ignored: savings intervals are Student t over seeds (kept for old commands)",
+    )
     p.add_argument(
         "--best-lr",
         action=argparse.BooleanOptionalAction,
@@ -342,8 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     elif not a.study_dir.is_dir():
         return cli.fail(PROG, f"--study-dir {a.study_dir}: no such directory")
     elif not runfiles.run_dirs(a.study_dir):
-        return cli.fail(PROG, f"--study-dir {a.study_dir}: no run folders in {runfiles.runs_dir(a.study_dir)} "
-                        "(not a study directory, or no point has started)")  # fmt: skip
+        return cli.fail(
+            PROG,
+            f"--study-dir {a.study_dir}: no run folders in {runfiles.runs_dir(a.study_dir)} "
+            "(not a study directory, or no point has started)",
+        )
     try:
         path = write_report(
             a.study_dir,

@@ -12,7 +12,7 @@ from analysis.derive import FLOPS_PER_TOKEN, LR, RAW_LABEL, Smoothing, smoothed_
 from analysis.tuning import LrTuning
 
 FLOP_CONVENTION = (
-    "moe.accounting: router counted as a matmul, 6 FLOPs per router parameter per token; "
+    "moe.model.accounting: router counted as a matmul, 6 FLOPs per router parameter per token; "
     "analysis.compute_optimal's planning defaults to the paper's 14"
 )
 FINAL_COLUMNS = ("final_val_loss_raw", "final_val_loss_smoothed", "final_val_loss_smoothed_std")
@@ -102,10 +102,14 @@ def final_eval_section(per_run: pd.DataFrame, paired_eval: pd.DataFrame) -> list
         return []
     table = (
         runs.groupby(["model", "tokens", "variant"], dropna=False)
-        .agg(seeds=("final_eval", "count"), final_eval=("final_eval", "mean"),
-             std_over_seeds=("final_eval", "std"), single_run_se=("final_eval_se", "mean"))
+        .agg(
+            seeds=("final_eval", "count"),
+            final_eval=("final_eval", "mean"),
+            std_over_seeds=("final_eval", "std"),
+            single_run_se=("final_eval_se", "mean"),
+        )
         .reset_index()
-    )  # fmt: skip
+    )
     lines = [
         "## Final evaluation on many windows (`val/loss_final`)",
         "",
@@ -125,9 +129,20 @@ def final_eval_section(per_run: pd.DataFrame, paired_eval: pd.DataFrame) -> list
 
 
 def render(
-    s, findings, fair, finals, sav, paired, fit_table, laws, figures, smoothing, final_eval=(), forecast=(),
+    s,
+    findings,
+    fair,
+    finals,
+    sav,
+    paired,
+    fit_table,
+    laws,
+    figures,
+    smoothing,
+    final_eval=(),
+    forecast=(),
     answers=(),
-) -> str:  # fmt: skip
+) -> str:
     """The whole report.md: answers and findings first, then loading notes, exclusions, checks, tables, fits,
     figures. sav: (savings summary, savings per seed, why they were not measured); final_eval: (run_finals
     rows, paired differences of their final_eval) or empty; forecast: `forecast_section`'s lines or empty;
@@ -181,7 +196,7 @@ def render(
 
 def forecast_section(forecast, table: pd.DataFrame, summary: list[str]) -> list[str]:
     """The forecast on record (analysis.forecast.Forecast) against the held-out runs' final losses:
-    `table` is analysis.forecast.compare's, `summary` its forecast_summary sentences."""
+    `table` is analysis.forecast_compare.compare's, `summary` its forecast_summary sentences."""
     ivs = forecast.intervals
     coefs = ", ".join(
         f"{k} = {v:.4g}" + (f" [{ivs[k][0]:.4g}, {ivs[k][1]:.4g}]" if k in ivs else "")
@@ -203,15 +218,47 @@ def forecast_section(forecast, table: pd.DataFrame, summary: list[str]) -> list[
 
 
 SAVINGS_COLUMNS = (
-    "model", "tokens", "variant", "baseline", "status", "n_seeds", "savings_steps", "ci_lo", "ci_hi",
-    "savings_steps_sd", "n_positive", "n_extrapolated", "n_not_reached", "savings_bound", "savings_tokens",
-    "savings_flops", "savings_time", "savings_time_ci_lo", "savings_time_ci_hi", "tokens_per_s_ratio",
-    "target_loss", "unpaired", "note",
-)  # fmt: skip
+    "model",
+    "tokens",
+    "variant",
+    "baseline",
+    "status",
+    "n_seeds",
+    "savings_steps",
+    "ci_lo",
+    "ci_hi",
+    "savings_steps_sd",
+    "n_positive",
+    "n_extrapolated",
+    "n_not_reached",
+    "savings_bound",
+    "savings_tokens",
+    "savings_flops",
+    "savings_time",
+    "savings_time_ci_lo",
+    "savings_time_ci_hi",
+    "tokens_per_s_ratio",
+    "target_loss",
+    "unpaired",
+    "note",
+)
 PER_SEED_COLUMNS = (
-    "variant", "baseline", "tokens", "seed", "target_loss", "steps_baseline", "steps_variant", "reach",
-    "savings_steps", "savings_bound", "savings_flops", "savings_time", "tokens_per_s_ratio", "note", "time_note",
-)  # fmt: skip
+    "variant",
+    "baseline",
+    "tokens",
+    "seed",
+    "target_loss",
+    "steps_baseline",
+    "steps_variant",
+    "reach",
+    "savings_steps",
+    "savings_bound",
+    "savings_flops",
+    "savings_time",
+    "tokens_per_s_ratio",
+    "note",
+    "time_note",
+)
 
 
 def savings_sections(savings, per_seed, note: str, smoothing: Smoothing) -> list[str]:
@@ -245,9 +292,12 @@ def fits_section(fit_table: pd.DataFrame) -> list[str]:
     lines = ["## Loss-curve fits L(t) = E + A t^-alpha", "", md_table(fit_table), ""]
     bad = fit_table[fit_table["degenerate"].fillna("").astype(bool)] if "degenerate" in fit_table else []
     if len(bad):
-        lines += [f"Degenerate fits ({len(bad)} of {len(fit_table)}), not used for savings and not drawn: "
-                  + "; ".join(f"{r.run_key} ({r.variant}, seed {r.seed}): {r.degenerate}" for r in bad.itertuples())
-                  + ".", ""]  # fmt: skip
+        lines += [
+            f"Degenerate fits ({len(bad)} of {len(fit_table)}), not used for savings and not drawn: "
+            + "; ".join(f"{r.run_key} ({r.variant}, seed {r.seed}): {r.degenerate}" for r in bad.itertuples())
+            + ".",
+            "",
+        ]
     return lines
 
 

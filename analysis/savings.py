@@ -36,7 +36,7 @@ from analysis.laws import FitError, LawFit
 from analysis.paired import t_interval
 
 TIME_METRIC = "time/train_s"
-"""Cumulative wall seconds of training (no eval, logging, checkpoint or compile), logged by moe/train.py."""
+"""Cumulative wall seconds of training (no eval, logging, checkpoint or compile), logged by moe/train/loop.py."""
 ReachStatus = Literal["observed", "extrapolated", "not reached"]
 NO_TIME = f"no {TIME_METRIC}"
 
@@ -84,8 +84,11 @@ def reach_step(steps, smooth_loss, target: float, *, fit_from_frac: float = 0.1)
             return Reach(
                 float(t[0]), "extrapolated", f"reached by the first evaluation, an upper bound ({why})"
             )
-        return Reach(min(steps_to_reach(fit, target), float(t[0])), "extrapolated",
-                     "reached by the first evaluation; crossing from its fitted curve")  # fmt: skip
+        return Reach(
+            min(steps_to_reach(fit, target), float(t[0])),
+            "extrapolated",
+            "reached by the first evaluation; crossing from its fitted curve",
+        )
     last = float(t[-1]) if t.size else float("nan")
     fit, why = usable_fit(t, y, fit_from_frac)
     if fit is None:
@@ -94,8 +97,12 @@ def reach_step(steps, smooth_loss, target: float, *, fit_from_frac: float = 0.1)
     if math.isinf(step):
         return Reach(last, "not reached", f"its fitted curve levels off above the target (E={fit['E']:.4g})")
     if step <= last:
-        return Reach(last, "not reached", f"its fitted curve would cross at step {step:.4g}, before its last "
-                     f"observed step {last:g}, where the curve itself had not")  # fmt: skip
+        return Reach(
+            last,
+            "not reached",
+            f"its fitted curve would cross at step {step:.4g}, before its last "
+            f"observed step {last:g}, where the curve itself had not",
+        )
     return Reach(step, "extrapolated", f"crossing beyond its last step {last:g}, from its fitted curve")
 
 
@@ -276,12 +283,32 @@ def summarise(seeds: pd.DataFrame, ci: float, unpaired=()) -> dict:
     seed never counts); savings_time with its t interval over those of them with `time/train_s`."""
     nan = float("nan")
     n = len(seeds)
-    out = {"status": "not measured", "n_seeds": n, "savings_steps": nan, "ci_lo": nan, "ci_hi": nan,
-           "savings_steps_sd": nan, "n_positive": 0, "n_extrapolated": 0, "n_not_reached": 0, "savings_bound": nan, "savings_tokens": nan,
-           "savings_flops": nan, "savings_time": nan, "savings_time_ci_lo": nan, "savings_time_ci_hi": nan,
-           "n_time": 0, "tokens_per_s_ratio": nan, "target_loss": nan, "steps_baseline": nan,
-           "steps_variant": nan, "extrapolated": False, "upper_bound": False,
-           "unpaired": ",".join(map(str, unpaired)), "note": ""}  # fmt: skip
+    out = {
+        "status": "not measured",
+        "n_seeds": n,
+        "savings_steps": nan,
+        "ci_lo": nan,
+        "ci_hi": nan,
+        "savings_steps_sd": nan,
+        "n_positive": 0,
+        "n_extrapolated": 0,
+        "n_not_reached": 0,
+        "savings_bound": nan,
+        "savings_tokens": nan,
+        "savings_flops": nan,
+        "savings_time": nan,
+        "savings_time_ci_lo": nan,
+        "savings_time_ci_hi": nan,
+        "n_time": 0,
+        "tokens_per_s_ratio": nan,
+        "target_loss": nan,
+        "steps_baseline": nan,
+        "steps_variant": nan,
+        "extrapolated": False,
+        "upper_bound": False,
+        "unpaired": ",".join(map(str, unpaired)),
+        "note": "",
+    }
     if n == 0:
         out["note"] = "no seed both arms ran" + (f" (unpaired seeds {out['unpaired']})" if unpaired else "")
         return out
@@ -300,9 +327,15 @@ def summarise(seeds: pd.DataFrame, ci: float, unpaired=()) -> dict:
         steps_baseline=_mean(seeds.get("steps_baseline")),
         extrapolated=bool((num["reach"] == "extrapolated").any()),
     )
-    notes = [f"not reached in {len(miss)} of {n} seed{'s' * (n != 1)} ("
-             + "; ".join(f"seed {r.seed}: {r.note}" for r in miss.itertuples())
-             + "), counted at its bound: the savings are upper bounds"] if len(miss) else []  # fmt: skip
+    notes = (
+        [
+            f"not reached in {len(miss)} of {n} seed{'s' * (n != 1)} ("
+            + "; ".join(f"seed {r.seed}: {r.note}" for r in miss.itertuples())
+            + "), counted at its bound: the savings are upper bounds"
+        ]
+        if len(miss)
+        else []
+    )
     if 2 * len(num) <= n:
         out.update(status="not reached", note="; ".join(notes))
         return out
@@ -311,15 +344,24 @@ def summarise(seeds: pd.DataFrame, ci: float, unpaired=()) -> dict:
     t = t[np.isfinite(t)]
     t_lo, t_hi = t_interval(t, ci)
     out.update(
-        status="measured", savings_steps=float(x.mean()), ci_lo=lo, ci_hi=hi,
+        status="measured",
+        savings_steps=float(x.mean()),
+        ci_lo=lo,
+        ci_hi=hi,
         savings_steps_sd=float(x.std(ddof=1)) if x.size >= 2 else nan,
-        savings_tokens=_mean(num["savings_tokens"]), savings_flops=_mean(num["savings_flops"]),
-        savings_time=float(t.mean()) if t.size else nan, savings_time_ci_lo=t_lo, savings_time_ci_hi=t_hi,
-        n_time=int(t.size), steps_variant=_mean(num["steps_variant"]),
-    )  # fmt: skip
+        savings_tokens=_mean(num["savings_tokens"]),
+        savings_flops=_mean(num["savings_flops"]),
+        savings_time=float(t.mean()) if t.size else nan,
+        savings_time_ci_lo=t_lo,
+        savings_time_ci_hi=t_hi,
+        n_time=int(t.size),
+        steps_variant=_mean(num["steps_variant"]),
+    )
     if t.size < len(num):
-        notes.append(f"wall-clock savings {'unknown' if not t.size else f'over {t.size} of {len(num)} seeds'} "
-                     f"({NO_TIME}{'' if not t.size else ' in the others'})")  # fmt: skip
+        notes.append(
+            f"wall-clock savings {'unknown' if not t.size else f'over {t.size} of {len(num)} seeds'} "
+            f"({NO_TIME}{'' if not t.size else ' in the others'})"
+        )
     out["note"] = "; ".join(notes)
     return out
 

@@ -1,5 +1,5 @@
 """A synthetic study written exactly as the training side writes one (docs/outputs.md), through
-studies.runfiles, the writer the training side uses.
+records.runfiles, the writer the training side uses.
 
 Each variant's validation loss is L(t) = E + A * (s * t)^-alpha (+ noise), so a variant with speed-up
 s reaches any loss in 1/s of the steps and its true step savings are 1 - 1/s. Used by the tests and
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from studies import runfiles
+from records import runfiles
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,10 @@ def fmt_tokens(tokens) -> str:
 
 def edge_note(lr, highest: bool) -> str:
     """Why a best LR at the edge of its grid is not picked, and what to run instead."""
-    return (f"no pick: best LR {fmt_lr(lr)} is the {'highest' if highest else 'lowest'} of the grid; "
-            f"extend the grid {'upward' if highest else 'downward'}")  # fmt: skip
+    return (
+        f"no pick: best LR {fmt_lr(lr)} is the {'highest' if highest else 'lowest'} of the grid; "
+        f"extend the grid {'upward' if highest else 'downward'}"
+    )
 
 
 def _at(df: pd.DataFrame, lr) -> pd.Series:
@@ -85,18 +87,41 @@ def lr_tuning(per_run: pd.DataFrame) -> LrTuning:
         i = int(np.argmin(agg["mean"].to_numpy()))
         lr_best = agg["lr"].iloc[i]
         for j, r in agg.iterrows():
-            grid_rows.append({"model": model, "tokens": tokens, "variant": variant, "lr": r["lr"],
-                              "val_loss": r["mean"], "val_loss_std": r["std"], "seeds": int(r["count"]),
-                              "best": j == i})  # fmt: skip
+            grid_rows.append(
+                {
+                    "model": model,
+                    "tokens": tokens,
+                    "variant": variant,
+                    "lr": r["lr"],
+                    "val_loss": r["mean"],
+                    "val_loss_std": r["std"],
+                    "seeds": int(r["count"]),
+                    "best": j == i,
+                }
+            )
         n = len(agg)
         bracketed = 0 < i < n - 1
         note = "single LR (untuned)" if n == 1 else "" if bracketed else edge_note(lr_best, highest=i > 0)
-        best_rows.append({"model": model, "tokens": tokens, "variant": variant, "lr": lr_best,
-                          "val_loss": agg["mean"].iloc[i], "n_lrs": n, "bracketed": bracketed,
-                          "picked": bracketed, "note": note})  # fmt: skip
+        best_rows.append(
+            {
+                "model": model,
+                "tokens": tokens,
+                "variant": variant,
+                "lr": lr_best,
+                "val_loss": agg["mean"].iloc[i],
+                "n_lrs": n,
+                "bracketed": bracketed,
+                "picked": bracketed,
+                "note": note,
+            }
+        )
         keys.update(g.loc[_at(g, lr_best), "run_key"])
-    return LrTuning(grid=pd.DataFrame(grid_rows), best=pd.DataFrame(best_rows), best_keys=frozenset(keys),
-                    finals=per_run.reset_index(drop=True))  # fmt: skip
+    return LrTuning(
+        grid=pd.DataFrame(grid_rows),
+        best=pd.DataFrame(best_rows),
+        best_keys=frozenset(keys),
+        finals=per_run.reset_index(drop=True),
+    )
 
 
 def seeds_by_lr(finals: pd.DataFrame) -> dict[tuple[Any, Any, Any], dict[Any, list[Any]]]:
@@ -186,15 +211,26 @@ def lr_pick(tuning: LrTuning) -> dict[str, Any]:
             per_seed = {
                 str(_plain(s)): _plain(v) for s, v in zip(at["seed"], at["final_smooth"], strict=True)
             }
-            losses.append({"lr": _plain(r["lr"]), "mean": _plain(r["val_loss"]), "n_seeds": int(r["seeds"]),
-                           "per_seed": per_seed})  # fmt: skip
-        picks.append({
-            **{k: _plain(b[k]) for k in GROUP},
-            "lr": _plain(b["lr"]) if b["picked"] else None, "refused": None if b["picked"] else b["note"],
-            "best_on_grid": _plain(b["lr"]), "grid": [_plain(v) for v in grid["lr"]],
-            "seeds": [_plain(s) for s in sorted(set(runs["seed"]))], "n_seeds": int(grid["seeds"].min()),
-            "losses": losses,
-        })  # fmt: skip
+            losses.append(
+                {
+                    "lr": _plain(r["lr"]),
+                    "mean": _plain(r["val_loss"]),
+                    "n_seeds": int(r["seeds"]),
+                    "per_seed": per_seed,
+                }
+            )
+        picks.append(
+            {
+                **{k: _plain(b[k]) for k in GROUP},
+                "lr": _plain(b["lr"]) if b["picked"] else None,
+                "refused": None if b["picked"] else b["note"],
+                "best_on_grid": _plain(b["lr"]),
+                "grid": [_plain(v) for v in grid["lr"]],
+                "seeds": [_plain(s) for s in sorted(set(runs["seed"]))],
+                "n_seeds": int(grid["seeds"].min()),
+                "losses": losses,
+            }
+        )
     return {"rule": PICK_RULE, "loss": "final smoothed val loss (analysis.derive)", "picks": picks}
 
 

@@ -1,4 +1,4 @@
-"""Atomic file writes (stdlib only): the data cache's meta.json and the run folders (studies.runfiles)
+"""Atomic file writes (stdlib only): the data cache's meta.json and the run folders (records.runfiles)
 share this one, so a reader sees the old file or the new one, never half of one."""
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU figures of issue #12 in one run (README, "Benchmarks"): run it once on a CUDA machine from the
+# The GPU figures of issue #12 in one run (docs/benchmarks.md): run it once on a CUDA machine from the
 # repository root, with torch (CUDA build) and the project's dependencies importable:
 #     bash scripts/gpu_check.sh [OUT_DIR]
 # Writes OUT_DIR (default gpu_check/) with one JSON or log per figure and prints a summary. Nothing here
-# is needed by the tests; without a GPU the README says the figures are pending.
+# is needed by the tests; without a GPU docs/benchmarks.md says the figures are pending.
 set -euo pipefail
 OUT=${1:-gpu_check}
 PEAK_TFLOPS=${PEAK_TFLOPS:-}  # dense bf16 peak of the GPU; default: looked up from its name below
@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.version.cuda)" | tee "$OUT/torch.txt"
 
 # 1. One MoE layer vs dense at equal active FLOPs, bf16, d_model 2048 (target: G=8 >= 0.9 of dense)
-python -m moe.bench --device cuda --dtypes bf16 --d-model 2048 --d-ff 8192 --granularities 1,8,16 \
+python -m moe.model.bench --device cuda --dtypes bf16 --d-model 2048 --d-ff 8192 --granularities 1,8,16 \
   --tokens 16384 --warmup 3 --repeat 10 --json > "$OUT/layer_bench.json"
 
 # 2. Tokens/s and MFU of a small-preset point at G=1 and G=8 with torch.compile (target >= 40% MFU at G=8)

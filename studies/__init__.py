@@ -4,6 +4,6 @@ Importing the package registers the OmegaConf resolvers the configs use, so a su
 unpickles any part of it can resolve `${local_jobs:}` and `${local_threads:}`.
 """
 
-from studies.resources import register_resolvers
+from studies.launch.resources import register_resolvers
 
 register_resolvers()

@@ -2,7 +2,7 @@
 
 Measures, in one process on the same model and data:
   bare     a minimal loop (forward/backward, clip, AdamW step; no logging, eval or diagnostics)
-  full     `moe.train.train` at the config's cadence (router diagnostics, JSONL + MLflow logging,
+  full     `moe.train.loop.train` at the config's cadence (router diagnostics, JSONL + MLflow logging,
            periodic eval on the fixed validation set, progress line)
 and reports full/bare - 1 (target <= 5%) and the time spent inside the MLflow logger as a fraction of
 the full run (target <= 2%). Runs alternate bare/full `repeats` times and keep each one's fastest, since
@@ -20,16 +20,19 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from moe.data import TokenLoader, prepare_data
-from moe.model import Transformer
-from moe.optim import build_optimizer
-from moe.train import train
-from studies import runfiles, tracking
-from studies.config import load_run_config, register_configs
-from studies.mlflow_logger import FanOut, MlflowLogger
-from studies.point import Point, build_point
+from moe.data.loader import TokenLoader
+from moe.data.prepare import prepare_data
+from moe.model.transformer import Transformer
+from moe.train.loop import train
+from moe.train.optim import build_optimizer
+from records import runfiles
+from records.code_record import project_root
+from studies.job.config import load_run_config, register_configs
+from studies.job.point import Point, build_point
+from studies.track import tracking
+from studies.track.mlflow_logger import FanOut, MlflowLogger
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = project_root() / "conf"
 
 
 class TimedLogger:
@@ -78,9 +81,7 @@ def full_loop(point: Point, data, steps: int, workdir: Path):
     jsonl = runfiles.MetricsWriter(workdir / f"{run_id}.jsonl")
     cfg = dataclasses.replace(point.train, tokens=steps * point.plan.batch_tokens)
     t0 = time.perf_counter()
-    result = train(
-        point.model, data, point.run.optim, cfg, FanOut(jsonl, mlf), progress=lambda _: None
-    )
+    result = train(point.model, data, point.run.optim, cfg, FanOut(jsonl, mlf), progress=lambda _: None)
     mlf.flush()
     seconds = time.perf_counter() - t0
     jsonl.close()
@@ -102,9 +103,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     point = build_point(run)
     torch.set_num_threads(args.threads)
     data = prepare_data(run.data)
-    print(f"model={run.model.name} variant={point.variant} steps={args.steps} batch_tokens={point.plan.batch_tokens} "
-          f"log_every={point.train.log_every} eval_every={point.train.eval_every} "
-          f"eval_tokens={point.train.eval_tokens} threads={args.threads}")  # fmt: skip
+    print(
+        f"model={run.model.name} variant={point.variant} steps={args.steps} batch_tokens={point.plan.batch_tokens} "
+        f"log_every={point.train.log_every} eval_every={point.train.eval_every} "
+        f"eval_tokens={point.train.eval_tokens} threads={args.threads}"
+    )
 
     bare, full, mlflow_s, inside = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,8 +118,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             mlflow_s.append(in_mlflow)
             # Timed inside the same run, so machine noise hits numerator and denominator alike.
             inside.append((res.eval_s + res.log_s) / (res.wall_s - res.eval_s - res.log_s))
-            print(f"repeat {r}: bare {bare[-1]:.2f} s, full {full[-1]:.2f} s (eval {res.eval_s:.2f} s, "
-                  f"diagnostics+logging {res.log_s:.3f} s; MLflow incl. final flush {in_mlflow:.3f} s)")  # fmt: skip
+            print(
+                f"repeat {r}: bare {bare[-1]:.2f} s, full {full[-1]:.2f} s (eval {res.eval_s:.2f} s, "
+                f"diagnostics+logging {res.log_s:.3f} s; MLflow incl. final flush {in_mlflow:.3f} s)"
+            )
     best_bare, best_full = min(bare), min(full)
     result = {
         "bare_s": best_bare,

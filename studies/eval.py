@@ -22,8 +22,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from studies import runfiles, tracking
+from records import runfiles
 from studies.export import export_run, read_finished_run
+from studies.track import tracking
 
 METRICS = ("acc", "acc_norm")
 
@@ -116,7 +117,9 @@ def evaluate_study(
         model_dir = run_dir / "hf"
         if not (model_dir / "export.json").is_file():
             export_run(run_dir, model_dir, overwrite=True, allow_earlier_checkpoint=allow_earlier_checkpoint)
-        scores = evaluate_model(model_dir, tasks, cache=study_dir / "lm_eval_cache", cache_key=run_dir.name, **kw)
+        scores = evaluate_model(
+            model_dir, tasks, cache=study_dir / "lm_eval_cache", cache_key=run_dir.name, **kw
+        )
         runfiles.write_json(run_dir / "downstream.json", {"tasks": tasks, "scores": scores})
         _log_to_mlflow(study_dir, run_dir, fin.run.tracking.uri, scores)
         m = fin.model.moe
@@ -129,9 +132,12 @@ def evaluate_study(
 def write_report(study_dir: Path, tasks: list[str], points: list[PointScores]) -> Path:
     """<study>/report/downstream.md: accuracies per point and mean average accuracy per granularity."""
     cols = [f"downstream/{t}/acc" for t in tasks]
-    lines = ["# Downstream accuracy (lm-evaluation-harness)", "",
-             "| run | variant | G | " + " | ".join(tasks) + " | avg acc |",
-             "|---|---|---|" + "---|" * (len(tasks) + 1)]  # fmt: skip
+    lines = [
+        "# Downstream accuracy (lm-evaluation-harness)",
+        "",
+        "| run | variant | G | " + " | ".join(tasks) + " | avg acc |",
+        "|---|---|---|" + "---|" * (len(tasks) + 1),
+    ]
     for p in sorted(points, key=lambda p: (p.granularity, p.variant, p.run_key)):
         cells = [f"{p.scores[c]:.4f}" if c in p.scores else "-" for c in cols]
         avg = p.scores.get("downstream/avg_acc")

@@ -2,7 +2,7 @@
 
     python -m studies.export outputs/<study>/runs/<run key> DIR [--overwrite] [--allow-earlier-checkpoint]
 
-DIR gets config.json + model.safetensors (a Qwen2MoeForCausalLM, see moe/hf_export.py), the tokenizer
+DIR gets config.json + model.safetensors (a Qwen2MoeForCausalLM, see moe/interop/hf_export.py), the tokenizer
 (tokenizer.json, tokenizer_config.json) and export.json (run key, step, the logit check). Loadable with
 `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`, so
 lm-evaluation-harness (studies.eval) and anything else in that ecosystem read it.
@@ -27,13 +27,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from moe.checkpoint import load_latest, model_weights
-from moe.config import ModelConfig
-from moe.corpus import EOD_TOKEN
-from moe.data import DataConfig, default_cache_dir, prepare_data
-from moe.model import Transformer
-from studies import runfiles
-from studies.config import RunConfig, load_run_config, to_library
+from moe.data.config import DataConfig, default_cache_dir
+from moe.data.corpus import EOD_TOKEN
+from moe.data.prepare import prepare_data
+from moe.model.config import ModelConfig
+from moe.model.transformer import Transformer
+from moe.train.checkpoint import load_latest, model_weights
+from records import runfiles
+from studies.job.config import RunConfig, load_run_config, to_library
 
 LOGIT_ATOL = 1e-4
 """Largest |logit difference| (fp32, CPU) an export may show against the project's model."""
@@ -152,7 +153,7 @@ def export_run(
     """Write the transformers model directory of a DONE point to `out_dir` (see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
-    from moe.hf_export import ARCHITECTURE, check_exportable, to_transformers
+    from moe.interop.hf_export import ARCHITECTURE, check_exportable, to_transformers
 
     fin = read_finished_run(run_dir)
     out_dir = Path(out_dir)
@@ -176,10 +177,17 @@ def export_run(
                 f"run {fin.run_dir.name}: the exported {ARCHITECTURE} differs from the project's model by "
                 f"{diff:.3g} in the logits (tolerance {LOGIT_ATOL}); nothing was written"
             )
-        record = {"run_key": fin.run_dir.name, "run_dir": str(fin.run_dir.resolve()), "step": step,
-                  "done_step": fin.step, "architecture": ARCHITECTURE, "max_logit_diff": diff,
-                  "data_fingerprint": (fin.summary.get("data") or {}).get("fingerprint"),
-                  "variant": fin.summary.get("variant"), "tags": fin.summary.get("tags", {})}  # fmt: skip
+        record = {
+            "run_key": fin.run_dir.name,
+            "run_dir": str(fin.run_dir.resolve()),
+            "step": step,
+            "done_step": fin.step,
+            "architecture": ARCHITECTURE,
+            "max_logit_diff": diff,
+            "data_fingerprint": (fin.summary.get("data") or {}).get("fingerprint"),
+            "variant": fin.summary.get("variant"),
+            "tags": fin.summary.get("tags", {}),
+        }
         runfiles.write_json(tmp / "export.json", record)
         if out_dir.exists():
             trash = out_dir.with_name(f".trash-{out_dir.name}-{uuid.uuid4().hex[:8]}")
@@ -196,12 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="outputs/<study>/runs/<run key> of a DONE point")
     parser.add_argument("out_dir", type=Path, help="the transformers model directory to write")
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
-    parser.add_argument("--allow-earlier-checkpoint", action="store_true",
-                        help="export the newest checkpoint even if it is older than the DONE step")  # fmt: skip
+    parser.add_argument(
+        "--allow-earlier-checkpoint",
+        action="store_true",
+        help="export the newest checkpoint even if it is older than the DONE step",
+    )
     args = parser.parse_args(argv)
     try:
-        res = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite,
-                         allow_earlier_checkpoint=args.allow_earlier_checkpoint)  # fmt: skip
+        res = export_run(
+            args.run_dir,
+            args.out_dir,
+            overwrite=args.overwrite,
+            allow_earlier_checkpoint=args.allow_earlier_checkpoint,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,10 +1,10 @@
 """`python -m studies.plan [-m] <overrides>`: what a sweep would cost, without building a model.
 
 Takes the same overrides as `studies.run`, expands the sweep exactly as Hydra's basic sweeper would
-(study presets' hydra.sweeper.params plus the command line, via studies.sweep.compose_jobs), turns
-each point into its model and budget with the code `studies.run` uses (studies.point.build_point), and
+(study presets' hydra.sweeper.params plus the command line, via studies.launch.sweep.compose_jobs), turns
+each point into its model and budget with the code `studies.run` uses (studies.job.point.build_point), and
 prints per point: total / active / non-embedding params, training FLOPs per token, tokens, steps, total
-training FLOPs and GPU-hours at a stated MFU and GPU peak. Counts are analytic (moe.accounting), so a 56B
+training FLOPs and GPU-hours at a stated MFU and GPU peak. Counts are analytic (moe.model.accounting), so a 56B
 config plans in well under a second; `--check-meta` also builds each model on the meta device (no
 storage) and checks that its numel equals the analytic total.
 
@@ -28,11 +28,11 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from moe.accounting import count_params, flops_per_token
-from moe.memory import find_layout
-from studies.config import load_run_config
-from studies.point import build_point
-from studies.sweep import check_meta_numel, compose_jobs, varying
+from moe.model.accounting import count_params, flops_per_token
+from moe.parallel.memory import find_layout
+from studies.job.config import load_run_config
+from studies.job.point import build_point
+from studies.launch.sweep import check_meta_numel, compose_jobs, varying
 
 # Dense (no structured sparsity) peak FLOP/s per GPU at bf16, from the vendors' datasheets
 # (H100/H200 SXM: 989.4 TFLOP/s; A100: 312 TFLOP/s).
@@ -93,7 +93,7 @@ class PointPlan:
     params_active_non_embedding: int
     """Active without embedding and LM head."""
     flops_per_token_forward: float
-    """Forward FLOPs per token (moe.accounting convention)."""
+    """Forward FLOPs per token (moe.model.accounting convention)."""
     flops_per_token_train: float
     """Training FLOPs per token, 3 x forward."""
     tokens: int
@@ -109,7 +109,7 @@ class PointPlan:
     meta_numel: int | None = None
     """sum(numel) of the model built on the meta device (--check-meta), else None."""
     layout: str | None = None
-    """The smallest feasible FSDP/EP layout on the GPUs asked for (--layout, moe.memory.find_layout)."""
+    """The smallest feasible FSDP/EP layout on the GPUs asked for (--layout, moe.parallel.memory.find_layout)."""
 
 
 def plan_point(
@@ -199,25 +199,48 @@ def _hours(h: float) -> str:
 
 
 def format_plan(plans: Sequence[PointPlan], hw: Hardware) -> str:
-    header = ("point", "variant", "total", "active", "non-emb", "act non-emb", "train FLOP/tok",
-              "tokens", "steps", "train FLOPs", "GPU-h")  # fmt: skip
+    header = (
+        "point",
+        "variant",
+        "total",
+        "active",
+        "non-emb",
+        "act non-emb",
+        "train FLOP/tok",
+        "tokens",
+        "steps",
+        "train FLOPs",
+        "GPU-h",
+    )
     rows = [header]
     for label, p in zip(varying([p.overrides for p in plans]), plans, strict=True):
-        rows.append((
-            label, p.variant, _si(p.params_total), _si(p.params_active), _si(p.params_non_embedding),
-            _si(p.params_active_non_embedding), f"{p.flops_per_token_train:.3g}", _si(p.tokens),
-            f"{p.steps:,}", f"{p.train_flops:.3g}", _hours(p.gpu_hours),
-        ))  # fmt: skip
+        rows.append(
+            (
+                label,
+                p.variant,
+                _si(p.params_total),
+                _si(p.params_active),
+                _si(p.params_non_embedding),
+                _si(p.params_active_non_embedding),
+                f"{p.flops_per_token_train:.3g}",
+                _si(p.tokens),
+                f"{p.steps:,}",
+                f"{p.train_flops:.3g}",
+                _hours(p.gpu_hours),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in rows]  # fmt: skip
+    lines = [
+        "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     total_flops = sum(p.train_flops for p in plans)
     lines += [
         "",
         f"{len(plans)} point(s): {total_flops:.3g} training FLOPs, {_hours(sum(p.gpu_hours for p in plans))} "
         f"GPU-hours at {hw.describe()}.",
-        "FLOPs per token: moe.accounting convention (matmuls x2, attention QK^T and AV non-causal at "
+        "FLOPs per token: moe.model.accounting convention (matmuls x2, attention QK^T and AV non-causal at "
         "model.seq_len, router included, training = 3 x forward).",
         "Router: 6 FLOPs per router parameter per token, as for any matmul weight (the real cost of the "
         "router matmul); arXiv 2402.07871's compute model uses c_r = 14, which analysis.compute_optimal uses for "
@@ -266,18 +289,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gpu", default="h100", help=f"GPU peak from {sorted(GPU_PEAK_FLOPS)} (default h100)"
     )
     parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s per GPU; overrides --gpu")
-    parser.add_argument("--check-meta", action="store_true",
-                        help="also build each model on the meta device and check its numel")  # fmt: skip
-    parser.add_argument("--layout", nargs=2, type=int, metavar=("GPUS_PER_NODE", "MAX_NODES"), default=None,
-                        help="also print the smallest FSDP/EP layout that fits each point on --gpu GPUs")  # fmt: skip
+    parser.add_argument(
+        "--check-meta",
+        action="store_true",
+        help="also build each model on the meta device and check its numel",
+    )
+    parser.add_argument(
+        "--layout",
+        nargs=2,
+        type=int,
+        metavar=("GPUS_PER_NODE", "MAX_NODES"),
+        default=None,
+        help="also print the smallest FSDP/EP layout that fits each point on --gpu GPUs",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for studies.run")
     args = parser.parse_args(argv)
     try:
         hw = hardware(args.gpu, args.mfu, args.peak_flops)
         if args.layout and min(args.layout) < 1:
             raise ValueError(f"--layout {args.layout[0]} {args.layout[1]}: both must be >= 1")
-        plans = plan_sweep(args.overrides, multirun=args.multirun, hw=hw, check_meta=args.check_meta,
-                           nodes=tuple(args.layout) if args.layout else None)  # fmt: skip
+        plans = plan_sweep(
+            args.overrides,
+            multirun=args.multirun,
+            hw=hw,
+            check_meta=args.check_meta,
+            nodes=tuple(args.layout) if args.layout else None,
+        )
     except (ValueError, HydraException, OmegaConfBaseException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

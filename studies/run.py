@@ -1,12 +1,12 @@
 """`python -m studies.run [-m] axis=value,... [--dry-run] [--retry-failed] [--detach]`: the thin Hydra
-shell around `studies.execute.run_point`.
+shell around `studies.job.execute.run_point`.
 
 Re-running a command is safe (docs/lifecycle.md): DONE points are skipped, partial ones resume from their
 checkpoint, FAILED ones are retried only with `launch.retry_failed=true`. `launch.dry_run=true` prints
 what each point would do (start / resume from step N / skip / not retried) and launches nothing.
 `--retry-failed` and `--dry-run` are short for those two overrides; `--detach` for `launch.detach=true`
 (submit the sweep and return; docs/slurm.md). Every point is validated before
-anything is written (studies.callbacks), with and without -m.
+anything is written (studies.launch.callbacks), with and without -m.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from moe.distributed import read_env
-from moe.train import TrainingInterrupted
-from studies import runfiles
-from studies.callbacks import PARENT_ENV
-from studies.config import load_run_config, register_configs
-from studies.execute import run_point
-from studies.point import build_point
-from studies.preemption import install as install_stop_signals
-from studies.snapshot import project_root
+from moe.parallel.distributed import read_env
+from moe.train.outcome import TrainingInterrupted
+from records import runfiles
+from records.code_record import project_root
+from studies.job.config import load_run_config, register_configs
+from studies.job.execute import run_point
+from studies.job.point import build_point
+from studies.job.preemption import install as install_stop_signals
+from studies.launch.callbacks import PARENT_ENV
 
 register_configs()
 
@@ -42,7 +42,7 @@ FLAGS = {
 
 
 def fails_its_job(hc) -> bool:
-    """Under the project's submitit launchers a failed point fails its own job (studies.launcher);
+    """Under the project's submitit launchers a failed point fails its own job (studies.launch.launcher);
     Hydra's in-process basic launcher would end the whole sweep, so there the failure is a record."""
     return str(hc.launcher.get("_target_", "")).startswith("hydra_plugins.moe_scaling.")
 
@@ -54,8 +54,12 @@ def main(cfg: DictConfig) -> dict:
     job_dir = Path(hc.runtime.output_dir)
     install_stop_signals()  # SIGTERM (and submitit's signal in a job) checkpoints at the next step
     try:
-        result = run_point(cfg, parent_run_id=os.environ.get(PARENT_ENV), cwd=Path(hc.runtime.cwd),
-                           job=f"{job_dir.parent.name}/{job_dir.name}")  # fmt: skip
+        result = run_point(
+            cfg,
+            parent_run_id=os.environ.get(PARENT_ENV),
+            cwd=Path(hc.runtime.cwd),
+            job=f"{job_dir.parent.name}/{job_dir.name}",
+        )
     except TrainingInterrupted as exc:
         record = {"status": "PREEMPTED", "error": str(exc), "job": job_dir.name, **point_identity(cfg)}
         write_failure_record(job_dir, record)

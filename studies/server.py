@@ -85,8 +85,9 @@ def validate_settings(settings: ServerSettings) -> ServerSettings:
     artifacts = settings.artifacts_destination
     if "://" not in artifacts or artifacts.startswith("file://"):
         artifacts = str(Path(artifacts.removeprefix("file://")).expanduser().resolve())
-    return ServerSettings(backend, artifacts, settings.host, settings.port, settings.workers,
-                          settings.allowed_hosts)  # fmt: skip
+    return ServerSettings(
+        backend, artifacts, settings.host, settings.port, settings.workers, settings.allowed_hosts
+    )
 
 
 def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
@@ -132,11 +133,22 @@ def settings_warnings(settings: ServerSettings, mounts: str | None = None) -> li
 def server_command(settings: ServerSettings) -> list[str]:
     """The `mlflow server` command line for `settings` (validated)."""
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", settings.backend_store_uri,
-        "--serve-artifacts", "--artifacts-destination", settings.artifacts_destination,
-        "--host", settings.host, "--port", str(settings.port), "--workers", str(settings.workers),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        settings.backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        settings.artifacts_destination,
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+        "--workers",
+        str(settings.workers),
+    ]
     if settings.host not in LOOPBACK:
         # MLflow's default Host check accepts only loopback and private IPs; jobs use the node's name.
         name = settings.advertised_host
@@ -229,18 +241,25 @@ def running_server(
     # MLflow's job runner (GenAI judges, trace rollups) adds 8 processes that a scaling study never uses.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     process = subprocess.Popen(
-        server_command(settings), stdout=log, stderr=subprocess.STDOUT if log else None,
-        stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-    )  # fmt: skip
+        server_command(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT if log else None,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + startup_timeout_s
         while not _healthy(settings.local_url):
             if process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with status {process.returncode} before answering"
-                                   f"{_log_tail(log)}")  # fmt: skip
+                raise RuntimeError(
+                    f"mlflow server exited with status {process.returncode} before answering{_log_tail(log)}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow server did not answer {settings.local_url}/health within "
-                                   f"{startup_timeout_s:.0f} s{_log_tail(log)}")  # fmt: skip
+                raise TimeoutError(
+                    f"mlflow server did not answer {settings.local_url}/health within "
+                    f"{startup_timeout_s:.0f} s{_log_tail(log)}"
+                )
             time.sleep(0.25)
         yield RunningServer(settings.url, settings.local_url, process)
     finally:
@@ -285,20 +304,33 @@ def parse_args(argv: list[str] | None = None) -> ServerSettings:
         prog="python -m studies.server",
         description="Run an MLflow tracking server for a cluster (artifacts proxied to shared storage).",
     )
-    parser.add_argument("--backend-store-uri", required=True,
-                        help="sqlite:////<server-local dir>/mlflow.db (never on NFS) or a database URI")  # fmt: skip
-    parser.add_argument("--artifacts-destination", required=True,
-                        help="artifact root on shared storage (a path, file://, s3://, ...)")  # fmt: skip
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes a server without auth)")  # fmt: skip
+    parser.add_argument(
+        "--backend-store-uri",
+        required=True,
+        help="sqlite:////<server-local dir>/mlflow.db (never on NFS) or a database URI",
+    )
+    parser.add_argument(
+        "--artifacts-destination",
+        required=True,
+        help="artifact root on shared storage (a path, file://, s3://, ...)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes a server without auth)",
+    )
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2, help="server worker processes (default 2)")
-    parser.add_argument("--allowed-hosts", default="",
-                        help="extra comma-separated Host headers to accept (name, name:port, wildcards)")  # fmt: skip
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="extra comma-separated Host headers to accept (name, name:port, wildcards)",
+    )
     args = parser.parse_args(argv)
     extra = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
-    return ServerSettings(args.backend_store_uri, args.artifacts_destination, args.host, args.port,
-                          args.workers, extra)  # fmt: skip
+    return ServerSettings(
+        args.backend_store_uri, args.artifacts_destination, args.host, args.port, args.workers, extra
+    )
 
 
 class _Stop(Exception):
@@ -329,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup asked to outlive the terminal
         signal.signal(signal.SIGHUP, _raise_stop)
-    print(f"Starting mlflow server on {settings.host}:{settings.port} "
-          f"(backend {settings.backend_store_uri}, artifacts {settings.artifacts_destination}) ...",
-          flush=True)  # fmt: skip
+    print(
+        f"Starting mlflow server on {settings.host}:{settings.port} "
+        f"(backend {settings.backend_store_uri}, artifacts {settings.artifacts_destination}) ...",
+        flush=True,
+    )
     try:
         with running_server(settings) as server:
             print(

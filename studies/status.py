@@ -1,10 +1,10 @@
 """`python -m studies.status outputs/<study>` (or one sweep folder): where a study's sweeps stand.
 
-For every sweep folder with a sweep.json (written at launch, studies.finish): each point's state, step of
+For every sweep folder with a sweep.json (written at launch, studies.launch.finish): each point's state, step of
 its total, losses, throughput and ETA, read from its run folder exactly as the launching terminal's
-progress view reads them (studies.progress.snapshot: status.json is the source of truth), next to the
+progress view reads them (studies.launch.progress.snapshot: status.json is the source of truth), next to the
 scheduler's view of its job (sacct where SLURM answers; for local jobs whether the job's process lives),
-and whether the end-of-sweep work (studies.finish) has run. Works while the jobs run (a detached sweep,
+and whether the end-of-sweep work (studies.launch.finish) has run. Works while the jobs run (a detached sweep,
 a sweep launched from another terminal) and after.
 
 Bad input (a missing path, a folder that is neither a study nor a sweep) is one line naming the path,
@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from studies import runfiles
-from studies.finish import SWEEP_RECORD, NotASweepError, pid_alive, read_sweep_record, scheduler_states
-from studies.progress import HEADER, Tracked, plain_table, rows, snapshot
+from records import runfiles
+from records.sweep_record import SWEEP_RECORD, NotASweepError, read_sweep_record
+from studies.launch.finish import pid_alive, scheduler_states
+from studies.launch.progress import HEADER, Tracked, plain_table, rows, snapshot
 
 
 class StatusInputError(ValueError):
@@ -40,8 +41,9 @@ def sweep_dirs_of(path: Path) -> list[Path]:
     if (path / "multirun").is_dir() or runfiles.runs_dir(path).is_dir():
         multirun = path / "multirun"
         return sorted(p for p in multirun.iterdir() if p.is_dir()) if multirun.is_dir() else []
-    raise StatusInputError(f"{path} is neither a study folder (with multirun/ or runs/) nor a sweep folder "
-                           f"(with {SWEEP_RECORD})")  # fmt: skip
+    raise StatusInputError(
+        f"{path} is neither a study folder (with multirun/ or runs/) nor a sweep folder (with {SWEEP_RECORD})"
+    )
 
 
 def _local_state(job: dict[str, Any], sweep_dir: Path) -> str:
@@ -59,17 +61,29 @@ def sweep_status(sweep_dir: Path) -> str:
     jobs = sorted(record.get("jobs", []), key=lambda j: int(j["num"]))
     slurm = record.get("executor") == "slurm"
     sched = scheduler_states([str(j["job_id"]) for j in jobs]) if slurm else {}
-    tracked = [Tracked(j["label"], j["variant"], Path(j["run_dir"]), int(j["steps"]), str(j["job_id"]),
-                       Path(j["log"])) for j in jobs]  # fmt: skip
-    job_states = [sched.get(t.job_id, "UNKNOWN") if slurm else _local_state(j, sweep_dir)
-                  for t, j in zip(tracked, jobs, strict=True)]  # fmt: skip
+    tracked = [
+        Tracked(
+            j["label"], j["variant"], Path(j["run_dir"]), int(j["steps"]), str(j["job_id"]), Path(j["log"])
+        )
+        for j in jobs
+    ]
+    job_states = [
+        sched.get(t.job_id, "UNKNOWN") if slurm else _local_state(j, sweep_dir)
+        for t, j in zip(tracked, jobs, strict=True)
+    ]
     snaps = [snapshot(t, s) for t, s in zip(tracked, job_states, strict=True)]
-    table_rows = [(*row, t.job_id, s) for row, t, s in
-                  zip(rows(tracked, snaps, [int(j["batch_tokens"]) for j in jobs]), tracked, job_states, strict=True)]  # fmt: skip
+    table_rows = [
+        (*row, t.job_id, s)
+        for row, t, s in zip(
+            rows(tracked, snaps, [int(j["batch_tokens"]) for j in jobs]), tracked, job_states, strict=True
+        )
+    ]
     done = sum(s.state == "DONE" for s in snaps)
-    heading = (f"sweep {sweep_dir.name} ({record.get('study')}, {record.get('executor', 'in-process')}"
-               f"{', detached' if record.get('detach') else ''}): {done}/{len(jobs)} points done; "
-               f"MLflow parent run {record.get('parent_run_id')}")  # fmt: skip
+    heading = (
+        f"sweep {sweep_dir.name} ({record.get('study')}, {record.get('executor', 'in-process')}"
+        f"{', detached' if record.get('detach') else ''}): {done}/{len(jobs)} points done; "
+        f"MLflow parent run {record.get('parent_run_id')}"
+    )
     lines = [heading, f"  end of sweep: {_finish_state(record, sweep_dir)}"]
     if jobs:
         scheduler = "sacct" if slurm else "process"
@@ -86,7 +100,7 @@ def _finish_state(record: dict[str, Any], sweep_dir: Path) -> str:
     if finisher:
         state = scheduler_states([finisher["job_id"]]).get(finisher["job_id"], "UNKNOWN")
         return f"SLURM job {finisher['job_id']} ({finisher['dependency']}) {state}, log {finisher['log']}"
-    return f"not run yet: `python -m studies.finish {sweep_dir}` once the jobs have ended"
+    return f"not run yet: `python -m studies.launch.finish {sweep_dir}` once the jobs have ended"
 
 
 def study_status(path: Path) -> str:

@@ -24,9 +24,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from studies import runfiles, tracking
-from studies.point import AXES
-from studies.tracking import MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_PER_BATCH
+from records import runfiles
+from studies.job.point import AXES
+from studies.track import tracking
+from studies.track.tracking import MAX_METRICS_PER_BATCH, MAX_PARAM_CHARS, MAX_PARAMS_PER_BATCH
 
 TERMINAL = {"DONE": "FINISHED", "FAILED": "FAILED"}  # status.json -> MLflow run status
 ARTIFACTS = (runfiles.CONFIG, runfiles.METRICS, runfiles.SUMMARY)
@@ -57,7 +58,7 @@ class RunSync:
 
 
 def read_metrics(path: Path) -> dict[tuple[str, int], float]:
-    """{(key, step): value} from metrics.jsonl (studies.runfiles' rule for broken lines)."""
+    """{(key, step): value} from metrics.jsonl (records.runfiles' rule for broken lines)."""
     return runfiles.metric_values(runfiles.read_events(path))
 
 
@@ -93,14 +94,16 @@ def find_run_id(client: MlflowClient, study: str, run_key: str, summary: Mapping
     if exp is None:
         return None
     runs = client.search_runs(
-        [exp.experiment_id], filter_string=f"tags.run_key = '{run_key}' and tags.kind = 'point'",
-        order_by=["attributes.start_time DESC"], max_results=1,
-    )  # fmt: skip
+        [exp.experiment_id],
+        filter_string=f"tags.run_key = '{run_key}' and tags.kind = 'point'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0].info.run_id if runs else None
 
 
 def point_params(config: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The params `studies.point` logs, rebuilt from config.yaml and summary.json: the flattened resolved
+    """The params `studies.job.point` logs, rebuilt from config.yaml and summary.json: the flattened resolved
     config with the axes under `axis.` and model.moe as moe.*, plus accounting and the data identity."""
     params = tracking.config_params(config, AXES)
     params.update(summary.get("params") or {})
@@ -120,8 +123,13 @@ def _create_run(client: MlflowClient, uri: str, study: str, study_dir: Path, run
     exp = tracking.experiment_id(
         client, study, None if tracking.is_server(uri) else study_dir / "mlartifacts"
     )
-    tags = {"kind": "point", "study": study, **(summary.get("tags") or {}), "run_key": run_dir.name,
-            "synced_from": "studies.sync"}  # fmt: skip
+    tags = {
+        "kind": "point",
+        "study": study,
+        **(summary.get("tags") or {}),
+        "run_key": run_dir.name,
+        "synced_from": "studies.sync",
+    }
     if summary.get("parent_run_id"):  # the sweep's run, if this store has it
         try:
             tags["mlflow.parentRunId"] = client.get_run(summary["parent_run_id"]).info.run_id
@@ -229,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         "idempotent: a second sync adds nothing.",
     )
     parser.add_argument("study_dir", type=Path, help="the study directory, e.g. outputs/granularity")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow URI (default: each run's tracking.uri, else sqlite:///<study dir>/mlflow.db)")  # fmt: skip
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI (default: each run's tracking.uri, else sqlite:///<study dir>/mlflow.db)",
+    )
     args = parser.parse_args(argv)
     try:
         results = sync_study(args.study_dir, args.tracking_uri)

@@ -1,16 +1,18 @@
-"""Shared fixtures for the study tests: compose the real conf/ with Hydra, shrunk to seconds."""
+"""Shared fixtures: the real conf/ composed by Hydra and shrunk to seconds, small corpora, a SLURM cluster."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from helpers import slurm_script, slurm_unavailable, small_cfg
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
-from moe.data import DataConfig, prepare_data
-from studies.config import register_configs
+from moe.data.config import DataConfig, PreparedData
+from moe.data.prepare import prepare_data
+from studies.job.config import register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -40,6 +42,36 @@ def data_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("data-cache")
     prepare_data(DataConfig(vocab_size=512, max_chars=800_000, val_fraction=0.2, cache_dir=str(cache)))
     return cache
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> tuple[PreparedData, Path]:
+    """The SMALL corpus (helpers.small_cfg) prepared once for the session: (prepared data, its cache)."""
+    cache = tmp_path_factory.mktemp("cache")
+    return prepare_data(small_cfg(cache)), cache
+
+
+@pytest.fixture(scope="module")
+def data_cfg(data_cache) -> DataConfig:
+    """The data config of the gloo-rank tests (tests/dist_worker.py), on the session's data cache."""
+    return DataConfig(vocab_size=512, max_chars=200_000, val_fraction=0.2, cache_dir=str(data_cache))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A running SLURM cluster for the module; SLURM_CONF points sbatch/sacct (and submitit) at it."""
+    reason = slurm_unavailable()
+    if reason:
+        pytest.skip(reason)
+    state = tmp_path_factory.mktemp("slurm")
+    up = slurm_script("up.sh", state)
+    if up.returncode != 0:
+        slurm_script("down.sh", state)
+        pytest.fail(f"up.sh failed:\n{up.stdout}\n{up.stderr}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(state / "etc" / "slurm.conf"))
+        yield state
+    slurm_script("down.sh", state)
 
 
 @pytest.fixture

@@ -21,12 +21,15 @@ from pathlib import Path
 
 import torch
 
-from moe.checkpoint import load_latest
-from moe.config import ModelConfig, MoEConfig
-from moe.data import DataConfig, prepare_data
-from moe.distributed import PeerFailure, distributed_env
-from moe.parallel import ParallelConfig
-from moe.train import OptimConfig, TrainConfig, TrainingInterrupted, train
+from moe.data.config import DataConfig
+from moe.data.prepare import prepare_data
+from moe.model.config import ModelConfig, MoEConfig
+from moe.parallel.distributed import PeerFailure, distributed_env
+from moe.parallel.layout import ParallelConfig
+from moe.train.checkpoint import load_latest
+from moe.train.loop import train
+from moe.train.outcome import TrainingInterrupted
+from moe.train.plan import OptimConfig, TrainConfig
 
 
 class ListLogger:

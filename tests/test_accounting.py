@@ -3,9 +3,9 @@ import time
 import pytest
 import torch
 
-from moe.accounting import count_params, count_params_of_module, flops_per_token
-from moe.config import ModelConfig, MoEConfig, replace
-from moe.model import Transformer
+from moe.model.accounting import count_params, count_params_of_module, flops_per_token
+from moe.model.config import ModelConfig, MoEConfig, replace
+from moe.model.transformer import Transformer
 
 # ~56B total parameters (paper 2's largest scale): 64 fine experts, top-16 at G=8.
 BIG = ModelConfig(

@@ -19,7 +19,7 @@ from analysis import report as report_cli
 from analysis.laws import NotIdentifiable, fit_chinchilla
 from analysis.load import check_tracking_server, load_files
 from analysis.synthetic import SyntheticStudy, write_study
-from studies.runfiles import RunFileError
+from records.runfiles import RunFileError
 
 SPEC = SyntheticStudy(name="bad", token_budgets=(20480,), seeds=(0,))
 REPO = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ from torch.testing import assert_close
 
 from analysis.compute_optimal import ComputeModel, compute_optimal
 from analysis.laws import law_from_preset
-from moe.accounting import count_params, flops_per_token
-from moe.config import ModelConfig, MoEConfig
+from moe.model.accounting import count_params, flops_per_token
+from moe.model.config import ModelConfig, MoEConfig
 
 
 def test_router_flops_paper_is_c_r_14_and_matmul_is_6():

@@ -99,7 +99,7 @@ def test_best_lr_savings_use_each_variants_own_best_lr(swept):
         in text
     )
     assert (
-        "FLOPs are the runs' acct.flops_per_token_train (moe.accounting: router counted as a matmul, 6 "
+        "FLOPs are the runs' acct.flops_per_token_train (moe.model.accounting: router counted as a matmul, 6 "
         in text
     )
     grid = pd.read_csv(path.parent / "lr_grid.csv")

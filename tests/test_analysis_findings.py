@@ -68,7 +68,10 @@ def test_report_opens_with_one_finding_sentence_per_comparison(report):
     assert lo <= x <= hi and abs(x - truth["savings"][G8]) < 0.02
     sav = pd.read_csv(path.parent / "savings.csv").iloc[0]
     assert_close(x, round(sav["savings_steps"], 3), rtol=0, atol=1e-9)
-    assert "LR not tuned in this study (one optim.lr each: 0.003; a preset names where it was picked)" in m.group(4)
+    assert (
+        "LR not tuned in this study (one optim.lr each: 0.003; a preset names where it was picked)"
+        in m.group(4)
+    )
     assert text.index("## Findings") < text.index("## Comparability checks")
     assert f"## Findings\n\n- {findings[0]}\n" in text
 

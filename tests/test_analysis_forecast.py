@@ -12,14 +12,12 @@ from analysis.derive import curves, run_finals
 from analysis.forecast import (
     Forecast,
     ForecastRow,
-    compare,
     forecast_path,
-    forecast_summary,
     make_forecast,
-    observed_losses,
     read_forecast,
     write_forecast,
 )
+from analysis.forecast_compare import compare, forecast_summary, observed_losses
 from analysis.laws import HOFFMANN_2022, fit_finegrained, law_from_preset
 from analysis.load import load_files
 from analysis.lse import grid

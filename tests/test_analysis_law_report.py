@@ -191,13 +191,18 @@ def test_worst_rise_measures_a_spike_above_the_earlier_minimum_not_a_falling_cur
     assert worst_rise([8.0, 5.0, 5.7, 4.9, 5.2]) == pytest.approx(0.7)
     curve = pd.DataFrame({"run_key": ["a"] * 4 + ["b"] * 4, "step": [1, 2, 3, 4] * 2,
                           "value": [8, 6, 5, 4.9, 8, 5, 6.2, 5.1]})  # fmt: skip
-    assert list(spiking_runs(curve)) == ["b"] and "rose 1.20 above its earlier minimum" in spiking_runs(curve)["b"]
+    assert (
+        list(spiking_runs(curve)) == ["b"]
+        and "rose 1.20 above its earlier minimum" in spiking_runs(curve)["b"]
+    )
 
 
 def test_a_flagged_run_enters_no_fit_and_the_answers_say_which_and_why():
     data, per_run, runs = _study(sizes={k: SIZES[k] for k in ("s", "m", "l")}, gs=(1,), seeds=(0,))
     key = data["run_key"].iloc[0]
-    spoiled = data.assign(loss=np.where(data["run_key"] == key, 9.0, data["loss"]))  # a spike would pull the fit
+    spoiled = data.assign(
+        loss=np.where(data["run_key"] == key, 9.0, data["loss"])
+    )  # a spike would pull the fit
     rep = law_report(spoiled, per_run, runs, settings=FAST, flagged={key: "val loss rose 3.00 above ..."})
     (g1,) = rep.by_granularity
     assert g1.n_points == len(data) - 1 and rep.flagged == ((key, "val loss rose 3.00 above ..."),)

@@ -188,7 +188,10 @@ def test_most_seeds_not_reaching_make_the_summary_not_reached_and_a_minority_cou
     # seed 2 counts at its bound, never left out: leaving it out would favour the variant
     assert_close(row["savings_steps"], (1 - 1 / 1.5 + 1 - 1 / 1.25 + bound) / 3, rtol=0, atol=2e-3)
     (finding,) = finding_sentences(t.summary, runs)
-    assert "2 of 3 seeds favour G=8; not extrapolated; not reached in 1 of 3 seeds, counted at its bound" in finding
+    assert (
+        "2 of 3 seeds favour G=8; not extrapolated; not reached in 1 of 3 seeds, counted at its bound"
+        in finding
+    )
     assert "the savings are upper bounds" in finding
 
 

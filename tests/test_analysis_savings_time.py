@@ -14,8 +14,8 @@ from analysis.load import load_files
 from analysis.report import write_report
 from analysis.savings import TIME_METRIC, savings_tables, time_at
 from analysis.synthetic import SyntheticStudy, write_study
-from studies import runfiles
-from studies.study_view import savings_metrics
+from records import runfiles
+from studies.track.study_view import savings_metrics
 
 G1, G8 = "moe-E8-k2-G1", "moe-E8-k2-G8"
 SPEC = SyntheticStudy(name="clock", token_budgets=(163840,), seeds=(0, 1, 2), noise=0.002)
@@ -23,7 +23,7 @@ SECONDS_PER_STEP = {G1: 0.10, G8: 0.12}  # G=8 steps take 1.2x as long: tokens/s
 
 
 def add_train_time(study_dir, seconds_per_step: dict[str, float]) -> None:
-    """Give every run of these variants a `time/train_s` at each logged step, as moe/train.py logs it."""
+    """Give every run of these variants a `time/train_s` at each logged step, as moe/train/loop.py logs it."""
     for d in runfiles.run_dirs(study_dir):
         rate = seconds_per_step.get(runfiles.read_summary(d)["variant"])
         if rate is None:

@@ -1,4 +1,4 @@
-"""Cooldown branches trained for real (studies.branches through studies.execute.run_point, shrunk configs,
+"""Cooldown branches trained for real (studies.launch.branches through studies.job.execute.run_point, shrunk configs,
 CPU fp32, one thread): a branch starts from its parent's weights, is resumable, idempotent and waits for
 its parent; the sweep orders parents first and says what branching saves."""
 
@@ -7,10 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,19 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SHRINK, compose_config
+from helpers import run_study, without_wall_clock
 from mlflow.tracking import MlflowClient
 
-from moe.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
-from moe.data import prepare_data, validation_batches
-from moe.evaluation import WALL_CLOCK_METRICS, evaluate
-from moe.model import Transformer
-from moe.train import TrainingInterrupted
-from studies import branches, runfiles
-from studies.config import load_run_config
-from studies.execute import run_point
-from studies.point import Point, build_point
+from moe.data.loader import validation_batches
+from moe.data.prepare import prepare_data
+from moe.model.transformer import Transformer
+from moe.train.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
+from moe.train.evaluation import evaluate
+from moe.train.outcome import TrainingInterrupted
+from records import runfiles
+from studies.job.config import load_run_config
+from studies.job.execute import run_point
+from studies.job.point import Point, build_point
+from studies.launch import branches
 
-REPO = Path(__file__).resolve().parents[1]
 # The parent trains 40 steps of 512 tokens (constant LR until step 32); the branch 25 steps, its last 20%
 # a 1-sqrt cooldown from step 20, an evaluation step. keep_last=1 with a checkpoint every 3 steps would
 # delete step 20: it survives only because the branch asked for it.
@@ -58,7 +57,7 @@ def run(root: Path, cache: Path, *extra: str, **kwargs):
 def history(run_dir: Path) -> list[dict]:
     """metrics.jsonl without wall-clock numbers."""
     events = runfiles.read_events(Path(run_dir) / runfiles.METRICS)
-    return [{k: v for k, v in e.items() if k not in WALL_CLOCK_METRICS} for e in events]
+    return [without_wall_clock(e) for e in events]
 
 
 def value(run_dir: Path, key: str, step: int) -> float:
@@ -221,13 +220,6 @@ def test_a_branch_launched_before_its_parent_finished_waits_then_runs(data_cache
     assert ours == [e for e in history(Path(parent.run_dir)) if e["step"] <= BRANCH_STEP]
 
 
-def study_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "MOE_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run([sys.executable, "-m", "studies.run", "-m", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-
-
 @pytest.mark.slow
 def test_a_sweep_trains_parents_first_says_what_branching_saves_and_skips_it_all_the_second_time(
     data_cache, tmp_path
@@ -236,13 +228,13 @@ def test_a_sweep_trains_parents_first_says_what_branching_saves_and_skips_it_all
     # parent that never starts unless the sweep launches the parent first.
     args = [*overrides(tmp_path, data_cache), "tokens=12800,20480", "infra=basic", "launch.parent_wait_s=60",
             "hydra.callbacks.study.report=false"]  # fmt: skip
-    first = study_run(args, tmp_path)
+    first = run_study(["-m", *args], tmp_path, env={"MOE_THREADS": "1"}, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     table = first.stdout[first.stdout.index("Sweep points:") :].splitlines()
     assert "tokens=20480" in table[2] and "parent of 1" in table[2]
     assert "tokens=12800" in table[3] and f"at step {BRANCH_STEP}" in table[3]
     assert "tokens trained: 23,040 with branches vs 33,280 as separate runs (31% fewer)" in first.stdout
     assert "2/2 points done" in first.stdout
-    second = study_run(args, tmp_path)
+    second = run_study(["-m", *args], tmp_path, env={"MOE_THREADS": "1"}, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "nothing to start, 2/2 points done" in second.stdout and "skip: DONE" in second.stdout

@@ -1,4 +1,4 @@
-"""Bad branches are refused before any job starts (studies.sweep.validate_jobs on the real conf/), in one
+"""Bad branches are refused before any job starts (studies.launch.sweep.validate_jobs on the real conf/), in one
 sentence naming the branch's and the parent's run keys where a parent is involved; nothing is written."""
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import pytest
 from conftest import CONF_DIR, SHRINK, compose_config
 from hydra import initialize_config_dir
 
-from moe.config import ModelConfig
-from moe.train_plan import OptimConfig, TrainConfig, check_resume, plan_training
-from studies import branches
-from studies.config import load_run_config, register_configs
-from studies.execute import run_point
-from studies.point import Point, build_point
-from studies.sweep import validate_overrides
+from moe.model.config import ModelConfig
+from moe.train.plan import OptimConfig, TrainConfig, check_resume, plan_training
+from studies.job.config import load_run_config, register_configs
+from studies.job.execute import run_point
+from studies.job.point import Point, build_point
+from studies.launch import branches
+from studies.launch.sweep import validate_overrides
 
 BRANCHING = ["optim=wsd", "branch_from=20480"]  # parent: 40 steps; tokens=10240 branches at step 16
 PARENT, BRANCH = "tokens=20480", "tokens=10240"

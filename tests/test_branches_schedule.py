@@ -1,4 +1,4 @@
-"""Cooldown shapes (moe.schedule) and a branch's schedule and identity (moe.train_plan, studies.point):
+"""Cooldown shapes (moe.train.schedule) and a branch's schedule and identity (moe.train.plan, studies.job.point):
 pure functions, no training."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from moe.config import ModelConfig
-from moe.schedule import decay_done, lr_at
-from moe.train_plan import OptimConfig, TrainConfig, plan_training
-from studies.config import load_run_config
-from studies.point import build_point
+from moe.model.config import ModelConfig
+from moe.train.plan import OptimConfig, TrainConfig, plan_training
+from moe.train.schedule import decay_done, lr_at
+from studies.job.config import load_run_config
+from studies.job.point import build_point
 
 PEAK, FLOOR = 1.0, 0.1
 MODEL = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32)
@@ -100,7 +100,7 @@ def test_the_library_refuses_a_branch_it_cannot_train_naming_the_keys(branch, op
         )
 
 
-# Identity: studies.point ---------------------------------------------------------------------------
+# Identity: studies.job.point ---------------------------------------------------------------------------
 
 WSD = ["optim=wsd", "optim.decay_shape=1-sqrt"]
 

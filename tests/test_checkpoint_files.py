@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from moe.checkpoint import (
+from moe.train.checkpoint import (
     CheckpointError,
     checkpoint_path,
     latest_step,
@@ -35,7 +35,7 @@ def writer(directory: Path, step: int, then: str) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import os, signal, time
         from pathlib import Path
-        from moe.checkpoint import _atomic_write, checkpoint_path
+        from moe.train.checkpoint import _atomic_write, checkpoint_path
         def write(f):
             f.write(b"half a checkpoint")
             f.flush()

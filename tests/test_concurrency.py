@@ -1,5 +1,5 @@
 """Several job processes writing to one sqlite MLflow store at once lose nothing (NullPool, sqlite's busy
-timeout and the logger's retries; studies/tracking.py)."""
+timeout and the logger's retries; studies/track/tracking.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import run_study
 from mlflow.tracking import MlflowClient
 
-from studies import mlflow_logger, tracking
 from studies.sync import read_metrics
+from studies.track import mlflow_logger, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = 4
@@ -98,12 +99,10 @@ def test_four_processes_creating_a_new_sqlite_store_together_lose_nothing(tmp_pa
 
 @pytest.mark.slow
 def test_four_job_sweep_through_submitit_records_every_metric(shrunk, tmp_path):
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "MOE_JOBS": "4", "MOE_THREADS": "1", "PYTHONPATH": path}
-    proc = subprocess.run(
-        [sys.executable, "-m", "studies.run", "-m", *shrunk, "seed=0,1,2,3", "train.log_every=1",
-         "tracking.flush_every_s=0.05", "hydra.callbacks.study.report=false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    proc = run_study(
+        ["-m", *shrunk, "seed=0,1,2,3", "train.log_every=1", "tracking.flush_every_s=0.05",
+         "hydra.callbacks.study.report=false"],
+        tmp_path, env={"MOE_JOBS": "4", "MOE_THREADS": "1"}, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study_dir = tmp_path / "outputs" / "default"

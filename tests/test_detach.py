@@ -1,32 +1,24 @@
-"""`--detach`: a sweep that submits its jobs and returns; the end of the sweep (studies.finish) later.
+"""`--detach`: a sweep that submits its jobs and returns; the end of the sweep (studies.launch.finish) later.
 
-Real `python -m studies.run` processes with the real submitit_local launcher (SLURM: tests/test_slurm.py).
+Real `python -m studies.run` processes with the real submitit_local launcher
+(SLURM: tests/test_slurm_detached.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import run_module, run_study
 from mlflow.tracking import MlflowClient
 
-from studies.finish import pid_alive
+from studies.launch.finish import pid_alive
 from studies.run import FLAGS
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def studies_cli(module: str, args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "MOE_JOBS": "2", "MOE_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+ENV = {"MOE_JOBS": "2", "MOE_THREADS": "1"}  # what every command of these tests runs with
 
 
 def test_detach_flag_is_short_for_the_launch_detach_key(compose):
@@ -49,7 +41,7 @@ def test_detach_where_the_jobs_could_not_run_on_is_refused_before_anything_start
     shrunk, tmp_path, args, fragments
 ):
     multirun = ["-m"] if "-m" in args else []  # Hydra's -m comes before the overrides
-    proc = studies_cli("studies.run", [*multirun, *shrunk, *(a for a in args if a != "-m")], tmp_path)
+    proc = run_study([*multirun, *shrunk, *(a for a in args if a != "-m")], tmp_path, env=ENV)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     for fragment in fragments:
         assert fragment in proc.stderr, proc.stderr[-2000:]
@@ -75,7 +67,7 @@ def test_a_detached_local_sweep_returns_at_once_its_jobs_finish_alone_and_finish
     args = [*shrunk, "granularity=1,4", "tokens=102400", "train.eval_every=50", f"tracking.uri=sqlite:///{db}",
             "--detach"]  # fmt: skip
     # capture_output: the call returns only once nothing holds the pipes, so the jobs must not inherit them
-    launched = studies_cli("studies.run", ["-m", *args], tmp_path, timeout=120)
+    launched = run_study(["-m", *args], tmp_path, env=ENV, timeout=120)
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "default" / "multirun").iterdir()
     record = json.loads((sweep_dir / "sweep.json").read_text())
@@ -83,13 +75,13 @@ def test_a_detached_local_sweep_returns_at_once_its_jobs_finish_alone_and_finish
     assert any(pid_alive(p) for p in pids), "the jobs must still be running after the sweep returned"
     for job in record["jobs"]:
         assert f"job #{job['num']}: {job['job_id']}, log {job['log']}" in launched.stdout
-    assert f"python -m studies.finish {sweep_dir}" in launched.stdout
+    assert f"python -m studies.launch.finish {sweep_dir}" in launched.stdout
     assert "points done" not in launched.stdout, "a detached sweep prints no end-of-sweep table"
 
     client = MlflowClient(f"sqlite:///{db}")
     parent = client.get_run(record["parent_run_id"])
     assert parent.info.status == "RUNNING" and parent.data.tags["kind"] == "sweep"
-    too_early = studies_cli("studies.finish", [str(sweep_dir)], tmp_path)
+    too_early = run_module("studies.launch.finish", [str(sweep_dir)], tmp_path, env=ENV)
     if any(pid_alive(p) for p in pids):  # (a fast machine may have finished by now)
         assert too_early.returncode == 2 and "have not ended yet" in too_early.stderr, too_early.stderr
         assert client.get_run(parent.info.run_id).info.status == "RUNNING"
@@ -101,11 +93,11 @@ def test_a_detached_local_sweep_returns_at_once_its_jobs_finish_alone_and_finish
         # the job imported the project from the sweep's snapshot, not from the working tree
         assert Path(point["code"]) == sweep_dir.resolve() / "code"
 
-    first = studies_cli("studies.finish", [str(sweep_dir)], tmp_path)
+    first = run_module("studies.launch.finish", [str(sweep_dir)], tmp_path, env=ENV)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2/2 points done" in first.stdout and "Report (the whole study" in first.stdout
     assert (tmp_path / "outputs" / "default" / "report" / "report.md").exists()
-    second = studies_cli("studies.finish", [str(sweep_dir), "--no-report"], tmp_path)
+    second = run_module("studies.launch.finish", [str(sweep_dir), "--no-report"], tmp_path, env=ENV)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
 
     runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
@@ -120,7 +112,7 @@ def test_a_detached_local_sweep_returns_at_once_its_jobs_finish_alone_and_finish
     finished = json.loads((sweep_dir / "sweep.json").read_text())["finished"]
     assert (finished["points_done"], finished["points_failed"]) == (2, 0)
 
-    status = studies_cli("studies.status", [str(tmp_path / "outputs" / "default")], tmp_path)
+    status = run_module("studies.status", [str(tmp_path / "outputs" / "default")], tmp_path, env=ENV)
     assert status.returncode == 0, status.stderr
     assert "2/2 points done" in status.stdout and "end of sweep: done at" in status.stdout
     assert len(re.findall(r"DONE\s+200/200", status.stdout)) == 2, status.stdout

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 from dist_worker import ListLogger  # tests/ is on sys.path (as for conftest)
+from helpers import run_study
 from mlflow.tracking import MlflowClient
 
-from moe.config import ModelConfig, MoEConfig
-from moe.data import DataConfig, prepare_data
-from moe.distributed import read_env
-from moe.train import OptimConfig, TrainConfig, plan_training, train
+from moe.data.prepare import prepare_data
+from moe.model.config import ModelConfig, MoEConfig
+from moe.parallel.distributed import read_env
+from moe.parallel.layout import ParallelConfig
+from moe.train.loop import train
+from moe.train.plan import OptimConfig, TrainConfig, plan_training
 
 ROOT = Path(__file__).resolve().parents[1]
 # Bias balancing on: the per-step expert loads must be summed over ranks for the biases to agree.
@@ -30,21 +33,31 @@ FAST = TrainConfig(
     tokens=128 * 24, batch_tokens=128, micro_batch_tokens=64, eval_every=8, eval_tokens=512, log_every=1,
     progress_every=0, checkpoint_every=0,
 )  # fmt: skip
+# 3 experts x G=2: 3 per EP rank of 2, which dp=2 does not divide: sharded on their width (dim 1)
+UNEVEN = dataclasses.replace(TINY, moe=dataclasses.replace(TINY.moe, num_experts=3))
+FSDP = dataclasses.asdict(ParallelConfig(mode="fsdp"))
+EP2 = dataclasses.asdict(ParallelConfig(mode="fsdp", ep=2))
 
 
 def history(events, key):
     return [(step, m[key]) for step, m in events if key in m]
 
 
+def assert_same_curve(got_events, ref_events, rel=1e-5):
+    got, ref = history(got_events, "train/loss"), history(ref_events, "train/loss")
+    assert [s for s, _ in got] == [s for s, _ in ref] and got
+    for (_, a), (_, b) in zip(got, ref, strict=True):
+        assert a == pytest.approx(b, rel=rel, abs=1e-6)
+    got_val, ref_val = history(got_events, "val/loss"), history(ref_events, "val/loss")
+    assert [s for s, _ in got_val] == [s for s, _ in ref_val]
+    for (_, a), (_, b) in zip(got_val, ref_val, strict=True):
+        assert a == pytest.approx(b, rel=rel)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def data_cfg(data_cache) -> DataConfig:
-    return DataConfig(vocab_size=512, max_chars=200_000, val_fraction=0.2, cache_dir=str(data_cache))
 
 
 def torchrun(tmp_path: Path, nproc: int, spec: dict, name: str = "run") -> dict[int, dict]:
@@ -140,12 +153,6 @@ def test_a_stop_on_one_rank_checkpoints_every_rank_and_the_resumed_run_ends_wher
     assert resumed[0]["result"]["final_val_loss"] == unbroken[0]["result"]["final_val_loss"]
 
 
-def study_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MOE_JOBS": "1", "MOE_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "studies.run", "-m", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-
-
 @pytest.mark.slow
 def test_a_point_with_two_tasks_trains_data_parallel_through_submitit_and_matches_one_task(shrunk, tmp_path):
     # micro-batches of 8 sequences: 2 accumulated by one task, or one on each of two tasks
@@ -156,7 +163,9 @@ def test_a_point_with_two_tasks_trains_data_parallel_through_submitit_and_matche
     finals = {}
     for tasks in (1, 2):
         root = tmp_path / f"tasks{tasks}"
-        proc = study_run([*common, f"infra.tasks_per_node={tasks}", f"paths.root={root}"], tmp_path)
+        env = {"MOE_JOBS": "1", "MOE_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        proc = run_study(["-m", *common, f"infra.tasks_per_node={tasks}", f"paths.root={root}"], tmp_path,
+                         env=env, timeout=600)  # fmt: skip
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         (summary_path,) = root.glob("default/runs/*/summary.json")
         summary = json.loads(summary_path.read_text())
@@ -170,8 +179,8 @@ def test_a_point_with_two_tasks_trains_data_parallel_through_submitit_and_matche
 
 
 def test_basic_launcher_rejects_several_tasks_naming_the_keys(compose):
-    from studies.config import load_run_config
-    from studies.point import build_point
+    from studies.job.config import load_run_config
+    from studies.job.point import build_point
 
     cfg = compose(["infra=basic", "infra.tasks_per_node=2"])
     with pytest.raises(ValueError, match="infra.tasks_per_node=2 .* needs a submitit launcher"):

@@ -1,31 +1,28 @@
 """Fail fast: every point of a sweep is composed and validated before any job starts; one bad point
 aborts the sweep with a message naming the override and the key, and nothing reaches MLflow.
 
-Most cases go through `studies.sweep.validate_jobs`, the function the sweep and single-run callbacks call, with the real conf/;
+Most cases go through `studies.launch.sweep.validate_jobs`, the function the sweep and single-run callbacks call, with the real conf/;
 a handful go through the real `python -m studies.run -m ...` command."""
 
 from __future__ import annotations
 
 import http.server
 import json
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import CONF_DIR
+from helpers import run_study
 from hydra import initialize_config_dir
 
-from moe.corpus import FORMAT_VERSION
-from studies.checks import check_tracking_uri
-from studies.config import register_configs
+from moe.data.corpus import FORMAT_VERSION
+from studies.job.config import register_configs
+from studies.launch.checks import check_tracking_uri
+from studies.launch.sweep import validate_overrides
 from studies.server import free_port
-from studies.sweep import validate_overrides
 
-REPO = Path(__file__).resolve().parents[1]
 GOOD = ["granularity=1"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -268,13 +265,6 @@ def test_tracking_uri_check_asks_the_server_for_health(status):
 # Through the real command ------------------------------------------------------------------------
 
 
-def study_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "MOE_JOBS": "2", "MOE_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run([sys.executable, "-m", "studies.run", "-m", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("sweep", "fragments"),
     [
@@ -290,7 +280,8 @@ def study_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 )  # fmt: skip
 def test_cli_sweep_with_a_bad_point_exits_non_zero_before_any_job(shrunk, tmp_path, sweep, fragments):
     port = free_port()
-    proc = study_run([*shrunk, *(s.format(port=port) for s in sweep)], tmp_path)
+    proc = run_study(["-m", *shrunk, *(s.format(port=port) for s in sweep)], tmp_path,
+                     env={"MOE_JOBS": "2", "MOE_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Sweep not started: " in proc.stderr
     for fragment in fragments:

@@ -1,6 +1,6 @@
 """A fine-grained model cut from a G=1 model computes the G=1 function (docs/method.md §6).
 
-The split (moe.matched.split_state_dict) cuts every coarse expert into G hidden slices and repeats its
+The split (moe.model.matched.split_state_dict) cuts every coarse expert into G hidden slices and repeats its
 router row G times; with the default moe.routed_scale the derived model's logits, losses and gradients
 equal the G=1 model's, for every score function and ordering, token and expert choice, with shared
 experts and capacity dropping.
@@ -14,12 +14,12 @@ import pytest
 import torch
 from conftest import compose_config
 
-from moe.config import ModelConfig, MoEConfig, replace
-from moe.layer import MoELayer
-from moe.matched import derive, split_state_dict
-from moe.model import Transformer
-from studies.config import load_run_config
-from studies.point import derive_model
+from moe.model.config import ModelConfig, MoEConfig, replace
+from moe.model.layer import MoELayer
+from moe.model.matched import derive, split_state_dict
+from moe.model.transformer import Transformer
+from studies.job.config import load_run_config
+from studies.job.point import derive_model
 
 G = 4
 

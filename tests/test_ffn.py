@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.ffn import FeedForward
+from moe.model.ffn import FeedForward
 
 
 def test_swiglu_feedforward_computes_w2_of_silu_w1_times_w3():

@@ -23,16 +23,11 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import zstandard  # noqa: E402
 
-from moe.corpus import open_shard, train_tokenizer  # noqa: E402
-from moe.data import (  # noqa: E402
-    DataConfig,
-    TokenLoader,
-    load_tokenizer,
-    prepare_data,
-    validate_data_config,
-    validation_batches,
-)
-from studies.config import load_run_config  # noqa: E402
+from moe.data.config import DataConfig
+from moe.data.corpus import open_shard, train_tokenizer  # noqa: E402
+from moe.data.loader import TokenLoader, validation_batches
+from moe.data.prepare import load_tokenizer, prepare_data, validate_data_config
+from studies.job.config import load_run_config  # noqa: E402
 
 WORDS = np.array(["the", "expert", "router", "token", "scaling", "law", "mixture", "of", "dense", "model",
                   "granularity", "loss", "data", "über", "naïve", "\u4e2d\u6587", "x", "y", "=", "(", ")"])  # fmt: skip
@@ -182,7 +177,8 @@ def test_worker_processes_write_the_same_shards(tmp_path, tokenizer_file):
 
 BUILD = """
 import logging, sys, resource
-from moe.data import DataConfig, prepare_data
+from moe.data.prepare import prepare_data
+from moe.data.config import DataConfig
 logging.basicConfig(level=logging.INFO)
 p = prepare_data(DataConfig(source="hf", path=sys.argv[1], vocab_size=512, val_fraction=0.1,
                             cache_dir=sys.argv[2], tokenizer_file=sys.argv[3]))

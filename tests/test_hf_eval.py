@@ -12,13 +12,10 @@ pytest.importorskip("lm_eval", reason="the hf extra is not installed (pip instal
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from studies import runfiles, tracking  # noqa: E402
+from records import runfiles
 from studies.eval import evaluate_study, main  # noqa: E402
-
-try:  # run_point is moving from studies.point to studies.execute
-    from studies.execute import run_point  # noqa: E402
-except ImportError:
-    from studies.point import run_point  # noqa: E402
+from studies.job.execute import run_point  # noqa: E402
+from studies.track import tracking  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +49,7 @@ def test_study_points_are_scored_logged_to_mlflow_and_reported_g1_vs_g8(compose,
         run_point(compose([*shrunk, f"granularity={g}", "train.checkpoint_every=10"]))
     study = tmp_path / "outputs" / "default"
     tasks = write_task(tmp_path / "tasks")
-    # moe.train keeps the final step's weights (step 20), so the DONE points export as they ended
+    # moe.train.loop keeps the final step's weights (step 20), so the DONE points export as they ended
     points = evaluate_study(study, ["tiny_code_mc"], include_path=tasks)
     assert sorted(p.granularity for p in points) == ["1", "8"]
     client = tracking.open_client(tracking.default_tracking_uri(study))

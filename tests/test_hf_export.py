@@ -16,16 +16,17 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from moe.checkpoint import latest_step, load_latest  # noqa: E402
-from moe.config import ModelConfig, MoEConfig  # noqa: E402
-from moe.data import load_tokenizer, prepare_data, validation_batches  # noqa: E402
-from moe.hf_export import check_exportable, unsupported_features  # noqa: E402
-from moe.model import Transformer  # noqa: E402
-from moe.train import train  # noqa: E402
-from studies import runfiles  # noqa: E402
-from studies.config import load_run_config  # noqa: E402
+from moe.data.loader import validation_batches  # noqa: E402
+from moe.data.prepare import load_tokenizer, prepare_data
+from moe.interop.hf_export import check_exportable, unsupported_features  # noqa: E402
+from moe.model.config import ModelConfig, MoEConfig  # noqa: E402
+from moe.model.transformer import Transformer  # noqa: E402
+from moe.train.checkpoint import latest_step, load_latest  # noqa: E402
+from moe.train.loop import train  # noqa: E402
+from records import runfiles  # noqa: E402
 from studies.export import export_run, main, read_finished_run  # noqa: E402
-from studies.point import build_point  # noqa: E402
+from studies.job.config import load_run_config  # noqa: E402
+from studies.job.point import build_point  # noqa: E402
 
 
 class _Quiet:
@@ -34,7 +35,7 @@ class _Quiet:
 
 
 def trained_run(compose, shrunk, tmp_path: Path, overrides: list[str], done: bool = True) -> Path:
-    """A run folder as studies.point leaves it, trained for real (moe.train.train, 13 steps, checkpoints at 12 and the last), with the
+    """A run folder as studies.job.point leaves it, trained for real (moe.train.loop.train, 13 steps, checkpoints at 12 and the last), with the
     DONE status at the step of its last checkpoint."""
     run = load_run_config(compose([*shrunk, "tokens=6656", *overrides]))
     point = build_point(run, cwd=tmp_path)

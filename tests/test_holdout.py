@@ -4,20 +4,17 @@ every other point, and started only once report/forecast.json holds their foreca
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from helpers import run_study
 from mlflow.tracking import MlflowClient
 
-from studies.config import StudyConfig
-from studies.holdout import fit_rows, is_held_out
-from studies.sweep import compose_jobs, validate_jobs
+from studies.job.config import StudyConfig
+from studies.launch.holdout import fit_rows, is_held_out
+from studies.launch.sweep import compose_jobs, validate_jobs
 
-REPO = Path(__file__).resolve().parents[1]
 # Four widths x G in {1, 2, 4} x three budgets from one WSD run each; the widest is held out, leaving
 # three levels of N, D and G (27 points) for the fine-grained law's 7 coefficients.
 GRID = ["study=scaling_law", "model=tiny", "model.d_model=16,32,48,64", "granularity=1,2,4", "seed=0",
@@ -77,14 +74,16 @@ def test_a_holdout_entry_that_is_not_key_value_is_refused_naming_it(entry):
 
 
 def test_the_fit_set_leaves_out_unfinished_and_spiking_points_saying_why(shrunk, tmp_path):
-    from studies.config import load_run_config
-    from studies.point import build_point
+    from studies.job.config import load_run_config
+    from studies.job.point import build_point
 
     jobs = compose_jobs([*shrunk, *SMALL], multirun=True)
     points = [build_point(load_run_config(cfg), cwd=tmp_path) for _, cfg in jobs[:3]]
     for p, vals in zip(points[:2], ([7.0, 5.0, 4.5], [7.0, 5.0, 5.8]), strict=True):  # the second spikes
         p.run_dir.mkdir(parents=True)
-        (p.run_dir / "summary.json").write_text(json.dumps({"status": "DONE", "final": {"val/loss_final": vals[-1]}}))
+        (p.run_dir / "summary.json").write_text(
+            json.dumps({"status": "DONE", "final": {"val/loss_final": vals[-1]}})
+        )
         (p.run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "val/loss": v}) + "\n"
                                                          for i, v in enumerate(vals)))  # fmt: skip
     data, left_out = fit_rows(points)
@@ -93,19 +92,12 @@ def test_the_fit_set_leaves_out_unfinished_and_spiking_points_saying_why(shrunk,
                         f"{points[2].run_key}: not finished"]  # fmt: skip
 
 
-def study_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "MOE_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run([sys.executable, "-m", "studies.run", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
-
-
 @pytest.mark.slow
 def test_a_study_forecasts_its_held_out_points_before_they_start_and_a_rerun_keeps_the_forecast(
     shrunk, tmp_path
 ):
     args = [*shrunk, *GRID, "launch.parent_wait_s=120"]
-    first = study_run(args, tmp_path)
+    first = run_study(args, tmp_path, env={"MOE_THREADS": "1"}, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     study = tmp_path / "outputs" / "scaling_law"
     path = study / "report" / "forecast.json"
@@ -117,17 +109,21 @@ def test_a_study_forecasts_its_held_out_points_before_they_start_and_a_rerun_kee
     client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
     (exp,) = [e for e in client.search_experiments() if e.name == "scaling_law"]
     runs = client.search_runs([exp.experiment_id])
-    starts = {r.data.tags.get("run_key"): r.info.start_time for r in runs if r.data.tags.get("kind") == "point"}
+    starts = {
+        r.data.tags.get("run_key"): r.info.start_time for r in runs if r.data.tags.get("kind") == "point"
+    }
     assert all(starts[key] > written for key in held), (written, starts)
     assert all(starts[key] < written for key in set(starts) - held)
     (parent,) = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     assert {f"forecast/{key}" for key in held} <= set(parent.data.metrics)
-    assert [a.path for a in client.list_artifacts(parent.info.run_id, "forecast")] == ["forecast/forecast.json"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "forecast")] == [
+        "forecast/forecast.json"
+    ]
     report = (study / "report" / "report.md").read_text()
     assert "## Forecast (written before the held-out runs trained)" in report
     assert (study / "report" / "forecast_vs_observed.csv").exists()
     before = path.read_bytes()
-    second = study_run(args, tmp_path)
+    second = run_study(args, tmp_path, env={"MOE_THREADS": "1"}, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     assert path.read_bytes() == before
 
@@ -146,9 +142,11 @@ def test_held_out_points_without_a_forecast_never_start_and_the_sweep_exits_non_
     forecast_path(study).parent.mkdir(parents=True)
     assert write_forecast(forecast_path(study), earlier)
     before = forecast_path(study).read_bytes()
-    run = study_run([*shrunk, *grid], tmp_path)
+    run = run_study([*shrunk, *grid], tmp_path, env={"MOE_THREADS": "1"}, timeout=900)
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Held-out points not started:" in run.stderr and "has no forecast for held-out points" in run.stderr
+    assert (
+        "Held-out points not started:" in run.stderr and "has no forecast for held-out points" in run.stderr
+    )
     # held-out parents have a folder (their branches.json, written before any job) but never a status
     started = [json.loads((p / "summary.json").read_text()) for p in (study / "runs").iterdir()
                if (p / "status.json").exists()]  # fmt: skip

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import yaml
 
-from moe.corpus import embedded_corpus, open_shard, read_meta
-from moe.data import DataConfig, prepare_data, validation_batches
-from moe.leakage import eval_window_positions, main, measure
-from moe.spans import SPAN, covered_positions, leakage, without_leaked_spans
-from moe.split import NEAR_DUP_MAX_DOCS, cap_chars, near_duplicate_groups, split_documents, unit_hash
+from moe.data.config import DataConfig
+from moe.data.corpus import embedded_corpus, open_shard, read_meta
+from moe.data.leakage import eval_window_positions, main, measure
+from moe.data.loader import validation_batches
+from moe.data.prepare import prepare_data
+from moe.data.spans import SPAN, covered_positions, leakage, without_leaked_spans
+from moe.data.split import NEAR_DUP_MAX_DOCS, cap_chars, near_duplicate_groups, split_documents, unit_hash
 
 EOD = 0
 DEFAULT = yaml.safe_load((Path(__file__).parents[1] / "conf" / "data" / "stdlib.yaml").read_text())

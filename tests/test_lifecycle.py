@@ -1,31 +1,25 @@
-"""Run identity and idempotence (studies.point.run_point, studies.run), NaN handling, failed jobs."""
+"""Run identity and idempotence (studies.job.execute.run_point, studies.run), NaN handling, failed jobs."""
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import metrics_without_wall_clock, run_study
 from mlflow.tracking import MlflowClient
 
-from moe.checkpoint import checkpoint_path
-from moe.evaluation import WALL_CLOCK_METRICS
-from moe.train import NonFiniteLossError, TrainingInterrupted
-from studies.execute import run_point
-from studies.lifecycle import PreviouslyFailedError, lifecycle
-
-REPO = Path(__file__).resolve().parents[1]
+from moe.train.checkpoint import checkpoint_path
+from moe.train.outcome import NonFiniteLossError, TrainingInterrupted
+from studies.job.execute import run_point
+from studies.job.lifecycle import PreviouslyFailedError, lifecycle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def events(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_METRICS} for line in lines]
+    return metrics_without_wall_clock(run_dir / "metrics.jsonl")
 
 
 def point_runs(tracking_uri: str) -> list:
@@ -49,7 +43,7 @@ def test_lifecycle_reads_status_and_checkpoints(tmp_path):
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "status.json").write_text(json.dumps({"status": "RUNNING", "step": 9, "reason": None}))
     assert (lifecycle(run_dir).action, lifecycle(run_dir).step) == ("resume", 0)
-    from moe.checkpoint import save_checkpoint
+    from moe.train.checkpoint import save_checkpoint
 
     save_checkpoint(run_dir / "checkpoints", 5, {}, keep_last=2)
     assert (lifecycle(run_dir).action, lifecycle(run_dir).step) == ("resume", 5)
@@ -126,11 +120,7 @@ def test_diverging_point_fails_with_its_step_and_is_retried_only_when_asked(comp
 # Through `python -m studies.run -m` and the submitit launcher ---------------------------------------
 
 
-def study_run(args: list[str], cwd: Path, timeout: float = 400) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "MOE_JOBS": "2", "MOE_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run([sys.executable, "-m", "studies.run", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+STUDY_ENV = {"MOE_JOBS": "2", "MOE_THREADS": "1"}  # two submitit jobs at once, one torch thread each
 
 
 @pytest.mark.slow
@@ -138,7 +128,7 @@ def test_diverged_job_fails_in_submitit_while_the_sweep_goes_on_and_a_rerun_skip
     shrunk, tmp_path
 ):
     args = ["-m", *shrunk, "optim.lr=1e-2,1e6", "optim.grad_clip=0", "hydra.callbacks.study.report=false"]
-    proc = study_run(args, tmp_path)
+    proc = run_study(args, tmp_path, env=STUDY_ENV, timeout=400)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1/2 points done" in proc.stdout and "1 of 2 sweep points failed" in proc.stderr
     assert "NonFiniteLossError: train/loss is nan at step" in proc.stderr
@@ -149,10 +139,10 @@ def test_diverged_job_fails_in_submitit_while_the_sweep_goes_on_and_a_rerun_skip
     ]
     assert sorted(results) == ["error", "success"]
 
-    dry = study_run([*args, "--dry-run"], tmp_path)
+    dry = run_study([*args, "--dry-run"], tmp_path, env=STUDY_ENV, timeout=400)
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "skip: DONE" in dry.stdout and "not retried: FAILED at step" in dry.stdout
-    again = study_run(args, tmp_path)
+    again = run_study(args, tmp_path, env=STUDY_ENV, timeout=400)
     assert again.returncode == 1 and "1/2 points done" in again.stdout
     assert "skip: DONE" in again.stdout
     assert len(point_runs(uri_of(tmp_path))) == 2, "a re-run opens no new point runs"

@@ -14,7 +14,7 @@ from analysis.findings import read_findings
 from analysis.report import write_report
 from analysis.synthetic import SyntheticStudy, write_study
 from analysis.tuning import LR_PICK_FILE, lr_grid_errors, lr_pick, lr_tuning, use_best_lr
-from studies.sweep import compose_jobs, validate_jobs
+from studies.launch.sweep import compose_jobs, validate_jobs
 
 G1, G8 = "moe-E8-k2-G1", "moe-E8-k2-G8"
 EDGE = "no pick: best LR 0.01 is the highest of the grid; extend the grid upward"

@@ -15,8 +15,8 @@ from analysis.findings import read_findings
 from analysis.load import load_files
 from analysis.report import write_report
 from analysis.synthetic import SyntheticStudy, write_study
-from studies.execute import run_point
-from studies.record import machine_facts, machine_params
+from studies.job.execute import run_point
+from studies.job.record import machine_facts, machine_params
 
 G1, G8 = "moe-E8-k2-G1", "moe-E8-k2-G8"
 HERE = {

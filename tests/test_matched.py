@@ -2,9 +2,9 @@ import copy
 
 import pytest
 
-from moe.accounting import count_params, flops_per_token
-from moe.config import ModelConfig, MoEConfig, replace
-from moe.matched import derive
+from moe.model.accounting import count_params, flops_per_token
+from moe.model.config import ModelConfig, MoEConfig, replace
+from moe.model.matched import derive
 
 BASE = ModelConfig(
     vocab_size=512, d_model=128, n_layers=4, n_heads=4, d_ff=512, seq_len=64,

@@ -1,4 +1,4 @@
-"""moe.memory against reality: the states a real model and AdamW hold, the tensors autograd saves, and
+"""moe.parallel.memory against reality: the states a real model and AdamW hold, the tensors autograd saves, and
 the sharding, checkpointing and validation rules; presets are read from conf/model/*.yaml."""
 
 from __future__ import annotations
@@ -12,17 +12,11 @@ import pytest
 import torch
 import yaml
 
-from moe.accounting import count_params
-from moe.config import ModelConfig, MoEConfig
-from moe.memory import (
-    GiB,
-    check_memory,
-    estimate_memory,
-    find_layout,
-    fits,
-    train_precision,
-)
-from moe.model import Transformer
+from moe.model.accounting import count_params
+from moe.model.config import ModelConfig, MoEConfig
+from moe.model.transformer import Transformer
+from moe.parallel.memory import GiB, check_memory, estimate_memory, find_layout, fits
+from moe.train.optim import train_precision
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 LAPTOP_BYTES = 64 * GiB
@@ -169,7 +163,7 @@ def test_ddp_replicates_every_state_and_adds_a_bucket_copy_of_the_gradients():
 
 
 def test_expert_parallelism_shards_the_experts_over_every_rank_like_fsdp():
-    """moe.parallel: each EP rank's E*G/ep experts are FSDP-sharded over dp, so at a fixed world every
+    """moe.parallel.layout: each EP rank's E*G/ep experts are FSDP-sharded over dp, so at a fixed world every
     state is divided by dp * ep whatever ep is (pure EP, dp = 1, included); only the workspace differs.
     tests/test_parallel.py checks the 1/(dp*ep) share on real FSDP x EP ranks."""
     cfg = preset("beyond50b_11b", moe=MoEConfig(num_experts=8, top_k=1, granularity=8))

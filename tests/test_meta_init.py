@@ -1,5 +1,5 @@
 """A sharded layout builds its model on the meta device and allocates only each rank's shards
-(moe.parallel.Parallel.materialize_), yet starts from exactly the weights one process gets from the
+(moe.parallel.layout.Parallel.materialize_), yet starts from exactly the weights one process gets from the
 same seed: the fairness of a comparison (function-matched fine-grained init) holds at any layout."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_distributed import TINY, free_port
 
-from moe.config import ModelConfig
-from moe.model import Transformer
-from moe.parallel import Parallel, ParallelConfig, parallelize, resolve_layout
+from moe.model.config import ModelConfig
+from moe.model.transformer import Transformer
+from moe.parallel.layout import Parallel, ParallelConfig, parallelize, resolve_layout
 
 # 3 experts x G=2 with a dense first block and untied head: experts sharded on their width by dp=2
 # under EP=2, a FeedForward block, and an lm_head to initialise.
@@ -36,7 +36,7 @@ CASES = {
 
 
 def _sharded_build(cfg: ModelConfig, world: int, ep: int = 1) -> tuple[Transformer, Parallel]:
-    """What moe.train does for a sharded layout: seed, build on meta, shard, materialize."""
+    """What moe.train.loop does for a sharded layout: seed, build on meta, shard, materialize."""
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Transformer(cfg)

@@ -1,4 +1,4 @@
-"""studies.study_view against a real `mlflow server` and headless Chromium: after a real `granularity=1,8`
+"""studies.track.study_view against a real `mlflow server` and headless Chromium: after a real `granularity=1,8`
 sweep, the URL the sweep prints opens MLflow's UI on both points' val/loss and train/loss curves, the
 parent run carries the study's summary, and a server that refuses the view is reported, not raised."""
 
@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import SHRINK
+from helpers import run_study
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from test_server import assert_not_blank, chromium, chromium_run, page_text, repo_env
+from test_server import assert_not_blank, chromium, chromium_run, page_text
 
-from studies import tracking
 from studies.server import ServerSettings, free_port, group_alive, running_server
-from studies.study_view import (
+from studies.track import tracking
+from studies.track.study_view import (
     LOSS_KEYS,
     RUN_NOTE_TAG,
     VIEW_KEY,
@@ -49,10 +49,7 @@ def published_study(tmp_path_factory, data_cache):
         url = server.url
         overrides = [*SHRINK, f"data.cache_dir={data_cache}", f"paths.root={tmp / 'outputs'}",
                      "granularity=1,8", "infra=basic", f"tracking.uri={url}"]  # fmt: skip
-        proc = subprocess.run(
-            [sys.executable, "-m", "studies.run", "-m", *overrides], cwd=tmp, env=repo_env(MOE_THREADS="1"),
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+        proc = run_study(["-m", *overrides], tmp, env={"MOE_THREADS": "1"}, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         client = MlflowClient(url)
         exp_id = client.get_experiment_by_name("default").experiment_id

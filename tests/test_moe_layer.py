@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from moe.config import ModelConfig, MoEConfig
-from moe.experts import Experts, row_chunks
-from moe.ffn import FeedForward
-from moe.layer import MoELayer
-from moe.router import Routing, sort_by_expert
+from moe.model.config import ModelConfig, MoEConfig
+from moe.model.experts import Experts, row_chunks
+from moe.model.ffn import FeedForward
+from moe.model.layer import MoELayer
+from moe.model.router import Routing, sort_by_expert
 
 D, FF = 16, 32
 
@@ -277,7 +277,7 @@ def test_compiled_forward_and_backward_match_eager(backend):
 
 
 def test_bench_reports_time_and_memory_ratios_of_moe_to_dense_per_granularity():
-    from moe.bench import main
+    from moe.model.bench import main
 
     argv = "--tokens 64 --d-model 16 --d-ff 32 --experts 4 --granularities 1,2 --dtypes fp32"
     rows = main([*argv.split(), "--repeat", "1", "--warmup", "0", "--json"])

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_study, start_study
 from mlflow.tracking import MlflowClient
 
-from studies import lifecycle, record
-from studies.execute import run_point
-from studies.runfiles import read_status
+from records.runfiles import read_status
+from studies.job import lifecycle, record
+from studies.job.execute import run_point
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ def test_a_point_owned_by_a_live_process_is_skipped_naming_the_owner(compose, sh
 def test_an_owner_that_died_does_not_block_the_point(compose, shrunk, tmp_path):
     run_dir = tmp_path / "outputs" / "default" / "runs" / "x"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from studies.lifecycle import owned\n"
+        [sys.executable, "-c", "import sys, time; from studies.job.lifecycle import owned\n"
          f"with owned(__import__('pathlib').Path({str(run_dir)!r}), job='dying'):\n"
          "    print('held', flush=True); time.sleep(60)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
@@ -84,8 +85,8 @@ def test_status_json_keeps_the_step_current_and_records_the_threads(compose, shr
             seen.append((status["status"], status["step"], status["threads"]))
         return False
 
-    from studies.config import load_run_config
-    from studies.point import build_point
+    from studies.job.config import load_run_config
+    from studies.job.point import build_point
 
     run_dir_of["dir"] = build_point(load_run_config(cfg), cwd=tmp_path).run_dir
     run_point(cfg, cwd=tmp_path, stop_requested=watch)
@@ -98,23 +99,13 @@ def test_status_json_keeps_the_step_current_and_records_the_threads(compose, shr
 def test_rerunning_a_finished_sweep_starts_nothing_and_creates_no_sweep_folder_or_parent_run(
     shrunk, tmp_path
 ):
-    env = {**os.environ, "MOE_JOBS": "1", "MOE_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    args = [
-        sys.executable,
-        "-m",
-        "studies.run",
-        "-m",
-        *shrunk,
-        "infra=basic",
-        "granularity=1,2",
-        "study.name=rerun",
-    ]
-    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    env = {"MOE_JOBS": "1", "MOE_THREADS": "1"}
+    args = ["-m", *shrunk, "infra=basic", "granularity=1,2", "study.name=rerun"]
+    first = run_study(args, tmp_path, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     study = tmp_path / "outputs" / "rerun"
     sweeps = sorted((study / "multirun").iterdir())
-    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    again = run_study(args, tmp_path, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Study 'rerun': nothing to start, 2/2 points done" in again.stdout
     assert sorted((study / "multirun").iterdir()) == sweeps
@@ -126,12 +117,10 @@ def test_rerunning_a_finished_sweep_starts_nothing_and_creates_no_sweep_folder_o
 
 @pytest.mark.slow
 def test_sigterm_to_the_sweep_process_preempts_its_jobs_and_leaves_no_process(shrunk, tmp_path):
-    env = {**os.environ, "MOE_JOBS": "2", "MOE_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    args = [sys.executable, "-m", "studies.run", "-m", *shrunk, "granularity=1,2", "tokens=204800",
-            "train.checkpoint_every=5", "train.eval_every=1", "study.name=sigterm"]  # fmt: skip
-    sweep = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)  # fmt: skip
+    args = ["-m", *shrunk, "granularity=1,2", "tokens=204800", "train.checkpoint_every=5", "train.eval_every=1",
+            "study.name=sigterm"]  # fmt: skip
+    sweep = start_study(args, tmp_path, env={"MOE_JOBS": "2", "MOE_THREADS": "1"}, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     runs = tmp_path / "outputs" / "sigterm" / "runs"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -156,8 +145,8 @@ def test_sigterm_to_the_sweep_process_preempts_its_jobs_and_leaves_no_process(sh
 def test_resuming_on_another_thread_count_warns_that_the_curve_is_not_bitwise(
     compose, shrunk, tmp_path, capsys
 ):
-    from moe.train import TrainingInterrupted
-    from studies.runfiles import write_status
+    from moe.train.outcome import TrainingInterrupted
+    from records.runfiles import write_status
 
     cfg = compose([*shrunk, "granularity=2", "train.checkpoint_every=2"])
     calls = iter(range(1, 1000))

@@ -1,5 +1,5 @@
 """Paired arms share their random numbers: at one seed, a model that differs only in G starts from the
-G-split of the coarse model's experts and from the same attention, embedding and head (moe.model
+G-split of the coarse model's experts and from the same attention, embedding and head (moe.model.transformer
 stream_seed), so the paired G-difference is not dominated by init noise (docs/method.md §6)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe.config import ModelConfig, MoEConfig
-from moe.matched import derive, split_state_dict
-from moe.model import Transformer, stream_seed
+from moe.model.config import ModelConfig, MoEConfig
+from moe.model.matched import derive, split_state_dict
+from moe.model.transformer import Transformer, stream_seed
 
 
 def _coarse(activation: str = "swiglu", init: str = "normal") -> ModelConfig:

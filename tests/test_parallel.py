@@ -1,16 +1,9 @@
-"""FSDP2, expert parallelism and sharded checkpoints (moe.parallel) on real gloo ranks, against one process."""
+"""FSDP2 and expert-parallel layouts (moe.parallel.layout) on real gloo ranks match one process."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,40 +11,32 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from dist_worker import ListLogger
-from test_distributed import FAST, ROOT, TINY, free_port, history, single_process, spec_of, torchrun
+from test_distributed import (
+    EP2,
+    FAST,
+    FSDP,
+    TINY,
+    UNEVEN,
+    assert_same_curve,
+    free_port,
+    history,
+    single_process,
+    spec_of,
+    torchrun,
+)
 from torch.testing import assert_close
 
-from moe.accounting import count_params
-from moe.checkpoint import list_checkpoints, load_latest, model_weights
-from moe.config import ModelConfig, MoEConfig
-from moe.data import DataConfig, prepare_data
-from moe.layer import MoELayer
-from moe.memory import estimate_memory
-from moe.model import Transformer
-from moe.optim import build_optimizer
-from moe.parallel import ParallelConfig, parallelize, resolve_layout
-from moe.parallel_ep import ExpertShard, shard_experts_
-from moe.train import OptimConfig, TrainingInterrupted, train
-
-FSDP = dataclasses.asdict(ParallelConfig(mode="fsdp"))
-EP2 = dataclasses.asdict(ParallelConfig(mode="fsdp", ep=2))
-
-
-@pytest.fixture(scope="module")
-def data_cfg(data_cache) -> DataConfig:
-    return DataConfig(vocab_size=512, max_chars=200_000, val_fraction=0.2, cache_dir=str(data_cache))
-
-
-def assert_same_curve(got_events, ref_events, rel=1e-5):
-    got, ref = history(got_events, "train/loss"), history(ref_events, "train/loss")
-    assert [s for s, _ in got] == [s for s, _ in ref] and got
-    for (_, a), (_, b) in zip(got, ref, strict=True):
-        assert a == pytest.approx(b, rel=rel, abs=1e-6)
-    got_val, ref_val = history(got_events, "val/loss"), history(ref_events, "val/loss")
-    assert [s for s, _ in got_val] == [s for s, _ in ref_val]
-    for (_, a), (_, b) in zip(got_val, ref_val, strict=True):
-        assert a == pytest.approx(b, rel=rel)
-
+from moe.data.prepare import prepare_data
+from moe.model.accounting import count_params
+from moe.model.config import ModelConfig, MoEConfig
+from moe.model.layer import MoELayer
+from moe.model.transformer import Transformer
+from moe.parallel.ep import ExpertShard, shard_experts_
+from moe.parallel.layout import ParallelConfig, parallelize, resolve_layout
+from moe.parallel.memory import estimate_memory
+from moe.train.loop import train
+from moe.train.optim import build_optimizer
+from moe.train.plan import OptimConfig
 
 # --- bad input -------------------------------------------------------------------------------------
 
@@ -74,18 +59,6 @@ def test_a_layout_is_checked_before_anything_is_built(data_cfg):
     with pytest.raises(ValueError, match="parallel.ep=3 does not divide the routed experts"):
         train(TINY, prepare_data(data_cfg), OptimConfig(), FAST, ListLogger(), progress=None,
               parallel=ParallelConfig(mode="fsdp", ep=3))  # fmt: skip
-
-
-@pytest.mark.usefixtures("one_thread")
-def test_resume_of_a_checkpoint_of_another_model_is_refused_naming_the_key(data_cfg, tmp_path):
-    data = prepare_data(data_cfg)
-    cfg = dataclasses.replace(FAST, checkpoint_every=2, tokens=128 * 4)
-    with pytest.raises(TrainingInterrupted):
-        train(TINY, data, OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=tmp_path,
-              stop_requested=lambda: True)  # fmt: skip
-    other = dataclasses.replace(TINY, moe=dataclasses.replace(TINY.moe, top_k=2))
-    with pytest.raises(ValueError, match="model.moe.top_k=1, this run model.moe.top_k=2"):
-        train(other, data, OptimConfig(), cfg, ListLogger(), progress=None, resume=load_latest(tmp_path))
 
 
 # --- expert parallelism: the layer ----------------------------------------------------------------
@@ -157,8 +130,6 @@ def test_expert_parallel_layer_equals_the_single_process_layer_output_and_gradie
     assert p.grad.abs().sum() > 0
 
 
-# 3 experts x G=2: 3 per EP rank of 2, which dp=2 does not divide: sharded on their width (dim 1)
-UNEVEN = dataclasses.replace(TINY, moe=dataclasses.replace(TINY.moe, num_experts=3))
 SHARDED_EXPERTS = {"dp2_x_ep2": (TINY, 2), "dp2_x_ep2_on_width": (UNEVEN, 2), "fsdp4_on_width": (UNEVEN, 1)}
 
 
@@ -271,158 +242,3 @@ def test_expert_parallel_on_two_ranks_reproduces_the_single_process_loss_curve(d
     for key in ("router/imbalance", "train/aux_loss"):
         got, ref = history(ranks[0]["events"], key), history(one.events, key)
         assert len(got) == len(ref) == 24
-
-
-# --- sharded checkpoints reshard on resume ----------------------------------------------------------
-
-
-def _resume_in_process(data_cfg, ckpt: Path | None, cfg, model_cfg: ModelConfig = TINY) -> ListLogger:
-    """Train in this process, from the latest checkpoint in `ckpt` (None: from scratch, no checkpoints)."""
-    logger = ListLogger()
-    train(model_cfg, prepare_data(data_cfg), OptimConfig(), cfg, logger, progress=None, checkpoint_dir=ckpt,
-          resume=load_latest(ckpt) if ckpt else None)  # fmt: skip
-    return logger
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("parallel", [FSDP, EP2], ids=["fsdp2_to_1", "ep2_to_1"])
-def test_a_sharded_checkpoint_of_two_ranks_resumes_in_one_process_on_the_same_curve(
-    parallel, data_cfg, tmp_path
-):
-    cfg = dataclasses.replace(FAST, checkpoint_every=100)
-    ckpt = tmp_path / "ckpt"
-    stopped = torchrun(
-        tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), stop=[1, 5], parallel=parallel)
-    )
-    assert stopped[0]["interrupted_at"] == 5
-    assert [p.name for _, p in list_checkpoints(ckpt)] == ["step_000000005.dcp"]
-    assert (ckpt / "step_000000005.dcp.sha256").is_file()  # the completion marker
-    resumed = _resume_in_process(data_cfg, ckpt, cfg)
-    unbroken = single_process(data_cfg, cfg)
-    tail = [(s, m) for s, m in unbroken.events if s > 5]
-    assert_same_curve(resumed.events, tail)
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("model_cfg", [TINY, UNEVEN], ids=["experts_dim0", "experts_on_width"])
-def test_a_fsdp_x_ep_checkpoint_of_four_ranks_resumes_in_one_process_and_on_two_ep_ranks_on_the_same_curve(
-    model_cfg, data_cfg, tmp_path
-):
-    cfg = dataclasses.replace(FAST, checkpoint_every=100, micro_batch_tokens=32)  # one sequence per rank of 4
-    ckpt, model = tmp_path / "ckpt", dataclasses.asdict(model_cfg)
-    dp2_ep2 = dataclasses.asdict(ParallelConfig(mode="fsdp", dp_shard=2, ep=2))
-    stopped = torchrun(
-        tmp_path,
-        4,
-        spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), stop=[3, 5], parallel=dp2_ep2, model=model),
-    )
-    assert stopped[0]["interrupted_at"] == 5
-    shutil.copytree(ckpt, tmp_path / "ckpt_ep2")
-    tail = [(s, m) for s, m in _resume_in_process(data_cfg, None, cfg, model_cfg).events if s > 5]
-    assert_same_curve(_resume_in_process(data_cfg, ckpt, cfg, model_cfg).events, tail)
-    resumed = torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(tmp_path / "ckpt_ep2"),
-                                            resume=True, parallel=EP2, model=model), name="ep2")  # fmt: skip
-    assert resumed[0]["result"]["resumed_from"] == 5
-    assert_same_curve(resumed[0]["events"], tail)
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
-def test_a_single_process_checkpoint_resumes_on_two_fsdp_ranks_on_the_same_curve(data_cfg, tmp_path):
-    cfg = dataclasses.replace(FAST, checkpoint_every=100)
-    ckpt = tmp_path / "ckpt"
-    calls = iter(range(1, 100))
-    with pytest.raises(TrainingInterrupted):
-        train(TINY, prepare_data(data_cfg), OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=ckpt,
-              stop_requested=lambda: next(calls) == 5)  # fmt: skip
-    assert [p.name for _, p in list_checkpoints(ckpt)] == ["step_000000005.pt"]
-    resumed = torchrun(
-        tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), resume=True, parallel=FSDP)
-    )
-    assert resumed[0]["result"]["resumed_from"] == 5
-    tail = [(s, m) for s, m in single_process(data_cfg, cfg).events if s > 5]
-    assert_same_curve(resumed[0]["events"], tail)
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("parallel", [FSDP, EP2], ids=["fsdp2", "ep2"])
-def test_a_finished_sharded_run_keeps_its_final_weights_which_load_in_one_process(
-    parallel, data_cfg, tmp_path
-):
-    cfg = dataclasses.replace(FAST, checkpoint_every=100)  # no periodic checkpoint: only the final one
-    ckpt, ref_ckpt = tmp_path / "ckpt", tmp_path / "ref"
-    torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), parallel=parallel))
-    assert [p.name for _, p in list_checkpoints(ckpt)] == ["step_000000024.dcp"]
-    train(
-        TINY, prepare_data(data_cfg), OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=ref_ckpt
-    )
-    reference = load_latest(ref_ckpt)["model"]
-    weights = model_weights(load_latest(ckpt), Transformer(TINY))
-    assert weights.keys() == reference.keys()
-    for name, tensor in reference.items():
-        assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
-def test_an_incomplete_sharded_checkpoint_is_skipped_for_the_previous_one(data_cfg, tmp_path):
-    cfg = dataclasses.replace(FAST, checkpoint_every=3, keep_last=3)
-    ckpt = tmp_path / "ckpt"
-    torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), stop=[0, 7], parallel=FSDP))
-    assert [s for s, _ in list_checkpoints(ckpt)] == [7, 6, 3]
-    (ckpt / "step_000000007.dcp.sha256").unlink()  # as if killed before the marker was written
-    shard = next((ckpt / "step_000000006.dcp").glob("*.distcp"))
-    raw = bytearray(shard.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    shard.write_bytes(bytes(raw))  # and a corrupted shard
-    assert load_latest(ckpt)["step"] == 3
-
-
-# --- rank failures ------------------------------------------------------------------------------------
-
-
-def _launch_ranks(tmp_path: Path, spec: dict, world: int) -> list[subprocess.Popen]:
-    """Ranks as plain processes sharing MASTER_ADDR/PORT (as srun starts them): no torchrun agent that
-    would end the survivors itself."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "spec.json").write_text(json.dumps(spec))
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
-        env.pop("TORCHELASTIC_RUN_ID", None)
-        cmd = [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(out / "spec.json"), str(out)]
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    return procs
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dead", [1, 0], ids=["worker_dies", "store_host_dies"])
-def test_a_rank_killed_mid_training_ends_the_others_within_a_minute_naming_it(dead, data_cfg, tmp_path):
-    spec = spec_of(data_cfg, dataclasses.replace(FAST, tokens=128 * 400), die=[dead, 4], peer_timeout_s=15.0,
-                   parallel=FSDP)  # fmt: skip
-    procs = _launch_ranks(tmp_path, spec, 2)
-    survivor = procs[1 - dead]
-    try:
-        assert procs[dead].wait(timeout=240) == -signal.SIGKILL
-        died = time.monotonic()
-        survivor.wait(timeout=90)
-        ended = time.monotonic() - died
-        out = survivor.stdout.read()
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert survivor.returncode != 0
-    assert ended < 60, out[-3000:]
-    result = json.loads((tmp_path / "out" / f"rank{1 - dead}.json").read_text())
-    assert result["failed_rank"] == dead, out[-3000:]
-    assert result["error"].startswith(f"rank {dead} failed: ")

@@ -1,9 +1,9 @@
-"""The parallel-layout benchmark (python -m moe.parallel_bench) runs the real loop on gloo ranks and
+"""The parallel-layout benchmark (python -m moe.parallel.bench) runs the real loop on gloo ranks and
 reports every layout's step time against DDP's; bad arguments are refused before any rank starts."""
 
 import pytest
 
-from moe.parallel_bench import main
+from moe.parallel.bench import main
 
 
 def test_a_batch_that_does_not_split_into_whole_sequences_per_rank_is_refused_naming_the_flag(capsys):

@@ -13,11 +13,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from moe.accounting import count_params, flops_per_token
-from moe.matched import derive
-from studies.config import load_run_config
-from studies.plan import GPU_PEAK_FLOPS, compose_jobs, hardware, main, plan_sweep
-from studies.point import build_point
+from moe.model.accounting import count_params, flops_per_token
+from moe.model.matched import derive
+from studies.job.config import load_run_config
+from studies.job.point import build_point
+from studies.launch.sweep import compose_jobs
+from studies.plan import GPU_PEAK_FLOPS, hardware, main, plan_sweep
 
 # Paper-scale presets need a batch that holds whole sequences (Mixtral's context is 32768).
 BIG_BATCH = ["train.batch_tokens=4194304", "tokens=1000000000000"]

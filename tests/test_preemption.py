@@ -7,18 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import metrics_without_wall_clock, start_study
 from mlflow.tracking import MlflowClient
 
-from moe.evaluation import WALL_CLOCK_METRICS
-from studies.execute import run_point
-from studies.preemption import Preemption
-
-REPO = Path(__file__).resolve().parents[1]
+from studies.job.execute import run_point
+from studies.job.preemption import Preemption
 
 
 def descendants(pid: int) -> list[int]:
@@ -78,12 +75,10 @@ def test_usr2_to_a_submitit_job_checkpoints_requeues_and_the_job_resumes(
     ]
     reference = run_point(compose([*overrides, f"paths.root={tmp_path / 'ref'}"]), cwd=tmp_path)
 
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "MOE_JOBS": "1", "MOE_THREADS": "1", "PYTHONPATH": path}
     args = [*overrides, "seed=0,1", "hydra.callbacks.study.report=false", "hydra.sweeper.max_batch_size=1"]
     # seed=0,1 in batches of one: the first point is the one preempted, the second shows the sweep goes on
-    proc = subprocess.Popen([sys.executable, "-m", "studies.run", "-m", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start_study(["-m", *args], tmp_path, env={"MOE_JOBS": "1", "MOE_THREADS": "1"},
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     run_dir = tmp_path / "outputs" / "default" / "runs" / reference.run_key
     deadline = time.monotonic() + 240
     try:
@@ -107,9 +102,9 @@ def test_usr2_to_a_submitit_job_checkpoints_requeues_and_the_job_resumes(
     assert summary["status"] == "DONE" and summary["resumed_from"] >= 10, "the requeued job must resume"
     logs = "".join(p.read_text() for p in tmp_path.glob("outputs/default/multirun/*/.submitit/*/*_log.*"))
     assert "checkpointing at the end of this step" in logs and "Requeued job" in logs
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in WALL_CLOCK_METRICS} for x in lines]  # noqa: E731
-    assert strip((run_dir / "metrics.jsonl").read_text().splitlines()) == strip(
-        (Path(reference.run_dir) / "metrics.jsonl").read_text().splitlines()
+
+    assert metrics_without_wall_clock(run_dir / "metrics.jsonl") == metrics_without_wall_clock(
+        Path(reference.run_dir) / "metrics.jsonl"
     )
     assert summary["final"]["val/loss"] == reference.val_loss
     client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'default' / 'mlflow.db'}")

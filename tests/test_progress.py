@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from studies import runfiles
-from studies.progress import ProgressView, Tracked, latest_events
+from records import runfiles
+from studies.launch.progress import ProgressView, Tracked, latest_events
 
 
 def point(tmp_path: Path, name: str, steps: int = 100) -> Tracked:

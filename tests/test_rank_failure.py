@@ -1,5 +1,6 @@
 """A rank that dies or freezes mid-training: the sweep point is recorded FAILED naming it, through
-`python -m studies.run` with two submitit_local tasks (docs/distributed.md, "Rank failures").
+`python -m studies.run` with two submitit_local tasks (docs/distributed.md, "Rank failures"); on plain
+ranks (tests/dist_worker.py, no sweep) the survivor ends within a minute naming the dead rank.
 
 The fault is external: the test finds a rank's process (the submitit task whose SUBMITIT_LOCAL_GLOBALID is
 the rank) once status.json shows step 2, and sends it SIGKILL (its gloo peer's collective raises) or
@@ -8,6 +9,7 @@ SIGSTOP (the peer's all_reduce blocks for good, as NCCL would; its heartbeat thr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -18,9 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import start_study
 from mlflow.tracking import MlflowClient
+from test_distributed import FAST, FSDP, free_port, spec_of
 
-from studies import lifecycle, runfiles
+from records import runfiles
+from studies.job import lifecycle
 
 ROOT = Path(__file__).resolve().parents[1]
 WITHIN_S = 60.0  # the requirement: recorded well before the 10-minute process-group timeout
@@ -81,10 +86,10 @@ def two_task_sweep(shrunk: list[str], root: Path) -> Iterator[subprocess.Popen]:
         f"paths.root={root}", "infra.tasks_per_node=2", "tokens=5120000", "data.allow_repeat=true",
         "train.eval_every=1000", "launch.progress=off",
     ]  # fmt: skip
-    env = {**os.environ, "MOE_JOBS": "1", "MOE_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {"MOE_JOBS": "1", "MOE_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with (root.parent / "sweep.log").open("w") as log:  # not a pipe: nobody reads it while the sweep runs
-        proc = subprocess.Popen([sys.executable, "-m", "studies.run", "-m", *overrides], cwd=root.parent, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = start_study(["-m", *overrides], root.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)  # fmt: skip
     try:
         yield proc
     finally:
@@ -204,3 +209,50 @@ def test_a_frozen_rank_0_ends_rank_1_and_keeps_the_point_busy_until_it_is_killed
         assert lifecycle.owner_of(run_dir) is None  # the kernel released the lock: the next sweep resumes
         assert lifecycle.lifecycle(run_dir).action == "resume"
         assert session_pids(proc.pid) == []
+
+
+# Plain ranks, no sweep ----------------------------------------------------------------------------
+
+
+def _launch_ranks(tmp_path: Path, spec: dict, world: int) -> list[subprocess.Popen]:
+    """Ranks as plain processes sharing MASTER_ADDR/PORT (as srun starts them): no torchrun agent that
+    would end the survivors itself."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spec.json").write_text(json.dumps(spec))
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(rank),
+               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        env.pop("TORCHELASTIC_RUN_ID", None)
+        cmd = [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(out / "spec.json"), str(out)]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    return procs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dead", [1, 0], ids=["worker_dies", "store_host_dies"])
+def test_a_rank_killed_mid_training_ends_the_others_within_a_minute_naming_it(dead, data_cfg, tmp_path):
+    spec = spec_of(data_cfg, dataclasses.replace(FAST, tokens=128 * 400), die=[dead, 4], peer_timeout_s=15.0,
+                   parallel=FSDP)  # fmt: skip
+    procs = _launch_ranks(tmp_path, spec, 2)
+    survivor = procs[1 - dead]
+    try:
+        assert procs[dead].wait(timeout=240) == -signal.SIGKILL
+        died = time.monotonic()
+        survivor.wait(timeout=90)
+        ended = time.monotonic() - died
+        out = survivor.stdout.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert survivor.returncode != 0
+    assert ended < 60, out[-3000:]
+    result = json.loads((tmp_path / "out" / f"rank{1 - dead}.json").read_text())
+    assert result["failed_rank"] == dead, out[-3000:]
+    assert result["error"].startswith(f"rank {dead} failed: ")

@@ -3,27 +3,19 @@ sweep's validation, --dry-run validates, the launcher's scheduler and the enviro
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_study
 from hydra import initialize_config_dir
 
-from studies.config import register_configs
-from studies.sweep import CONF_DIR, validate_overrides
-
-REPO = Path(__file__).resolve().parents[1]
+from studies.job.config import register_configs
+from studies.launch.sweep import CONF_DIR, validate_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def studies_run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    full_env = {**os.environ, "MOE_JOBS": "1", "MOE_THREADS": "1", "PYTHONPATH": path, **env}
-    return subprocess.run([sys.executable, "-m", "studies.run", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+ENV = {"MOE_JOBS": "1", "MOE_THREADS": "1"}  # what every command of these tests runs with
 
 
 def nothing_written(root: Path) -> None:
@@ -46,7 +38,7 @@ def nothing_written(root: Path) -> None:
 def test_a_single_run_is_validated_like_a_sweep_before_hydra_writes_its_folder(
     shrunk, tmp_path, bad, fragment
 ):
-    proc = studies_run([*shrunk, *bad], tmp_path)
+    proc = run_study([*shrunk, *bad], tmp_path, env=ENV)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.startswith("Run not started: ") or "\nRun not started: " in proc.stderr, proc.stderr[
         -2000:
@@ -57,9 +49,9 @@ def test_a_single_run_is_validated_like_a_sweep_before_hydra_writes_its_folder(
 
 
 def test_dry_run_of_an_invalid_sweep_exits_non_zero_and_of_a_valid_one_writes_nothing(shrunk, tmp_path):
-    bad = studies_run(["-m", *shrunk, "granularity=1,3", "--dry-run"], tmp_path)
+    bad = run_study(["-m", *shrunk, "granularity=1,3", "--dry-run"], tmp_path, env=ENV)
     assert bad.returncode == 1 and "granularity=3 does not divide" in bad.stderr, bad.stderr[-2000:]
-    good = studies_run(["-m", *shrunk, "granularity=1,2", "--dry-run"], tmp_path)
+    good = run_study(["-m", *shrunk, "granularity=1,2", "--dry-run"], tmp_path, env=ENV)
     assert good.returncode == 0, good.stderr[-2000:]
     assert "granularity=2  moe-E8-k2-G2" in good.stdout and "start" in good.stdout
     assert "Dry run: 2 points validated; nothing launched." in good.stdout
@@ -68,7 +60,7 @@ def test_dry_run_of_an_invalid_sweep_exits_non_zero_and_of_a_valid_one_writes_no
 
 @pytest.mark.slow
 def test_dry_run_with_a_misspelt_key_names_it_and_exits_non_zero(shrunk, tmp_path):
-    proc = studies_run(["-m", *shrunk, "granularty=1,2", "--dry-run"], tmp_path)
+    proc = run_study(["-m", *shrunk, "granularty=1,2", "--dry-run"], tmp_path, env=ENV)
     assert proc.returncode == 1 and "granularty" in proc.stderr, proc.stderr[-2000:]
     nothing_written(tmp_path)
 
@@ -82,7 +74,7 @@ def test_infra_slurm_without_sbatch_is_refused_before_anything_is_created(shrunk
         from hydra import compose
 
         cfg = compose("config", overrides=[*shrunk, "infra=slurm"], return_hydra_config=True)
-    from studies.sweep import validate_jobs
+    from studies.launch.sweep import validate_jobs
 
     with pytest.raises(ValueError, match=r"infra=slurm but this machine has no `sbatch` on PATH"):
         validate_jobs([(("infra=slurm",), cfg)], cwd=tmp_path)
@@ -99,7 +91,7 @@ def test_a_duplicated_point_in_one_sweep_is_refused_naming_both(shrunk, tmp_path
 
 @pytest.mark.parametrize("value", ["abc", "0", "-2"])
 def test_moe_jobs_that_is_not_a_positive_integer_is_named(value, monkeypatch):
-    from studies.resources import concurrent_jobs
+    from studies.launch.resources import concurrent_jobs
 
     monkeypatch.setenv("MOE_JOBS", value)
     with pytest.raises(ValueError, match=rf"MOE_JOBS='{value}' must be a positive integer"):

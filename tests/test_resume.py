@@ -1,4 +1,4 @@
-"""Checkpoints (moe.checkpoint) and exact resume of moe.train.train, in process, on a real tiny model."""
+"""Checkpoints (moe.train.checkpoint) and exact resume of moe.train.loop.train, in process, on a real tiny model."""
 
 from __future__ import annotations
 
@@ -8,31 +8,32 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import metrics_without_wall_clock, run_study, start_study, without_wall_clock
 from torch.testing import assert_close
 
-from moe.checkpoint import (
+from moe.data.config import DataConfig
+from moe.data.prepare import prepare_data
+from moe.model.config import ModelConfig, MoEConfig
+from moe.train.checkpoint import (
     CheckpointError,
-    capture_rng,
     checkpoint_path,
     latest_step,
     list_checkpoints,
     load_checkpoint,
     load_latest,
-    restore_rng,
     save_checkpoint,
 )
-from moe.config import ModelConfig, MoEConfig
-from moe.data import DataConfig, prepare_data
-from moe.evaluation import WALL_CLOCK_METRICS
-from moe.train import NonFiniteLossError, OptimConfig, TrainConfig, TrainingInterrupted, plan_training, train
-from studies.execute import run_point
+from moe.train.loop import train
+from moe.train.outcome import NonFiniteLossError, TrainingInterrupted
+from moe.train.plan import OptimConfig, TrainConfig, plan_training
+from moe.train.rng import capture_rng, restore_rng
+from studies.job.execute import run_point
 
 # jitter > 0 makes the run draw from the global torch RNG every step, so a resume that forgot the RNG
 # state would diverge; bias balancing makes a buffer (not a parameter) part of the state.
@@ -53,13 +54,12 @@ class ListLogger:
         self.events: list[tuple[int, dict[str, float]]] = []
 
     def log_metrics(self, metrics, step):
-        self.events.append((step, {k: v for k, v in metrics.items() if k not in WALL_CLOCK_METRICS}))
+        self.events.append((step, without_wall_clock(metrics)))
 
 
 def jsonl_history(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock throughput."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in WALL_CLOCK_METRICS} for x in lines]
+    return metrics_without_wall_clock(run_dir / "metrics.jsonl")
 
 
 def stop_after(n_steps: int):
@@ -148,7 +148,7 @@ def test_nan_loss_stops_training_with_the_step_it_first_appeared(data, tmp_path)
     assert all(s < err.value.step for s, _ in list_checkpoints(tmp_path))
 
 
-# moe.checkpoint on its own ---------------------------------------------------------------------
+# moe.train.checkpoint on its own ---------------------------------------------------------------------
 
 
 def small_state(value: float) -> dict:
@@ -225,15 +225,9 @@ def test_sigkilled_run_started_again_ends_with_the_uninterrupted_history(compose
     overrides = [*shrunk, "tokens=40960", "train.log_every=1", "train.checkpoint_every=5"]
     reference = run_point(compose([*overrides, f"paths.root={tmp_path / 'ref'}"]), cwd=tmp_path)
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "MOE_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
-    }
-    command = [sys.executable, "-m", "studies.run", *overrides, "infra.threads=1"]
+    args, env = [*overrides, "infra.threads=1"], {"MOE_THREADS": "1"}
     run_dir = tmp_path / "outputs" / "default" / "runs" / reference.run_key
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_study(args, tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     try:
         # kill once a checkpoint exists and metrics.jsonl has gone past it (lines the resume must cut)
@@ -256,7 +250,7 @@ def test_sigkilled_run_started_again_ends_with_the_uninterrupted_history(compose
     killed_at = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert status["status"] == "RUNNING" and killed_at < reference.tokens // 512
 
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    again = run_study(args, tmp_path, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resume from step" in again.stdout
     assert jsonl_history(run_dir) == jsonl_history(Path(reference.run_dir))

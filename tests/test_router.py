@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from moe.config import MoEConfig
-from moe.router import Router, balancing_losses, routing_stats
+from moe.model.config import MoEConfig
+from moe.model.router import Router, balancing_losses, routing_stats
 
 
 def _router(n: int, **kw) -> Router:

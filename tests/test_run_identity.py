@@ -3,17 +3,15 @@ studies/ stays readable (no import cycles, modules of one sitting)."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 from pathlib import Path
 
 import pytest
 
-from studies.config import load_run_config
-from studies.point import INFRA_KEYS, build_point, run_key_of
+from studies.job.config import load_run_config
+from studies.job.point import INFRA_KEYS, build_point, run_key_of
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("moe", "studies", "analysis", "hydra_plugins")
 
 
 def point_of(compose, overrides):
@@ -57,7 +55,12 @@ def test_every_key_that_changes_the_computation_changes_the_run_key(compose):
     key = run_key_of(point.model, point.run, point.train)
     checked = 0
     for section in ("model", "data", "optim", "train"):
-        source = {"model": point.model, "data": point.run.data, "optim": point.run.optim, "train": point.train}
+        source = {
+            "model": point.model,
+            "data": point.run.data,
+            "optim": point.run.optim,
+            "train": point.train,
+        }
         for name, value in _fields(source[section]):
             if name in INFRA_KEYS.get(section, ()):
                 continue
@@ -90,61 +93,3 @@ def test_infrastructure_keys_name_real_fields(compose):
     for section, keys in INFRA_KEYS.items():
         names = {f.name for f in dataclasses.fields(getattr(point.run, section))}
         assert set(keys) <= names, set(keys) - names
-
-
-def _imports(path: Path, module: str) -> set[str]:
-    """Every project module `path` imports, at module level or inside functions (not the ones under
-    `if TYPE_CHECKING:`, which never run)."""
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            node.body = []
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)
-    modules = {m for m in found if m.split(".")[0] in PACKAGES}
-    return {m for m in modules if (REPO / (m.replace(".", "/") + ".py")).exists()} - {module}
-
-
-def _graph() -> dict[str, set[str]]:
-    graph = {}
-    for package in PACKAGES:
-        for path in (REPO / package).rglob("*.py"):
-            module = ".".join(path.relative_to(REPO).with_suffix("").parts)
-            graph[module] = _imports(path, module)
-    return graph
-
-
-def test_no_import_cycle_between_project_modules_including_function_level_imports():
-    graph = _graph()
-    state: dict[str, int] = {}
-
-    def visit(module: str, trail: list[str]) -> None:
-        state[module] = 1
-        for nxt in sorted(graph.get(module, ())):
-            if state.get(nxt) == 1:
-                cycle = trail[trail.index(nxt):] + [nxt] if nxt in trail else [module, nxt]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if nxt not in state:
-                visit(nxt, [*trail, nxt])
-        state[module] = 2
-
-    for module in sorted(graph):
-        if module not in state:
-            visit(module, [module])
-
-
-def test_moe_imports_no_orchestration():
-    graph = _graph()
-    for module, deps in graph.items():
-        if module.startswith("moe."):
-            assert not {d for d in deps if d.startswith(("studies", "analysis"))}, module
-
-
-def test_every_studies_module_reads_in_one_sitting():
-    long = {p.name: n for p in (REPO / "studies").glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
-    assert not long, long

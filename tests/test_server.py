@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
 import shutil
 import signal
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SHRINK
+from helpers import healthy, repo_env, run_study
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -33,26 +33,12 @@ from studies.server import (
     validate_settings,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 # Headless flags from docs/tracking.md; without the last two only the page's loading skeleton is drawn.
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--window-size=1400,900", "--virtual-time-budget=20000", "--run-all-compositor-stages-before-draw",
 ]  # fmt: skip
-
-
-def repo_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 # Settings and command line ----------------------------------------------------------------------
@@ -188,10 +174,7 @@ def served_study(tmp_path_factory, data_cache):
         overrides = [*SHRINK, f"data.cache_dir={data_cache}", f"paths.root={tmp / 'outputs'}",
                      "granularity=1,8", "infra=basic", "hydra.callbacks.study.report=false",
                      f"tracking.uri={url}"]  # fmt: skip
-        proc = subprocess.run(
-            [sys.executable, "-m", "studies.run", "-m", *overrides], cwd=tmp, env=repo_env(MOE_THREADS="1"),
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        proc = run_study(["-m", *overrides], tmp, env={"MOE_THREADS": "1"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         experiment = MlflowClient(url).get_experiment_by_name("default")
         yield url, tmp, experiment.experiment_id

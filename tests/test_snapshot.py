@@ -1,4 +1,4 @@
-"""The code snapshot of a sweep (studies.snapshot): what is copied and recorded, and what jobs import."""
+"""The code snapshot of a sweep (studies.launch.snapshot): what is copied and recorded, and what jobs import."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from studies.snapshot import PACKAGES, point_jobs_at, restore_env, take_snapshot
+from studies.launch.snapshot import PACKAGES, point_jobs_at, restore_env, take_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_code_running_from_a_snapshot_reports_the_commit_it_was_taken_from(tmp_p
     git(tree, "commit", "-q", "-m", "base")
     snap = take_snapshot(tmp_path / "sweep", source=tree)
     git(tree, "commit", "-q", "--allow-empty", "-m", "after launch")  # the tree moves on
-    probe = "from studies import tracking; print(tracking.git_sha())"
+    probe = "from records.code_record import git_sha; print(git_sha())"
     env = {**os.environ, "PYTHONPATH": str(snap.dir), "PYTHONSAFEPATH": "1"}
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)  # fmt: skip

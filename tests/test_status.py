@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from studies import runfiles
-from studies.finish import expand_states
+from records import runfiles
+from studies.launch.finish import expand_states
 from studies.status import main
 
 
@@ -46,7 +46,7 @@ def test_status_shows_each_points_state_and_step_from_its_run_folder(tmp_path, c
     assert re.search(r"granularity=1\s+moe-G1\s+RUNNING\s+8/20\s+5\.920", out), out
     # launched on another host: its process cannot be seen from here, and it has not started
     assert re.search(r"granularity=2\s+moe-G2\s+QUEUED\s+0/20 .* 92\s+UNKNOWN", out), out
-    assert f"end of sweep: not run yet: `python -m studies.finish {sweep}`" in out
+    assert f"end of sweep: not run yet: `python -m studies.launch.finish {sweep}`" in out
     assert "sweep 2025-old: no sweep.json" in out
 
     assert main([str(sweep)]) == 0  # one sweep folder

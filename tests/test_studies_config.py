@@ -16,14 +16,14 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ValidationError
 
-from moe.accounting import count_params, flops_per_token
-from moe.config import ModelConfig
-from moe.corpus import FORMAT_VERSION
-from moe.matched import derive
-from studies.config import RunConfig, load_run_config, register_configs, schema_of, to_library
-from studies.execute import run_point
-from studies.point import build_point
-from studies.sweep import jobs_of, sweep_overrides, validate_jobs
+from moe.data.corpus import FORMAT_VERSION
+from moe.model.accounting import count_params, flops_per_token
+from moe.model.config import ModelConfig
+from moe.model.matched import derive
+from studies.job.config import RunConfig, load_run_config, register_configs, schema_of, to_library
+from studies.job.execute import run_point
+from studies.job.point import build_point
+from studies.launch.sweep import jobs_of, sweep_overrides, validate_jobs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUP_FILES = sorted(p.relative_to(CONF_DIR) for p in CONF_DIR.glob("*/*.yaml"))

@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import run_study
 from mlflow.tracking import MlflowClient
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def study_run(args: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "MOE_JOBS": "2", "MOE_THREADS": "1", "PYTHONPATH": path}
-    return subprocess.run(
-        [sys.executable, "-m", "studies.run", "-m", *args], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+ENV = {"MOE_JOBS": "2", "MOE_THREADS": "1"}  # two submitit jobs at once, one torch thread each
 
 
 @pytest.mark.slow
 def test_multirun_through_submitit_records_parent_and_child_runs(shrunk, tmp_path):
     db = tmp_path / "store.db"
-    proc = study_run([*shrunk, "granularity=1,4", f"tracking.uri=sqlite:///{db}"], tmp_path)
+    proc = run_study(["-m", *shrunk, "granularity=1,4", f"tracking.uri=sqlite:///{db}"], tmp_path, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2/2 points done" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
 
@@ -63,7 +51,7 @@ def test_multirun_through_submitit_records_parent_and_child_runs(shrunk, tmp_pat
 
 @pytest.mark.slow
 def test_invalid_point_stops_the_sweep_before_any_job_starts(shrunk, tmp_path):
-    proc = study_run([*shrunk, "granularity=1,3", "infra=basic"], tmp_path, timeout=120)
+    proc = run_study(["-m", *shrunk, "granularity=1,3", "infra=basic"], tmp_path, env=ENV, timeout=120)
     assert proc.returncode == 1
     assert "Sweep not started: 1 of 2 sweep points are invalid" in proc.stderr
     assert "granularity=3: ValueError: granularity=3 does not divide" in proc.stderr
@@ -74,9 +62,17 @@ def test_invalid_point_stops_the_sweep_before_any_job_starts(shrunk, tmp_path):
 def test_a_point_failing_during_its_run_is_reported_and_the_sweep_exits_non_zero(shrunk, tmp_path):
     # lr 1e6 without clipping passes validation but diverges inside the job; the other point of the
     # sweep still runs, the table shows both, and the exit status is non-zero.
-    proc = study_run(
-        [*shrunk, "optim.lr=1e-2,1e6", "optim.grad_clip=0", "infra=basic", "hydra.callbacks.study.report=false"],
+    proc = run_study(
+        [
+            "-m",
+            *shrunk,
+            "optim.lr=1e-2,1e6",
+            "optim.grad_clip=0",
+            "infra=basic",
+            "hydra.callbacks.study.report=false",
+        ],
         tmp_path,
+        env=ENV,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "1/2 points done" in proc.stdout

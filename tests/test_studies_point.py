@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from studies.execute import run_point
+from studies.job.execute import run_point
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,14 +29,25 @@ def test_run_dir_holds_config_metrics_summary_and_status(finished):
     assert config.model.moe.granularity == 2 and config.model.name == "tiny" and config.train.tokens == 10240
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("step" in line for line in lines)
-    assert [x["step"] for x in lines if "val/loss" in x] == [1, 2, 4, 8, 10, 20]  # log-spaced early, then every 10
+    assert [x["step"] for x in lines if "val/loss" in x] == [
+        1,
+        2,
+        4,
+        8,
+        10,
+        20,
+    ]  # log-spaced early, then every 10
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "DONE" and summary["run_key"] == result.run_key
     assert summary["final"]["val/loss"] == pytest.approx(result.val_loss)
     assert summary["final"]["val/loss"] < summary["data"]["unigram_entropy"] + 1.0
     assert summary["params"]["acct.params_total"] == result.params_total
     status = json.loads((run_dir / "status.json").read_text())
-    assert {k: status[k] for k in ("status", "step", "reason")} == {"status": "DONE", "step": 20, "reason": None}
+    assert {k: status[k] for k in ("status", "step", "reason")} == {
+        "status": "DONE",
+        "step": 20,
+        "reason": None,
+    }
     assert status["threads"] == torch.get_num_threads() and status["world_size"] == 1
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from studies.resources import concurrent_jobs, threads_per_job
+from studies.launch.resources import concurrent_jobs, threads_per_job
 
 
 @pytest.mark.parametrize(

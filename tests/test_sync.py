@@ -8,27 +8,19 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from conftest import SHRINK
+from helpers import healthy, run_module, start_study
 from mlflow.tracking import MlflowClient
 
-from studies import mlflow_logger, tracking
-from studies.execute import run_point
+from studies.job.execute import run_point
 from studies.server import ServerSettings, free_port, running_server
 from studies.sync import read_metrics, sync_study
+from studies.track import mlflow_logger, tracking
 
-REPO = Path(__file__).resolve().parents[1]
 FAKE_RUN_ID = "0123456789abcdef0123456789abcdef"
-
-
-def repo_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def histories(client: MlflowClient, run_id: str, keys) -> dict[tuple[str, int], float]:
@@ -143,20 +135,11 @@ def test_sync_into_an_empty_store_recreates_the_point_run_and_a_second_sync_adds
 
 
 def test_sync_of_a_folder_without_runs_names_the_problem(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "studies.sync", str(tmp_path)], env=repo_env(),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = run_module("studies.sync", [str(tmp_path)], timeout=120)
     assert proc.returncode == 2 and "has no runs/ folder" in proc.stderr
 
 
 # A real tracking server killed mid-run ------------------------------------------------------------
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:
@@ -178,10 +161,8 @@ def test_server_killed_mid_run_training_completes_and_sync_backfills_mlflow_exac
     study_dir = tmp_path / "outputs" / "default"
     log = open(tmp_path / "server.log", "w")
     with running_server(settings, log=log) as server:
-        job = subprocess.Popen(
-            [sys.executable, "-m", "studies.run", *overrides], cwd=tmp_path, env=repo_env(),
-            stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        job = start_study(overrides, tmp_path, stdout=open(tmp_path / "job.log", "w"),
+                          stderr=subprocess.STDOUT)  # fmt: skip
         jsonl = lambda: next(iter(study_dir.glob("runs/*/metrics.jsonl")), None)  # noqa: E731
         _wait_for(lambda: jsonl() is not None and len(jsonl().read_text().splitlines()) >= 30, 180,
                   "30 logged steps")  # fmt: skip
@@ -189,7 +170,7 @@ def test_server_killed_mid_run_training_completes_and_sync_backfills_mlflow_exac
         run_id = client.search_runs([client.get_experiment_by_name("default").experiment_id])[0].info.run_id
         _wait_for(lambda: len(client.get_metric_history(run_id, "train/loss")) >= 10, 60, "metrics in MLflow")
         os.killpg(server.process.pid, signal.SIGKILL)  # the whole server group, no clean shutdown
-        _wait_for(lambda: not _healthy(server.local_url), 30, "the server to die")
+        _wait_for(lambda: not healthy(server.local_url), 30, "the server to die")
         steps_at_kill = len(jsonl().read_text().splitlines())
         assert job.poll() is None, "the run ended before the server was killed: the test proves nothing"
     job_log = lambda: (tmp_path / "job.log").read_text()  # noqa: E731
@@ -203,7 +184,11 @@ def test_server_killed_mid_run_training_completes_and_sync_backfills_mlflow_exac
     assert "unreachable" in job_log() and "studies.sync" in job_log()
     (run_dir,) = (study_dir / "runs").iterdir()
     status = json.loads((run_dir / "status.json").read_text())
-    assert {k: status[k] for k in ("status", "step", "reason")} == {"status": "DONE", "step": 400, "reason": None}
+    assert {k: status[k] for k in ("status", "step", "reason")} == {
+        "status": "DONE",
+        "step": 400,
+        "reason": None,
+    }
     local = read_metrics(run_dir / "metrics.jsonl")
     assert {s for k, s in local if k == "train/loss"} == set(range(1, 401))
     assert len(local) > steps_at_kill
@@ -213,8 +198,7 @@ def test_server_killed_mid_run_training_completes_and_sync_backfills_mlflow_exac
         before = histories(client, run_id, {k for k, _ in local})
         assert 10 <= len(before) < len(local) and client.get_run(run_id).info.status == "RUNNING"
 
-        sync = subprocess.run([sys.executable, "-m", "studies.sync", str(study_dir)], cwd=tmp_path,
-                              env=repo_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        sync = run_module("studies.sync", [str(study_dir)], tmp_path)
         assert sync.returncode == 0, sync.stderr[-3000:]
         assert f"+{len(local) - len(before)} metrics; status FINISHED" in sync.stdout, sync.stdout
         run = client.get_run(run_id)
@@ -224,8 +208,7 @@ def test_server_killed_mid_run_training_completes_and_sync_backfills_mlflow_exac
             a.path for a in client.list_artifacts(run_id)
         }
 
-        again = subprocess.run([sys.executable, "-m", "studies.sync", str(study_dir)], cwd=tmp_path,
-                               env=repo_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        again = run_module("studies.sync", [str(study_dir)], tmp_path)
         assert again.returncode == 0 and "0 changed, 0 metric values added" in again.stdout, again.stdout
         assert_same_values(histories(client, run_id, {k for k, _ in local}), local)
 
@@ -242,7 +225,9 @@ def test_a_point_starting_while_mlflow_is_down_trains_and_sync_creates_its_run_l
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "DONE" and summary["mlflow_run_id"] is None
     local = read_metrics(run_dir / "metrics.jsonl")
-    assert ("val/loss", 20) in local and len({s for _, s in local}) == 20  # every step kept on disk (the train loss of each)
+    assert ("val/loss", 20) in local and len(
+        {s for _, s in local}
+    ) == 20  # every step kept on disk (the train loss of each)
 
     store = f"sqlite:///{tmp_path / 'later.db'}"  # MLflow back (here: a store the sync writes to)
     (synced,) = sync_study(study_dir, store)

@@ -1,6 +1,6 @@
 """Token ids outside a shard's vocab_size are caught where they are read, naming file and offset.
 
-Validation (moe.corpus.check_shard) samples 64 slices of each shard; an id between the slices used to
+Validation (moe.data.corpus.check_shard) samples 64 slices of each shard; an id between the slices used to
 reach the embedding and fail mid-training as `IndexError: index out of range in self`."""
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from moe.corpus import check_shard, read_meta
-from moe.data import DataConfig, TokenLoader, prepare_data, validation_batches
+from moe.data.config import DataConfig
+from moe.data.corpus import check_shard, read_meta
+from moe.data.loader import TokenLoader, validation_batches
+from moe.data.prepare import prepare_data
 
 VOCAB = 1000
 N_TOKENS = 64 * 4096 * 4  # the 64 sampled slices of 4096 tokens leave gaps of ~12k tokens between them

@@ -8,10 +8,12 @@ import math
 import pytest
 from torch.testing import assert_close
 
-from moe.config import ModelConfig, MoEConfig
-from moe.data import DataConfig, prepare_data
-from moe.schedule import lr_at
-from moe.train import OptimConfig, TrainConfig, plan_training, train
+from moe.data.config import DataConfig
+from moe.data.prepare import prepare_data
+from moe.model.config import ModelConfig, MoEConfig
+from moe.train.loop import train
+from moe.train.plan import OptimConfig, TrainConfig, plan_training
+from moe.train.schedule import lr_at
 
 TINY = ModelConfig(
     vocab_size=512, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32,
@@ -98,7 +100,9 @@ def test_training_lowers_the_loss_and_logs_every_contract_metric(data):
         "log-spaced early, then every eval_every"
     )
     assert [s for s, _ in log.history("train/loss")] == list(range(1, 31)), "the train loss of every step"
-    assert [s for s, _ in log.history("router/entropy")] == [5, 10, 15, 20, 25, 30], "diagnostics at log steps"
+    assert [s for s, _ in log.history("router/entropy")] == [5, 10, 15, 20, 25, 30], (
+        "diagnostics at log steps"
+    )
     train_s = [v for _, v in log.history("time/train_s")]
     assert train_s == sorted(train_s) and 0 < train_s[-1] == pytest.approx(result.train_s)
     assert result.train_s < result.wall_s - result.eval_s, "evaluation is not training time"
@@ -165,7 +169,7 @@ def test_progress_line_shows_step_tokens_loss_throughput_and_eta(data):
 
 
 def test_eval_schedule_is_log_spaced_early_then_regular_and_always_the_last_step():
-    from moe.train_plan import is_eval_step
+    from moe.train.plan import is_eval_step
 
     default = TrainConfig(eval_every=20)
     assert [s for s in range(1, 246) if is_eval_step(default, s, 245)] == [
@@ -180,8 +184,8 @@ def test_eval_schedule_is_log_spaced_early_then_regular_and_always_the_last_step
 def test_a_checkpoint_evaluated_on_other_validation_windows_is_refused_on_resume(data, tmp_path):
     """A run is measured on one set of val tokens: a checkpoint from before the windows were spread over
     the split (its plan lacks val_windows: the first windows) does not continue under the new ones."""
-    from moe.checkpoint import load_latest
-    from moe.train import TrainingInterrupted
+    from moe.train.checkpoint import load_latest
+    from moe.train.outcome import TrainingInterrupted
 
     cfg = dataclasses.replace(FAST, checkpoint_every=2, tokens=512 * 4)
     with pytest.raises(TrainingInterrupted):
@@ -199,7 +203,7 @@ def test_final_evaluation_on_more_windows_has_a_smaller_standard_error(data):
     log = ListLogger()
     cfg = dataclasses.replace(FAST, tokens=512 * 10, final_eval_tokens=16384)
     result = train(TINY, data, OptimConfig(lr=1e-2), cfg, log, progress=None)
-    (step, final), = log.history("val/loss_final")
+    ((step, final),) = log.history("val/loss_final")
     assert step == 10 and final == result.final_eval.loss
     curve_se = dict(log.history("val/loss_se"))[10]
     assert result.final_eval.windows == 16384 // TINY.seq_len

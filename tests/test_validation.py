@@ -3,8 +3,8 @@ import dataclasses
 
 import pytest
 
-from moe.config import ModelConfig, MoEConfig, replace
-from moe.validate import validate_model_config
+from moe.model.config import ModelConfig, MoEConfig, replace
+from moe.model.validate import validate_model_config
 
 GOOD = [
     ModelConfig(),
@@ -81,8 +81,14 @@ BAD = [
         {"moe.order": "after_topk", "moe.top_k": 1, "moe.score": "sigmoid"},
         ["moe.order='after_topk'", "no gradient"],
     ),
-    ({"moe.router": "expert_choice", "moe.order": "after_topk"}, ["moe.order='after_topk'", "expert_choice"]),
-    ({"moe.router": "expert_choice", "moe.order": "before_topk_renorm"}, ["moe.order='before_topk_renorm'"]),
+    (
+        {"moe.router": "expert_choice", "moe.order": "after_topk"},
+        ["moe.order='after_topk'", "expert_choice"],
+    ),
+    (
+        {"moe.router": "expert_choice", "moe.order": "before_topk_renorm"},
+        ["moe.order='before_topk_renorm'"],
+    ),
     (
         {"moe.router": "expert_choice", "moe.bias_update_rate": 1e-3},
         ["moe.bias_update_rate=0.001", "expert_choice"],

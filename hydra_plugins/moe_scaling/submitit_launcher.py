@@ -1,7 +1,7 @@
 """Hydra finds launchers only under the `hydra_plugins` namespace: the project's durable submitit launchers
-(studies.launcher, docs/lifecycle.md) are declared here; conf/infra/local.yaml and slurm.yaml select them."""
+(studies.launch.launcher, docs/lifecycle.md) are declared here; conf/infra/local.yaml and slurm.yaml select them."""
 
-from studies.launcher import DurableSubmititLauncher
+from studies.launch.launcher import DurableSubmititLauncher
 
 
 class LocalLauncher(DurableSubmititLauncher):

@@ -1,8 +1,8 @@
 """Hydra's basic sweeper, launching every cooldown branch after the other points of the sweep
-(studies.sweep.ordered_jobs, docs/branches.md): with batches run one after another (infra=local) or one
+(studies.launch.sweep.ordered_jobs, docs/branches.md): with batches run one after another (infra=local) or one
 point at a time (infra=basic), each parent then trains before its branches wait for its checkpoints.
 Held-out points (study.holdout, docs/scaling_law.md) come last, in batches of their own: before the first
-of them starts, the study writes their forecast (studies.holdout.forecast_before); without one, the sweep
+of them starts, the study writes their forecast (studies.launch.holdout.forecast_before); without one, the sweep
 ends there and says why. conf/config.yaml selects it; Hydra instantiates sweepers only from the
 hydra_plugins namespace."""
 
@@ -20,14 +20,16 @@ class ParentsFirstSweeper(BasicSweeper):
 
     def split_arguments(self, overrides: list[Any], max_batch_size: int | None) -> list[list[list[str]]]:  # type: ignore[override]
         """The basic sweeper's batches, of the jobs in launch order (called on the instance by sweep())."""
-        from studies.holdout import is_held_out
-        from studies.sweep import ordered_jobs  # here: Hydra imports this module on every start
+        from studies.launch.holdout import is_held_out
+        from studies.launch.sweep import ordered_jobs  # here: Hydra imports this module on every start
 
         flat = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
         self._jobs = ordered_jobs(self.config, flat, self.hydra_context.config_loader)
         self._held = {tuple(job) for job, cfg in self._jobs if is_held_out(cfg)}
-        groups = ([list(j) for j, _ in self._jobs if tuple(j) not in self._held],
-                  [list(j) for j, _ in self._jobs if tuple(j) in self._held])  # fmt: skip
+        groups = (
+            [list(j) for j, _ in self._jobs if tuple(j) not in self._held],
+            [list(j) for j, _ in self._jobs if tuple(j) in self._held],
+        )
         return [b for g in groups if g for b in BasicSweeper.split_overrides_to_chunks(g, max_batch_size)]
 
     def is_done(self) -> bool:
@@ -36,16 +38,23 @@ class ParentsFirstSweeper(BasicSweeper):
         if self._forecast is None and any(tuple(j) in self._held for j in self.overrides[self.batch_index]):
             import os
 
-            from studies.callbacks import PARENT_ENV, study_dir_of, tracking_uri_of
-            from studies.holdout import forecast_before
+            from studies.launch.callbacks import PARENT_ENV, study_dir, tracking_uri
+            from studies.launch.holdout import forecast_before
 
-            why = forecast_before(self.config, self._jobs, study_dir_of(self.config), tracking_uri_of(self.config),
-                                  os.environ.get(PARENT_ENV))  # fmt: skip
+            why = forecast_before(
+                self.config,
+                self._jobs,
+                study_dir(self.config),
+                tracking_uri(self.config),
+                os.environ.get(PARENT_ENV),
+            )
             self._forecast = "written" if why is None else why
-            if why is not None:  # the sweep ends here; its end (studies.callbacks) exits non-zero with this
+            if (
+                why is not None
+            ):  # the sweep ends here; its end (studies.launch.callbacks) exits non-zero with this
                 from pathlib import Path
 
-                from studies.finish import update_sweep_record
+                from records.sweep_record import update_sweep_record
 
                 update_sweep_record(Path(self.config.hydra.sweep.dir), held_out_not_started=why)
         return self._forecast not in (None, "written")

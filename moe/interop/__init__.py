@@ -1,0 +1,1 @@
+"""The model in other ecosystems: export as a Hugging Face transformers model."""
