@@ -7,6 +7,8 @@ config and never runs inside `forward`. Keys are spelt as in the Hydra config: `
 
 from __future__ import annotations
 
+import math
+
 from moe.model.config import (
     ACTIVATIONS,
     BACKENDS,
@@ -41,13 +43,13 @@ def _non_negative_int(key: str, v: object) -> None:
 
 
 def _positive_real(key: str, v: object) -> None:
-    if not _is_real(v) or not v > 0:  # `not v > 0` also rejects NaN
-        raise ValueError(f"{key}={v!r} must be a positive number")
+    if not _is_real(v) or not 0 < v < math.inf:  # the comparisons also reject NaN
+        raise ValueError(f"{key}={v!r} must be a positive finite number")
 
 
 def _non_negative_real(key: str, v: object) -> None:
-    if not _is_real(v) or not v >= 0:
-        raise ValueError(f"{key}={v!r} must be a non-negative number")
+    if not _is_real(v) or not 0 <= v < math.inf:
+        raise ValueError(f"{key}={v!r} must be a non-negative finite number")
 
 
 def _one_of(key: str, v: object, allowed: tuple[str, ...]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import os
 import types
 import typing
@@ -162,12 +163,17 @@ class InfraConfig:
 @dataclass
 class PathsConfig:
     root: str = "outputs"
-    """Parent of every study directory; a relative path is taken from the directory the command ran in."""
+    """Parent of every study directory; a relative path is taken from the directory the command ran in,
+    and `~` is the home folder (as the submitit logs under it take it)."""
+
+    def __post_init__(self) -> None:
+        if not str(self.root).strip():
+            raise ValueError(f"paths.root={self.root!r} must name a folder (e.g. outputs)")
 
 
 def study_dir_of(root: str, study: str, cwd: Path | None = None) -> Path:
     """<paths.root>/<study.name>, a relative root taken from `cwd` (default: where the command ran)."""
-    return Path(cwd or os.getcwd()) / root / study
+    return Path(cwd or os.getcwd()) / Path(root).expanduser() / study
 
 
 @dataclass
@@ -224,11 +230,11 @@ class RunConfig:
     model: ModelPreset = field(default_factory=ModelPreset)
     """Size preset (conf/model/); the top-level axes below derive the point's model from it."""
     data: DataConfig = field(default_factory=DataConfig)
-    """moe.data.prepare.DataConfig; the model's vocabulary comes from the data."""
+    """moe.data.config.DataConfig; the model's vocabulary comes from the data."""
     optim: OptimConfig = field(default_factory=OptimConfig)
-    """moe.train.loop.OptimConfig."""
+    """moe.train.plan.OptimConfig."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """moe.train.loop.TrainConfig without tokens and seed: the axes `tokens` and `seed` are their only keys."""
+    """moe.train.plan.TrainConfig without tokens and seed: the axes `tokens` and `seed` are their only keys."""
     study: StudyConfig = field(default_factory=StudyConfig)
     """Study identity (conf/study/)."""
     infra: InfraConfig = field(default_factory=InfraConfig)
@@ -278,7 +284,21 @@ def load_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
         return cfg
     keys = [k for k in cfg.keys() if k != "hydra"]
     container = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, enum_to_str=True)
-    return to_library(RunConfig, container)
+    run = to_library(RunConfig, container)
+    check_finite(run)
+    return run
+
+
+def check_finite(node: Any, prefix: str = "") -> None:
+    """Every number of the config is finite: a NaN or infinite value is refused by its key, whatever the
+    section (the sections' own checks then test the ranges)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}={value} must be a finite number")
 
 
 def register_configs() -> None:

@@ -84,6 +84,36 @@ def check_device(device: str) -> None:
         )
 
 
+def _whole(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_launch(hydra: dict) -> None:
+    """The launcher's and sweeper's keys and Hydra's output folders, before any of them is used."""
+    launcher, sweeper = hydra.get("launcher", {}), hydra.get("sweeper", {})
+    batch = sweeper.get("max_batch_size")
+    if batch is not None and not _whole(batch, 1):
+        raise ValueError(
+            f"hydra.sweeper.max_batch_size={batch!r} must be a whole number >= 1 (null: one batch)"
+        )
+    for key in ("timeout_min", "nodes", "tasks_per_node", "cpus_per_task"):
+        if key in launcher and launcher[key] is not None and not _whole(launcher[key], 1):
+            raise ValueError(f"hydra.launcher.{key}={launcher[key]!r} must be a whole number >= 1")
+    for mode in ("run", "sweep"):
+        folder = hydra.get(mode, {}).get("dir")
+        if folder:
+            check_writable(f"hydra.{mode}.dir", folder, Path(folder))
+
+
+def check_nodes(nodes: int, launcher_target: str) -> None:
+    """Several nodes per point need a cluster's launcher: the others run every task on this machine."""
+    if nodes > 1 and launcher_target and not launcher_target.endswith("SlurmLauncher"):
+        raise ValueError(
+            f"infra.nodes={nodes} needs a cluster: this launcher runs every task on this machine "
+            "(use infra.tasks_per_node for several ranks here, or infra=slurm)"
+        )
+
+
 def check_scheduler(launcher_target: str) -> None:
     """infra=slurm needs SLURM's commands; checked before the sweep creates anything."""
     if launcher_target.endswith("SlurmLauncher") and shutil.which("sbatch") is None:

@@ -76,3 +76,5 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver(
         "local_threads", lambda tasks=1: threads_per_job(tasks=int(tasks)), replace=True
     )
+    # paths.root=~/x: Hydra's run and sweep folders go where the study folder goes (the home folder)
+    OmegaConf.register_new_resolver("expanduser", lambda path: os.path.expanduser(str(path)), replace=True)

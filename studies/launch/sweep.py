@@ -28,6 +28,7 @@ from moe.data.loader import check_budget
 from moe.data.prepare import prepare_data
 from moe.model.accounting import count_params_of_module
 from moe.model.transformer import Transformer
+from records import runfiles
 from records.code_record import project_root
 from studies.job.config import RunConfig, load_run_config, register_configs
 from studies.job.point import Point, build_point
@@ -162,6 +163,7 @@ def validate_point(run: RunConfig, launcher: dict, seen: Validation) -> Point:
     on the meta device against the accounting, the training memory against the target's, the MLflow URI."""
     checks.check_device(run.train.device)
     checks.check_scheduler(str(launcher.get("_target_", "")))
+    checks.check_nodes(run.infra.nodes, str(launcher.get("_target_", "")))
     point = build_point(run, cwd=seen.cwd)  # derivation and memory errors before any data work
     checks.check_point_memory(point, launcher)
     prepared = seen.prepared(run)
@@ -195,7 +197,10 @@ def validate_jobs(jobs: Sequence[Job], cwd: Path | None = None) -> list[Point]:
             if isinstance(cfg, Exception):
                 raise cfg
             launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True) if "hydra" in cfg else {}
-            points.append((label, validate_point(load_run_config(cfg), launcher, seen)))
+            point = validate_point(load_run_config(cfg), launcher, seen)
+            if "hydra" in cfg:  # after paths.root's own check: Hydra's folders are under it
+                checks.check_launch(launch_keys(cfg.hydra, launcher))
+            points.append((label, point))
         except Exception as exc:  # noqa: BLE001 - collected and re-raised below with the point named
             errors.append(
                 f"  {label if len(jobs) > 1 else ' '.join(job) or '(no overrides)'}: "
@@ -219,7 +224,31 @@ def validate_jobs(jobs: Sequence[Job], cwd: Path | None = None) -> list[Point]:
     validated = [p for _, p in points]
     if any(p.run.study.best_lr for p in validated):
         check_lr_grids(validated)
+    check_baselines(validated)
     return validated
+
+
+def launch_keys(hydra: DictConfig, launcher: dict) -> dict:
+    """The parts of the `hydra` node check_launch reads, resolved (the rest may need a running job)."""
+    sweeper = OmegaConf.to_container(hydra.sweeper, resolve=True) if "sweeper" in hydra else {}
+    folders = {mode: {"dir": str(hydra[mode].dir)} for mode in ("run", "sweep") if mode in hydra}
+    return {"launcher": launcher, "sweeper": sweeper, **folders}
+
+
+def check_baselines(points: Sequence[Point]) -> None:
+    """study.baseline names a variant of this sweep, or of a run already in the study's folder: the
+    report measures every saving against it."""
+    for baseline, study_dir in sorted(
+        {(p.run.study.baseline, p.study_dir) for p in points if p.run.study.baseline}
+    ):
+        known = {p.variant for p in points if p.study_dir == study_dir}
+        known |= {s.get("variant") for d in runfiles.run_dirs(study_dir) if (s := runfiles.read_summary(d))}
+        if baseline not in known:
+            variants = ", ".join(sorted(v for v in known if v))
+            raise ValueError(
+                f"study.baseline={baseline!r} is no variant of this sweep or study ({variants}); "
+                "name one, or set study.baseline=null"
+            )
 
 
 def check_lr_grids(points: Sequence[Point]) -> None:
