@@ -4,7 +4,9 @@ same seed: the fairness of a comparison (function-matched fine-grained init) hol
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import json
 from pathlib import Path
 
@@ -40,8 +42,9 @@ def _sharded_build(cfg: ModelConfig, world: int, ep: int = 1) -> tuple[Transform
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Transformer(cfg)
-    par = parallelize(model, resolve_layout(ParallelConfig(mode="fsdp", ep=ep), world, cfg),
-                      torch.device("cpu"), bf16=False)  # fmt: skip
+    par = parallelize(
+        model, resolve_layout(ParallelConfig(mode="fsdp", ep=ep), world, cfg), torch.device("cpu"), bf16=False
+    )
     par.materialize_(torch.device("cpu"), seed=0)
     return model, par
 
@@ -57,15 +60,24 @@ def _rank(rank: int, world: int, port: int, case: str, out: str) -> None:
             k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in par.model_tensors().items()
         }
         on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        torch.save({"full": full, "local": local, "rng": torch.get_rng_state(), "on_meta": on_meta},
-                   Path(out) / f"rank{rank}.pt")  # fmt: skip
+        torch.save(
+            {"full": full, "local": local, "rng": torch.get_rng_state(), "on_meta": on_meta},
+            Path(out) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
 
 # 16 blocks of ~1M parameters (the largest submodule a quarter of a block): 17M parameters, 68 MB fp32
-WIDE = ModelConfig(vocab_size=512, d_model=128, n_layers=16, n_heads=2, d_ff=256, seq_len=32,
-                   moe=dataclasses.replace(TINY.moe, num_experts=8, granularity=1))  # fmt: skip
+WIDE = ModelConfig(
+    vocab_size=512,
+    d_model=128,
+    n_layers=16,
+    n_heads=2,
+    d_ff=256,
+    seq_len=32,
+    moe=dataclasses.replace(TINY.moe, num_experts=8, granularity=1),
+)
 
 
 def _host_peak_mb(build) -> float:
@@ -75,6 +87,8 @@ def _host_peak_mb(build) -> float:
         line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
         return int(line.split()[1]) / 1024
 
+    gc.collect()  # what an earlier build freed goes back to the kernel, so this build's pages are new
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
     before = status("VmRSS:")
     kept = build()
@@ -113,8 +127,10 @@ def test_no_rank_holds_the_whole_model_while_a_sharded_layout_builds_it(tmp_path
     model_mb = sum(p.numel() for p in Transformer(WIDE).parameters()) * 4 / 2**20
     for r in range(world):
         peaks = json.loads((tmp_path / f"rank{r}.json").read_text())
-        print(f"rank {r}: model {model_mb:.0f} MB, host peak sharded {peaks['sharded']:.0f} MB, "
-              f"whole {peaks['whole']:.0f} MB")  # fmt: skip
+        print(
+            f"rank {r}: model {model_mb:.0f} MB, host peak sharded {peaks['sharded']:.0f} MB, "
+            f"whole {peaks['whole']:.0f} MB"
+        )
         assert peaks["whole"] > 0.75 * model_mb  # the measurement sees a whole model (some pages reused)
         assert peaks["sharded"] < 0.5 * model_mb
 

@@ -14,6 +14,9 @@ import submitit
 from helpers import REPO, run_study, slurm_executor, slurm_script, slurm_unavailable, wait_for_sacct
 from mlflow.tracking import MlflowClient
 
+# one worker runs every SLURM test (pytest-xdist): one test cluster at a time on this host
+pytestmark = pytest.mark.xdist_group("slurm")
+
 PIDFILES = ("munge/munged.pid", "run/mariadbd.pid", "run/slurmdbd.pid", "run/slurmctld.pid", "run/slurmd.pid")
 
 # Jobs unpickle the functions below in a fresh interpreter that cannot import this test module.
@@ -57,7 +60,7 @@ def test_slurm_profile_selects_submitit_slurm_and_passes_its_keys(compose):
         "+hydra.launcher.additional_parameters.constraint=h100",
         "hydra.launcher.setup=[module load cuda]",
     ]
-    launcher = compose(overrides, hydra=True).hydra.launcher  # fmt: skip
+    launcher = compose(overrides, hydra=True).hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.account, launcher.qos) == ("gpu", "lab", None)
     assert launcher.cpus_per_task == 4, "cpus_per_task follows infra.threads"
@@ -137,8 +140,14 @@ def test_granularity_sweep_runs_through_sbatch_into_mlflow(cluster, shrunk, tmp_
 @pytest.mark.slow
 def test_a_point_on_two_slurm_tasks_trains_data_parallel_into_one_mlflow_run(cluster, shrunk, tmp_path):
     db = tmp_path / "store.db"
-    args = [*shrunk, "granularity=8", "infra=slurm", "infra.tasks_per_node=2", "hydra.launcher.mem_gb=2",
-            f"tracking.uri=sqlite:///{db}"]  # fmt: skip
+    args = [
+        *shrunk,
+        "granularity=8",
+        "infra=slurm",
+        "infra.tasks_per_node=2",
+        "hydra.launcher.mem_gb=2",
+        f"tracking.uri=sqlite:///{db}",
+    ]
     proc = run_study(["-m", *args], tmp_path, env={"PYTHONPATH": str(REPO)}, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -13,14 +13,31 @@ import pytest
 from helpers import REPO, run_module, sacct_states, start_study, wait_for_sacct
 from mlflow.tracking import MlflowClient
 
+from studies.launch.snapshot import PACKAGES
+
+# one worker runs every SLURM test (pytest-xdist): one test cluster at a time on this host
+pytestmark = pytest.mark.xdist_group("slurm")
+
 
 @pytest.mark.slow
 def test_a_detached_slurm_sweep_returns_and_its_afterany_job_finishes_the_sweep(cluster, shrunk, tmp_path):
     db = tmp_path / "store.db"
-    args = [*shrunk, "granularity=1,8", "infra=slurm", "hydra.launcher.mem_gb=2", f"tracking.uri=sqlite:///{db}",
-            "--detach"]  # fmt: skip
-    proc = start_study(["-m", *args], tmp_path, env={"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = [
+        *shrunk,
+        "granularity=1,8",
+        "infra=slurm",
+        "hydra.launcher.mem_gb=2",
+        f"tracking.uri=sqlite:///{db}",
+        "--detach",
+    ]
+    proc = start_study(
+        ["-m", *args],
+        tmp_path,
+        env={"PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     (sweep_dir,) = (tmp_path / "outputs" / "default" / "multirun").iterdir()
@@ -53,13 +70,26 @@ def test_a_detached_slurm_sweep_returns_and_its_afterany_job_finishes_the_sweep(
 @pytest.mark.slow
 def test_a_queued_slurm_job_runs_the_code_of_its_launch_not_a_later_edit(cluster, shrunk, tmp_path):
     tree = tmp_path / "tree"  # a working tree of the project that is edited while the job waits
-    for name in ("moe", "studies", "analysis", "hydra_plugins", "conf"):
+    for name in PACKAGES:
         shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
     db = tmp_path / "store.db"
-    args = [*shrunk, "granularity=2", "infra=slurm", "hydra.launcher.mem_gb=2", f"tracking.uri=sqlite:///{db}",
-            "+hydra.launcher.additional_parameters.hold=true", "hydra.callbacks.study.report=false"]  # fmt: skip
-    proc = start_study(["-m", *args], tmp_path, env={"PYTHONPATH": str(tree)}, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = [
+        *shrunk,
+        "granularity=2",
+        "infra=slurm",
+        "hydra.launcher.mem_gb=2",
+        f"tracking.uri=sqlite:///{db}",
+        "+hydra.launcher.additional_parameters.hold=true",
+        "hydra.callbacks.study.report=false",
+    ]
+    proc = start_study(
+        ["-m", *args],
+        tmp_path,
+        env={"PYTHONPATH": str(tree)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (

@@ -19,6 +19,9 @@ from mlflow.tracking import MlflowClient
 from moe.train.checkpoint import list_checkpoints
 from studies.job.execute import run_point
 
+# one worker runs every SLURM test (pytest-xdist): one test cluster at a time on this host
+pytestmark = pytest.mark.xdist_group("slurm")
+
 # Jobs unpickle the functions below in a fresh interpreter that cannot import this test module.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -71,8 +74,14 @@ def test_preempted_checkpointable_job_is_requeued_and_resumes_from_its_checkpoin
 def interrupted_sweep(args: list[str], cwd: Path, interrupt: list[str], timeout: float = 400):
     """Start `studies.run -m args` on the cluster, wait until its one point logged 10 training steps,
     run `interrupt + [job id]`, and wait for the sweep: (process, stdout, stderr, run dir, job dir)."""
-    proc = start_study(["-m", *args], cwd, env={"PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start_study(
+        ["-m", *args],
+        cwd,
+        env={"PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 180
     try:
         while True:
@@ -111,8 +120,14 @@ def test_time_limited_sweep_point_is_requeued_resumes_and_matches_the_uninterrup
     db = tmp_path / "store.db"
     # timeout_min below submitit's 10-minute margin: it counts any USR2 as the time-limit warning, which
     # is what SLURM sends signal_delay_s before --time (the test sends it earlier, at a known step).
-    args = [*overrides, "infra=slurm", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
-            "hydra.callbacks.study.report=false", f"tracking.uri=sqlite:///{db}"]  # fmt: skip
+    args = [
+        *overrides,
+        "infra=slurm",
+        "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=5",
+        "hydra.callbacks.study.report=false",
+        f"tracking.uri=sqlite:///{db}",
+    ]
     # How SLURM delivers --signal=USR2@signal_delay_s (and submitit's own SlurmJob._interrupt(timeout=True))
     proc, out, err, run_dir, job_dir = interrupted_sweep(args, tmp_path, ["scancel", "--signal=USR2"], 300)
     assert run_dir.name == reference.run_key
@@ -163,9 +178,18 @@ def test_scontrol_requeue_checkpoints_on_sigterm_and_the_requeued_job_resumes(cl
     id queued again): the point checkpoints at its next step, is PREEMPTED, and the requeued job resumes
     it to DONE instead of retraining from its last periodic checkpoint."""
     db = tmp_path / "store.db"
-    args = [*shrunk, "granularity=2", "tokens=61440", "train.log_every=1", "train.checkpoint_every=1000",
-            "infra=slurm", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
-            "hydra.callbacks.study.report=false", f"tracking.uri=sqlite:///{db}"]  # fmt: skip
+    args = [
+        *shrunk,
+        "granularity=2",
+        "tokens=61440",
+        "train.log_every=1",
+        "train.checkpoint_every=1000",
+        "infra=slurm",
+        "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=5",
+        "hydra.callbacks.study.report=false",
+        f"tracking.uri=sqlite:///{db}",
+    ]
     _, summary = requeued_point(args, tmp_path)
     assert summary["status"] == "DONE" and summary["resumed_from"] >= 10, "the requeued job must resume"
 
@@ -177,15 +201,33 @@ def test_a_sharded_two_task_point_requeued_by_scontrol_resumes_from_its_dcp_chec
     """The requeue guarantee for sharded runs: FSDP x EP=2 on two srun tasks, SIGTERM to both, one DCP
     checkpoint at the step they agreed on, and the requeued job resumes it to DONE on the curve of the
     same layout left alone (two local tasks)."""
-    sharded = [*shrunk, "granularity=2", "tokens=61440", "train.log_every=1", "train.checkpoint_every=1000",
-               "infra.tasks_per_node=2", "parallel.mode=fsdp", "parallel.ep=2", "hydra.callbacks.study.report=false"]  # fmt: skip
-    ref = run_study(["-m", *sharded, "infra=local", "launch.progress=off", f"paths.root={tmp_path / 'ref'}"],
-                    tmp_path, env={"PYTHONPATH": str(REPO)}, timeout=600)  # fmt: skip
+    sharded = [
+        *shrunk,
+        "granularity=2",
+        "tokens=61440",
+        "train.log_every=1",
+        "train.checkpoint_every=1000",
+        "infra.tasks_per_node=2",
+        "parallel.mode=fsdp",
+        "parallel.ep=2",
+        "hydra.callbacks.study.report=false",
+    ]
+    ref = run_study(
+        ["-m", *sharded, "infra=local", "launch.progress=off", f"paths.root={tmp_path / 'ref'}"],
+        tmp_path,
+        env={"PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
     (ref_metrics,) = (tmp_path / "ref" / "default" / "runs").glob("*/metrics.jsonl")
     db = tmp_path / "store.db"
-    args = [*sharded, "infra=slurm", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5",
-            f"tracking.uri=sqlite:///{db}"]  # fmt: skip
+    args = [
+        *sharded,
+        "infra=slurm",
+        "hydra.launcher.mem_gb=2",
+        "hydra.launcher.timeout_min=5",
+        f"tracking.uri=sqlite:///{db}",
+    ]
     run_dir, summary = requeued_point(args, tmp_path)
     assert summary["status"] == "DONE" and summary["ranks"] == 2
     assert summary["resumed_from"] >= 10, "the requeued job must resume from the preemption checkpoint"
