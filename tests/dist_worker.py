@@ -62,9 +62,18 @@ def main(spec_path: str, out_dir: str) -> None:
 
         out = {"rank": env.rank, "world_size": env.world_size}
         try:
-            result = train(model_cfg, data, OptimConfig(), TrainConfig(**spec["train"]), logger, progress=None,
-                           checkpoint_dir=ckpt, resume=state, stop_requested=stop_requested,
-                           parallel=parallel)  # fmt: skip
+            result = train(
+                model_cfg,
+                data,
+                OptimConfig(),
+                TrainConfig(**spec["train"]),
+                logger,
+                progress=None,
+                checkpoint_dir=ckpt,
+                resume=state,
+                stop_requested=stop_requested,
+                parallel=parallel,
+            )
             out["result"] = dataclasses.asdict(result)
         except TrainingInterrupted as exc:
             out["interrupted_at"] = exc.step

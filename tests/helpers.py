@@ -46,8 +46,14 @@ def run_module(
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m module args` to its end and capture its text output; `env` is set on top of
     repo_env() (a PYTHONPATH in it replaces the repository's)."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=repo_env(**(env or {})),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=repo_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_study(

@@ -52,8 +52,19 @@ def test_param_count_equals_numel_of_model_built_on_meta(name):
         model = Transformer(cfg)
     p = count_params(cfg)
     assert p.total == count_params_of_module(model)
-    assert p.total == sum(p.as_dict()[k] for k in ("embedding", "lm_head", "attention", "dense_ffn",
-                                                   "routed_total", "shared", "router", "norms"))  # fmt: skip
+    assert p.total == sum(
+        p.as_dict()[k]
+        for k in (
+            "embedding",
+            "lm_head",
+            "attention",
+            "dense_ffn",
+            "routed_total",
+            "shared",
+            "router",
+            "norms",
+        )
+    )
 
 
 def _numel(model, *fragments):
@@ -99,8 +110,15 @@ def test_tied_embedding_counts_once_and_untied_adds_a_head():
 def test_params_match_the_fine_grained_paper_formula(g):
     # 2402.07871 §1: N = d^2 (8E + 4) n_blocks for gelu, d_ff = 4d, excluding router and norms.
     d, n, e = 64, 3, 8
-    cfg = ModelConfig(vocab_size=100, d_model=d, n_layers=n, n_heads=4, d_ff=4 * d, activation="gelu",
-                      moe=MoEConfig(num_experts=e, top_k=1, granularity=g))  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=100,
+        d_model=d,
+        n_layers=n,
+        n_heads=4,
+        d_ff=4 * d,
+        activation="gelu",
+        moe=MoEConfig(num_experts=e, top_k=1, granularity=g),
+    )
     p = count_params(cfg)
     assert p.non_embedding - p.router - p.norms == d * d * (8 * e + 4) * n
     assert p.router == d * e * g * n

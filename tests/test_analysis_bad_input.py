@@ -124,8 +124,13 @@ def test_report_on_a_corrupt_summary_json_names_the_file(study, capsys):
 def test_report_cli_error_is_one_line_without_traceback_in_a_real_process(study):
     bad = sorted((study / "runs").iterdir())[0] / "summary.json"
     bad.write_text("[1, 2]")
-    p = subprocess.run([sys.executable, "-m", "analysis.report", "--study-dir", str(study), "--n-boot", "0"],
-                       cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "analysis.report", "--study-dir", str(study), "--n-boot", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert p.stderr.strip() == f"python -m analysis.report: error: {bad} holds a list, not a JSON object"
 
@@ -215,8 +220,9 @@ def test_fit_on_identical_rows_is_not_identifiable_not_nonsense_coefficients(csv
 
 def test_fit_on_points_whose_params_and_tokens_move_together_is_not_identifiable():
     # Two distinct (N, D) points, each repeated: N and D are confounded, the law has a family of optima.
-    df = pd.DataFrame({"params": [1e8] * 5 + [2e8] * 5, "tokens": [2e9] * 5 + [4e9] * 5,
-                       "loss": [3.0] * 5 + [2.9] * 5})  # fmt: skip
+    df = pd.DataFrame(
+        {"params": [1e8] * 5 + [2e8] * 5, "tokens": [2e9] * 5 + [4e9] * 5, "loss": [3.0] * 5 + [2.9] * 5}
+    )
     with pytest.raises(
         NotIdentifiable, match="2 distinct params, 2 distinct tokens; 2 distinct covariate rows"
     ):

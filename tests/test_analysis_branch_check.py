@@ -14,9 +14,13 @@ from analysis.branch_check import SAME, compare, finished, main
 def write_run(study: Path, key: str, *, schedule: str, tokens: int, seed: int, loss: float, **params) -> None:
     d = study / "runs" / key
     d.mkdir(parents=True)
-    summary = {"run_key": key, "status": "DONE", "final": {"val/loss_final": loss},
-               "tags": {"variant": "moe-E8-k2-G1", "model": "tiny", "budget_tokens": str(tokens), "seed": str(seed)},
-               "params": {"optim.schedule": schedule, **{k: 1 for k in SAME}, **params}}  # fmt: skip
+    summary = {
+        "run_key": key,
+        "status": "DONE",
+        "final": {"val/loss_final": loss},
+        "tags": {"variant": "moe-E8-k2-G1", "model": "tiny", "budget_tokens": str(tokens), "seed": str(seed)},
+        "params": {"optim.schedule": schedule, **{k: 1 for k in SAME}, **params},
+    }
     (d / "summary.json").write_text(json.dumps(summary))
 
 
@@ -24,8 +28,15 @@ def studies(tmp_path: Path, shift: float, **wsd_params) -> tuple[Path, Path]:
     wsd, cos = tmp_path / "wsd", tmp_path / "cos"
     for seed, noise in enumerate([0.0, 0.03, -0.02]):
         write_run(cos, f"c{seed}", schedule="cosine", tokens=1000, seed=seed, loss=4.0 + noise)
-        write_run(wsd, f"w{seed}", schedule="wsd", tokens=1000, seed=seed, loss=4.0 + noise + shift + 0.002 * seed,
-                  **wsd_params)  # fmt: skip
+        write_run(
+            wsd,
+            f"w{seed}",
+            schedule="wsd",
+            tokens=1000,
+            seed=seed,
+            loss=4.0 + noise + shift + 0.002 * seed,
+            **wsd_params,
+        )
     return wsd, cos
 
 

@@ -15,8 +15,14 @@ def test_router_flops_paper_is_c_r_14_and_matmul_is_6():
 
 
 def test_matmul_convention_equals_moe_accountings_router_flops_per_param():
-    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, d_ff=64,
-                      moe=MoEConfig(num_experts=4, top_k=1, granularity=2))  # fmt: skip
+    cfg = ModelConfig(
+        vocab_size=96,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=64,
+        moe=MoEConfig(num_experts=4, top_k=1, granularity=2),
+    )
     per_param = 3 * flops_per_token(cfg).router_forward / count_params(cfg).router
     assert_close(per_param, ComputeModel(router_flops="matmul").c_r, rtol=1e-12, atol=0)
 

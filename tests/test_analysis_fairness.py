@@ -124,8 +124,10 @@ def test_best_lr_with_single_lr_grid_is_refused(tmp_path, capsys):
 
 def test_no_best_lr_with_several_lrs_per_variant_is_refused_not_mixed_as_seeds(swept, capsys):
     root, _ = swept
-    want = (r"optim.lr has 3 values \(0.001, 0.003, 0.01\) for variant moe-E8-k2-G1 at model=tiny "
-            r"tokens=204800: runs at different learning rates are not seeds")  # fmt: skip
+    want = (
+        r"optim.lr has 3 values \(0.001, 0.003, 0.01\) for variant moe-E8-k2-G1 at model=tiny "
+        r"tokens=204800: runs at different learning rates are not seeds"
+    )
     with pytest.raises(ValueError, match=want):
         write_report(root, best_lr=False, n_boot=0)
     assert report_cli.main(["--study-dir", str(root), "--no-best-lr", "--n-boot", "0"]) == 2
@@ -236,12 +238,22 @@ def test_missing_fairness_params_make_checks_unknown_not_errors():
 
 def test_batch_scoped_expert_choice_is_flagged_and_position_scope_is_not():
     c = batch_expert_choice(
-        _runs(**{"moe.router": ["softmax", "softmax", "expert_choice", "expert_choice"],
-                 "moe.expert_choice_scope": [np.nan, np.nan, "batch", "position"]})
-    )  # fmt: skip
+        _runs(
+            **{
+                "moe.router": ["softmax", "softmax", "expert_choice", "expert_choice"],
+                "moe.expert_choice_scope": [np.nan, np.nan, "batch", "position"],
+            }
+        )
+    )
     assert c.status == "flagged" and c.offenders["run_key"].tolist() == ["c"]
-    c = batch_expert_choice(_runs(**{"moe.router": ["softmax"] * 2 + ["expert_choice"] * 2,
-                                     "moe.expert_choice_scope": ["position"] * 4}))  # fmt: skip
+    c = batch_expert_choice(
+        _runs(
+            **{
+                "moe.router": ["softmax"] * 2 + ["expert_choice"] * 2,
+                "moe.expert_choice_scope": ["position"] * 4,
+            }
+        )
+    )
     assert c.status == "ok"
     c = batch_expert_choice(_runs(**{"moe.router": ["expert_choice"] * 4}))  # scope not logged: unknown
     assert c.status == "unknown"
@@ -283,8 +295,11 @@ def test_arms_validated_on_different_windows_or_token_counts_are_flagged():
     spread = {"data.val_windows": ["spread"] * 4}
     assert val_tokens_mix(_runs(**spread, **{"train.eval_tokens": [16384] * 4})).status == "ok"
     # a run from before data.val_windows took the first windows: not the same tokens as "spread"
-    old = val_tokens_mix(_runs(**{"data.val_windows": ["spread", "spread", np.nan, "spread"],
-                                  "train.eval_tokens": [16384] * 4}))  # fmt: skip
+    old = val_tokens_mix(
+        _runs(
+            **{"data.val_windows": ["spread", "spread", np.nan, "spread"], "train.eval_tokens": [16384] * 4}
+        )
+    )
     assert old.status == "flagged"
     assert old.offenders["val_set"].tolist() == [
         "spread x 16384",
@@ -299,9 +314,11 @@ def test_arms_validated_on_different_windows_or_token_counts_are_flagged():
 
 def test_final_table_shows_each_variants_routed_scale(tmp_path):
     spec = SyntheticStudy(
-        name="scale", token_budgets=(20480,), seeds=(0,),
+        name="scale",
+        token_budgets=(20480,),
+        seeds=(0,),
         params={G1: {"moe.routed_scale_used": 1.0}, G8: {"moe.routed_scale_used": 8.0}},
-    )  # fmt: skip
+    )
     write_study(tmp_path / "scale", spec)
     path = write_report(tmp_path / "scale", n_boot=0)
     finals = pd.read_csv(path.parent / "final_losses.csv").set_index("variant")

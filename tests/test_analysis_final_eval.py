@@ -13,10 +13,23 @@ BASE, VAR = "moe-E8-k2-G1", "moe-E8-k2-G8"
 
 def _study(final_eval: dict[str, float]):
     keys = list(final_eval)
-    runs = pd.DataFrame({"run_key": keys, "model": "tiny", "tokens": 2_000_000,
-                         "variant": [BASE, BASE, VAR, VAR], "seed": [0, 1, 0, 1], "optim.lr": 0.01})  # fmt: skip
-    curve = pd.DataFrame([{"run_key": k, "step": s, "value": 5.0, "smooth": 5.0 - s / 1000, "tokens": s, "flops": s} for k in keys
-                          for s in (10, 20)])  # fmt: skip
+    runs = pd.DataFrame(
+        {
+            "run_key": keys,
+            "model": "tiny",
+            "tokens": 2_000_000,
+            "variant": [BASE, BASE, VAR, VAR],
+            "seed": [0, 1, 0, 1],
+            "optim.lr": 0.01,
+        }
+    )
+    curve = pd.DataFrame(
+        [
+            {"run_key": k, "step": s, "value": 5.0, "smooth": 5.0 - s / 1000, "tokens": s, "flops": s}
+            for k in keys
+            for s in (10, 20)
+        ]
+    )
     metrics = pd.DataFrame(
         [{"run_key": k, "metric": "val/loss_final", "step": 20, "value": v} for k, v in final_eval.items()]
         + [{"run_key": k, "metric": "val/loss_final_se", "step": 20, "value": 0.009} for k in keys]

@@ -86,12 +86,28 @@ def test_report_cli_prints_the_findings_last(report, capsys):
 
 def test_caveats_name_one_seed_repeated_data_and_batch_expert_choice(tmp_path):
     spec = SyntheticStudy(
-        name="cav", token_budgets=(20480,), seeds=(0,),
-        params={G8: {"data.epochs": 2.5, "moe.router": "expert_choice", "moe.expert_choice_scope": "batch",
-                     "moe.routed_scale_used": 8.0, "data.fingerprint": "f", "train.eval_tokens": 16384},
-                G1: {"data.epochs": 1.0, "moe.router": "softmax", "moe.expert_choice_scope": "batch",
-                     "moe.routed_scale_used": 1.0, "data.fingerprint": "f", "train.eval_tokens": 16384}},
-    )  # fmt: skip
+        name="cav",
+        token_budgets=(20480,),
+        seeds=(0,),
+        params={
+            G8: {
+                "data.epochs": 2.5,
+                "moe.router": "expert_choice",
+                "moe.expert_choice_scope": "batch",
+                "moe.routed_scale_used": 8.0,
+                "data.fingerprint": "f",
+                "train.eval_tokens": 16384,
+            },
+            G1: {
+                "data.epochs": 1.0,
+                "moe.router": "softmax",
+                "moe.expert_choice_scope": "batch",
+                "moe.routed_scale_used": 1.0,
+                "data.fingerprint": "f",
+                "train.eval_tokens": 16384,
+            },
+        },
+    )
     write_study(tmp_path / "cav", spec)
     (finding,) = read_findings(write_report(tmp_path / "cav", n_boot=0))
     assert "(no interval, 1 of 1 seed favours G=8;" in finding
@@ -106,10 +122,14 @@ def test_caveats_name_one_seed_repeated_data_and_batch_expert_choice(tmp_path):
 
 def test_caveat_says_the_arms_were_validated_on_different_tokens(tmp_path):
     spec = SyntheticStudy(
-        name="val", token_budgets=(20480,), seeds=(0,),
-        params={G8: {"train.eval_tokens": 16384, "data.val_windows": "spread"},
-                G1: {"train.eval_tokens": 16384}},  # G1 from before data.val_windows: the first windows
-    )  # fmt: skip
+        name="val",
+        token_budgets=(20480,),
+        seeds=(0,),
+        params={
+            G8: {"train.eval_tokens": 16384, "data.val_windows": "spread"},
+            G1: {"train.eval_tokens": 16384},
+        },  # G1 from before data.val_windows: the first windows
+    )
     write_study(tmp_path / "val", spec)
     (finding,) = read_findings(write_report(tmp_path / "val", n_boot=0))
     assert "the arms' val losses were measured on different tokens" in finding.split(" Caveats: ")[1]
@@ -117,9 +137,11 @@ def test_caveat_says_the_arms_were_validated_on_different_tokens(tmp_path):
 
 def test_caveat_names_an_arm_whose_best_lr_is_at_the_edge_of_its_grid(tmp_path):
     spec = SyntheticStudy(
-        name="lr", token_budgets=(40960,), seeds=(0,),
+        name="lr",
+        token_budgets=(40960,),
+        seeds=(0,),
         learning_rates={G1: {1e-3: 0.7, 3e-3: 1.0, 1e-2: 0.85}, G8: {1e-3: 0.6, 3e-3: 0.8, 1e-2: 1.0}},
-    )  # fmt: skip
+    )
     write_study(tmp_path / "lr", spec)
     (finding,) = read_findings(write_report(tmp_path / "lr", n_boot=0))
     assert "G=8's LR: no pick: best LR 0.01 is the highest of the grid; extend the grid upward" in finding
@@ -155,15 +177,39 @@ def test_finding_says_why_a_variant_did_not_reach_the_target(tmp_path):
 
 
 def test_arms_sharing_a_granularity_are_named_by_variant():
-    savings = pd.DataFrame([{
-        "model": "tiny", "tokens": 1000, "variant": "moe-E8-k2-G8-after_topk", "baseline": G8,
-        "status": "measured", "n_seeds": 2, "savings_steps": 0.1, "ci_lo": 0.05, "ci_hi": 0.2,
-        "n_positive": 2, "n_extrapolated": 0, "n_not_reached": 0, "savings_bound": float("nan"),
-        "savings_flops": 0.08, "savings_time": -0.05, "savings_time_ci_lo": -0.1, "savings_time_ci_hi": 0.02,
-        "tokens_per_s_ratio": 0.7, "note": "",
-    }])  # fmt: skip
-    runs = pd.DataFrame({"model": "tiny", "tokens": 1000, "variant": [G1, G8, "moe-E8-k2-G8-after_topk"],
-                         "granularity": [1, 8, 8]})  # fmt: skip
+    savings = pd.DataFrame(
+        [
+            {
+                "model": "tiny",
+                "tokens": 1000,
+                "variant": "moe-E8-k2-G8-after_topk",
+                "baseline": G8,
+                "status": "measured",
+                "n_seeds": 2,
+                "savings_steps": 0.1,
+                "ci_lo": 0.05,
+                "ci_hi": 0.2,
+                "n_positive": 2,
+                "n_extrapolated": 0,
+                "n_not_reached": 0,
+                "savings_bound": float("nan"),
+                "savings_flops": 0.08,
+                "savings_time": -0.05,
+                "savings_time_ci_lo": -0.1,
+                "savings_time_ci_hi": 0.02,
+                "tokens_per_s_ratio": 0.7,
+                "note": "",
+            }
+        ]
+    )
+    runs = pd.DataFrame(
+        {
+            "model": "tiny",
+            "tokens": 1000,
+            "variant": [G1, G8, "moe-E8-k2-G8-after_topk"],
+            "granularity": [1, 8, 8],
+        }
+    )
     (finding,) = finding_sentences(savings, runs, ci=0.8)
     assert finding.startswith(
         f"moe-E8-k2-G8-after_topk reaches {G8}'s {SMOOTHED} in 10.0% fewer steps (80% t-interval "

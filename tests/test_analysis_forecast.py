@@ -53,16 +53,32 @@ def forecast():
 
 
 def _row(key, predicted, lo, hi, G=4.0):
-    return ForecastRow(run_key=key, model="big", params=2e8, tokens=1e10, granularity=G, seed=0,
-                       predicted=predicted, lo=lo, hi=hi)  # fmt: skip
+    return ForecastRow(
+        run_key=key,
+        model="big",
+        params=2e8,
+        tokens=1e10,
+        granularity=G,
+        seed=0,
+        predicted=predicted,
+        lo=lo,
+        hi=hi,
+    )
 
 
 def _hand_forecast(rows):
     return Forecast(
-        law="finegrained", coefficients={"alpha": 0.1}, intervals={"alpha": (0.09, 0.11)}, ci=0.9,
-        n_bootstrap=10, rmse_log=0.01, fit_run_keys=("a", "b"), flags=(), rows=tuple(rows),
+        law="finegrained",
+        coefficients={"alpha": 0.1},
+        intervals={"alpha": (0.09, 0.11)},
+        ci=0.9,
+        n_bootstrap=10,
+        rmse_log=0.01,
+        fit_run_keys=("a", "b"),
+        flags=(),
+        rows=tuple(rows),
         written_at="2025-01-01T00:00:00+00:00",
-    )  # fmt: skip
+    )
 
 
 def test_forecast_of_larger_held_out_model_is_close_to_the_true_law_and_its_interval_covers_it(forecast):
@@ -140,8 +156,9 @@ def test_exponent_at_the_edge_of_the_start_grid_is_flagged():
     law = replace(law, theta=tuple(law.spec.theta({**HOFFMANN_2022, "alpha": 0.5})))
     data = _points(np.geomspace(1e7, 1e9, 4), np.geomspace(1e9, 1e11, 4), [1.0], noise=1e-4, law=law)
     starts = grid(log_E=(0.0, 0.5), log_A=(5.0, 10.0), alpha=(0.2, 0.5), log_B=(5.0, 10.0), beta=(0.2, 0.5))
-    fc = make_forecast(data, _targets([("big", 3e9, 1e11, 1.0)]), law="chinchilla", bootstrap=10,
-                       starts=starts, workers=1)  # fmt: skip
+    fc = make_forecast(
+        data, _targets([("big", 3e9, 1e11, 1.0)]), law="chinchilla", bootstrap=10, starts=starts, workers=1
+    )
     assert any(f.startswith("alpha = ") and "grid's upper edge 0.5" in f for f in fc.flags), fc.flags
     assert not any(f.startswith("beta") for f in fc.flags)
 
@@ -159,14 +176,17 @@ def test_compare_marks_a_missing_run_not_finished_and_computes_no_error_for_it()
 
 
 def test_forecast_summary_counts_within_one_percent_and_inside_interval():
-    fc = _hand_forecast([
-        _row("close-inside", 3.0, 2.9, 3.1),  # observed 3.015: rel err -0.5%, inside
-        _row("far-outside", 3.0, 2.99, 3.01),  # observed 3.06: rel err -2%, outside
-        _row("close-outside", 3.0, 2.999, 3.001),  # observed 2.973: rel err +0.9%, outside
-        _row("never-ran", 3.0, 2.9, 3.1),
-    ])  # fmt: skip
-    observed = pd.DataFrame({"run_key": ["close-inside", "far-outside", "close-outside"],
-                             "loss": [3.015, 3.06, 2.973]})  # fmt: skip
+    fc = _hand_forecast(
+        [
+            _row("close-inside", 3.0, 2.9, 3.1),  # observed 3.015: rel err -0.5%, inside
+            _row("far-outside", 3.0, 2.99, 3.01),  # observed 3.06: rel err -2%, outside
+            _row("close-outside", 3.0, 2.999, 3.001),  # observed 2.973: rel err +0.9%, outside
+            _row("never-ran", 3.0, 2.9, 3.1),
+        ]
+    )
+    observed = pd.DataFrame(
+        {"run_key": ["close-inside", "far-outside", "close-outside"], "loss": [3.015, 3.06, 2.973]}
+    )
     lines = forecast_summary(compare(fc, observed))
     assert lines[0] == "3 of 4 held-out points finished and are compared with their forecast."
     assert lines[1] == "2 of 3 are within 1% relative error."

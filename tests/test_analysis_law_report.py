@@ -49,13 +49,31 @@ def _study(extra=lambda df: 0.0, sizes=SIZES, gs=(1, 2, 4, 8), seeds=(0, 1), noi
 
 def _forecast(data, keys):
     rows = [
-        ForecastRow(run_key=r.run_key, model="xl", params=r.params, tokens=r.tokens,
-                    granularity=r.granularity, seed=0, predicted=r.loss, lo=r.loss, hi=r.loss)
+        ForecastRow(
+            run_key=r.run_key,
+            model="xl",
+            params=r.params,
+            tokens=r.tokens,
+            granularity=r.granularity,
+            seed=0,
+            predicted=r.loss,
+            lo=r.loss,
+            hi=r.loss,
+        )
         for r in data[data["run_key"].isin(keys)].itertuples()
-    ]  # fmt: skip
-    return Forecast(law="finegrained", coefficients={"alpha": 0.3}, intervals={}, ci=0.9, n_bootstrap=10,
-                    rmse_log=0.01, fit_run_keys=("a",), flags=(), rows=tuple(rows),
-                    written_at="2025-01-01T00:00:00+00:00")  # fmt: skip
+    ]
+    return Forecast(
+        law="finegrained",
+        coefficients={"alpha": 0.3},
+        intervals={},
+        ci=0.9,
+        n_bootstrap=10,
+        rmse_log=0.01,
+        fit_run_keys=("a",),
+        flags=(),
+        rows=tuple(rows),
+        written_at="2025-01-01T00:00:00+00:00",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +207,9 @@ def test_report_opens_with_answers_and_writes_law_fits_without_the_held_out_runs
 def test_worst_rise_measures_a_spike_above_the_earlier_minimum_not_a_falling_curve():
     assert worst_rise([8.0, 6.0, 5.0, 4.5]) == 0.0
     assert worst_rise([8.0, 5.0, 5.7, 4.9, 5.2]) == pytest.approx(0.7)
-    curve = pd.DataFrame({"run_key": ["a"] * 4 + ["b"] * 4, "step": [1, 2, 3, 4] * 2,
-                          "value": [8, 6, 5, 4.9, 8, 5, 6.2, 5.1]})  # fmt: skip
+    curve = pd.DataFrame(
+        {"run_key": ["a"] * 4 + ["b"] * 4, "step": [1, 2, 3, 4] * 2, "value": [8, 6, 5, 4.9, 8, 5, 6.2, 5.1]}
+    )
     assert (
         list(spiking_runs(curve)) == ["b"]
         and "rose 1.20 above its earlier minimum" in spiking_runs(curve)["b"]

@@ -103,9 +103,12 @@ def test_report_on_runs_too_short_to_fit_still_writes_and_explains(tmp_path):
     # One evaluation per run (a sweep with a tiny budget) and a variant that never reaches the baseline's
     # loss: extrapolation has no curve to fit, so it is "not reached" (not a number) and the report says why.
     spec = SyntheticStudy(
-        name="short", token_budgets=(10240,), seeds=(0,), eval_every=10,
+        name="short",
+        token_budgets=(10240,),
+        seeds=(0,),
+        eval_every=10,
         speedups={"moe-E8-k2-G1": 1.0, "moe-E8-k2-G8": 0.7},
-    )  # fmt: skip
+    )
     root = tmp_path / spec.name
     write_study(root, spec)
     path = write_report(root, n_boot=10)

@@ -36,9 +36,18 @@ def _frames(losses: dict[tuple[str, int], np.ndarray], steps=STEPS):
     runs, rows = [], []
     for (variant, seed), loss in losses.items():
         key = f"{variant}-s{seed}"
-        runs.append({"run_key": key, "model": "tiny", "tokens": 1024 * int(steps[-1]), "variant": variant,
-                     "seed": seed, "granularity": int(variant.rsplit("G", 1)[1]), "acct.batch_tokens": 1024,
-                     "acct.flops_per_token_train": 6e6})  # fmt: skip
+        runs.append(
+            {
+                "run_key": key,
+                "model": "tiny",
+                "tokens": 1024 * int(steps[-1]),
+                "variant": variant,
+                "seed": seed,
+                "granularity": int(variant.rsplit("G", 1)[1]),
+                "acct.batch_tokens": 1024,
+                "acct.flops_per_token_train": 6e6,
+            }
+        )
         rows += [(key, "val/loss", s, v) for s, v in zip(steps, loss, strict=True)]
     runs = pd.DataFrame(runs)
     metrics = pd.DataFrame(rows, columns=["run_key", "metric", "step", "value"])
@@ -141,9 +150,17 @@ def test_log_linear_curve_gives_a_degenerate_fit_that_is_flagged_and_not_used():
 
 
 def _curve_fit(E, A, alpha):
-    return LawFit(law="curve", coefficients={"E": E, "A": A, "alpha": alpha}, objective=0.0, rmse_log=0.0,
-                  n_points=10, n_starts=1, n_converged=1, delta=1e-3,
-                  theta=tuple(CURVE_SPECS["curve"].theta({"E": E, "A": A, "alpha": alpha})))  # fmt: skip
+    return LawFit(
+        law="curve",
+        coefficients={"E": E, "A": A, "alpha": alpha},
+        objective=0.0,
+        rmse_log=0.0,
+        n_points=10,
+        n_starts=1,
+        n_converged=1,
+        delta=1e-3,
+        theta=tuple(CURVE_SPECS["curve"].theta({"E": E, "A": A, "alpha": alpha})),
+    )
 
 
 def test_exponent_off_its_range_is_degenerate_and_a_usual_fit_is_not():
@@ -163,8 +180,12 @@ def test_degenerate_fit_is_not_drawn_and_the_report_lists_it():
         lines[name] = len(ax.lines)
         plt.close(fig)
     assert lines == {"good": 2, "bad": 1}  # the data always; the dashed fit only when usable
-    table = pd.DataFrame([{"run_key": "k1", "E": 1e-6, "degenerate": degenerate_reason(bad), "variant": G1, "seed": 0},
-                          {"run_key": "k2", "E": 2.0, "degenerate": "", "variant": G8, "seed": 0}])  # fmt: skip
+    table = pd.DataFrame(
+        [
+            {"run_key": "k1", "E": 1e-6, "degenerate": degenerate_reason(bad), "variant": G1, "seed": 0},
+            {"run_key": "k2", "E": 2.0, "degenerate": "", "variant": G8, "seed": 0},
+        ]
+    )
     text = "\n".join(fits_section(table))
     assert (
         "Degenerate fits (1 of 2), not used for savings and not drawn: k1 (moe-E8-k2-G1, seed 0): E=1e-06"

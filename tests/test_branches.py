@@ -33,8 +33,14 @@ from studies.launch import branches
 # The parent trains 40 steps of 512 tokens (constant LR until step 32); the branch 25 steps, its last 20%
 # a 1-sqrt cooldown from step 20, an evaluation step. keep_last=1 with a checkpoint every 3 steps would
 # delete step 20: it survives only because the branch asked for it.
-BRANCHING = ["optim=wsd", "optim.decay_shape=1-sqrt", "branch_from=20480", "train.log_every=1",
-             "train.checkpoint_every=3", "train.keep_last=1"]  # fmt: skip
+BRANCHING = [
+    "optim=wsd",
+    "optim.decay_shape=1-sqrt",
+    "branch_from=20480",
+    "train.log_every=1",
+    "train.checkpoint_every=3",
+    "train.keep_last=1",
+]
 PARENT, BRANCH, BRANCH_STEP = "tokens=20480", "tokens=12800", 20
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -226,8 +232,13 @@ def test_a_sweep_trains_parents_first_says_what_branching_saves_and_skips_it_all
 ):
     # The branch is listed first; in-process (infra=basic), one point at a time, it would wait for a
     # parent that never starts unless the sweep launches the parent first.
-    args = [*overrides(tmp_path, data_cache), "tokens=12800,20480", "infra=basic", "launch.parent_wait_s=60",
-            "hydra.callbacks.study.report=false"]  # fmt: skip
+    args = [
+        *overrides(tmp_path, data_cache),
+        "tokens=12800,20480",
+        "infra=basic",
+        "launch.parent_wait_s=60",
+        "hydra.callbacks.study.report=false",
+    ]
     first = run_study(["-m", *args], tmp_path, env={"MOE_THREADS": "1"}, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     table = first.stdout[first.stdout.index("Sweep points:") :].splitlines()

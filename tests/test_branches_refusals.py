@@ -62,15 +62,23 @@ def parent(data_cache, tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (["tokens=40960"], r"tokens=40960: ValueError: tokens=40960 is not below branch_from=20480: a branch is "
-                           r"shorter than its parent"),
-        ([BRANCH, "optim.decay_frac=0.97"],
-         r"branch_from=20480: optim.decay_frac=0.97 puts the branch point of train.tokens=10240 at step 1, before "
-         r"the warmup of the run it branches from ends \(step 2: optim.warmup_frac=0.05 of its 40 steps\)"),
+        (
+            ["tokens=40960"],
+            r"tokens=40960: ValueError: tokens=40960 is not below branch_from=20480: a branch is "
+            r"shorter than its parent",
+        ),
+        (
+            [BRANCH, "optim.decay_frac=0.97"],
+            r"branch_from=20480: optim.decay_frac=0.97 puts the branch point of train.tokens=10240 at step 1, before "
+            r"the warmup of the run it branches from ends \(step 2: optim.warmup_frac=0.05 of its 40 steps\)",
+        ),
         ([BRANCH, "optim=adamw"], r"branch_from=20480 needs optim.schedule=wsd \(optim=wsd\), not cosine"),
-        ([BRANCH, "train.branch_from=5120"], r"train.branch_from is not a key: `branch_from=...` is the only key"),
+        (
+            [BRANCH, "train.branch_from=5120"],
+            r"train.branch_from is not a key: `branch_from=...` is the only key",
+        ),
     ],
-)  # fmt: skip
+)
 def test_an_impossible_branch_is_refused_naming_its_keys(data_cache, tmp_path, extra, match):
     message = refusal(tmp_path, data_cache, [PARENT], extra)
     assert message.startswith("1 of 2 sweep points are invalid"), message
@@ -82,9 +90,11 @@ def test_a_branch_whose_parent_is_neither_in_the_sweep_nor_trained_is_refused_na
 ):
     branch = point_of(tmp_path, data_cache, BRANCH)
     message = refusal(tmp_path, data_cache, [BRANCH])
-    assert (f"branch {branch.run_key} (tokens=10240) of parent {branch.parent.run_key} (tokens=20480): its "
-            "parent's checkpoint of the branch point, step 16, is missing and the parent is not in this sweep: "
-            "add tokens=20480") in message  # fmt: skip
+    assert (
+        f"branch {branch.run_key} (tokens=10240) of parent {branch.parent.run_key} (tokens=20480): its "
+        "parent's checkpoint of the branch point, step 16, is missing and the parent is not in this sweep: "
+        "add tokens=20480"
+    ) in message
     assert not (tmp_path / "outputs").exists()
 
 
@@ -92,9 +102,11 @@ def test_a_branch_needing_a_checkpoint_its_done_parent_did_not_keep_is_refused(d
     branch = point_of(parent, data_cache, "tokens=15360")  # branches at step 24: only 16 was asked for
     for sweep in ([["tokens=15360"]], [[PARENT], ["tokens=15360"]]):
         message = refusal(parent, data_cache, *sweep)
-        assert (f"branch {branch.run_key} (tokens=15360) of parent {branch.parent.run_key} (tokens=20480): its "
-                "parent is DONE without a checkpoint of the branch point, step 24, which it was not asked to keep: "
-                "train tokens=15360 as a separate run (without branch_from)") in message  # fmt: skip
+        assert (
+            f"branch {branch.run_key} (tokens=15360) of parent {branch.parent.run_key} (tokens=20480): its "
+            "parent is DONE without a checkpoint of the branch point, step 24, which it was not asked to keep: "
+            "train tokens=15360 as a separate run (without branch_from)"
+        ) in message
 
 
 def test_a_branch_of_a_parent_that_kept_its_checkpoint_validates_without_the_parent(data_cache, parent):
@@ -115,9 +127,11 @@ def test_a_parent_checkpoint_written_by_another_config_is_refused_naming_both(da
     for path in (branches.parent_dir(theirs) / "checkpoints").glob("step_000000016.pt*"):
         shutil.copy(path, folder / path.name)
     message = refusal(root, data_cache, [BRANCH, "optim.lr=2e-2"])
-    assert (f"branch {ours.run_key} (tokens=10240) of parent {ours.parent.run_key} (tokens=20480): its parent's "
-            "checkpoint of step 16 was written by a different config (checkpoint of step 16 has optim.lr=0.01, "
-            "this run optim.lr=0.02)") in message  # fmt: skip
+    assert (
+        f"branch {ours.run_key} (tokens=10240) of parent {ours.parent.run_key} (tokens=20480): its parent's "
+        "checkpoint of step 16 was written by a different config (checkpoint of step 16 has optim.lr=0.01, "
+        "this run optim.lr=0.02)"
+    ) in message
 
 
 def test_a_branch_whose_parent_never_comes_fails_after_its_wait_naming_both(data_cache, tmp_path):

@@ -18,8 +18,16 @@ MODEL = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=2, d_ff=64, 
 
 
 def wsd(step: int, shape: str, total: int = 100, warmup: int = 10, decay: int = 20) -> float:
-    return lr_at(step, total_steps=total, peak_lr=PEAK, min_lr=FLOOR, warmup_steps=warmup, kind="wsd",
-                 decay_steps=decay, decay_shape=shape)  # fmt: skip
+    return lr_at(
+        step,
+        total_steps=total,
+        peak_lr=PEAK,
+        min_lr=FLOOR,
+        warmup_steps=warmup,
+        kind="wsd",
+        decay_steps=decay,
+        decay_shape=shape,
+    )
 
 
 def test_one_minus_sqrt_holds_the_peak_then_falls_as_one_minus_the_root_of_the_progress():
@@ -64,9 +72,19 @@ def branch_and_parent(branch_tokens: int, parent_tokens: int, **optim):
 
 
 def schedule_of(plan, opt: OptimConfig) -> list[float]:
-    return [lr_at(s, total_steps=plan.steps, peak_lr=opt.lr, min_lr=opt.lr * opt.min_lr_ratio,
-                  warmup_steps=plan.warmup_steps, kind=opt.schedule, decay_steps=plan.decay_steps,
-                  decay_shape=opt.decay_shape) for s in range(plan.steps)]  # fmt: skip
+    return [
+        lr_at(
+            s,
+            total_steps=plan.steps,
+            peak_lr=opt.lr,
+            min_lr=opt.lr * opt.min_lr_ratio,
+            warmup_steps=plan.warmup_steps,
+            kind=opt.schedule,
+            decay_steps=plan.decay_steps,
+            decay_shape=opt.decay_shape,
+        )
+        for s in range(plan.steps)
+    ]
 
 
 def test_a_branch_follows_its_parent_to_the_branch_point_then_decays_over_its_own_last_fraction():
@@ -84,14 +102,29 @@ def test_a_branch_follows_its_parent_to_the_branch_point_then_decays_over_its_ow
     ("branch", "optim", "match"),
     [
         (dict(tokens=200 * 512), {}, r"train.tokens=102400 is not below train.branch_from=102400"),
-        (dict(tokens=50 * 512 - 1), dict(decay_frac=0.9),
-         r"optim.decay_frac=0.9 puts the branch point of train.tokens=25599 at step 5, before the warmup of the "
-         r"run it branches from ends \(step 10: optim.warmup_frac=0.05 of its 200 steps\)"),
-        (dict(tokens=50 * 512), dict(decay_frac=0.0), r"optim.decay_frac=0.0 gives the branch .* no decay step"),
-        (dict(tokens=50 * 512), dict(schedule="cosine"), r"train.branch_from=102400 needs optim.schedule=wsd"),
-        (dict(tokens=200 * 512 - 100), {}, r"train.tokens=102300 \(200 steps\) is not below train.branch_from"),
+        (
+            dict(tokens=50 * 512 - 1),
+            dict(decay_frac=0.9),
+            r"optim.decay_frac=0.9 puts the branch point of train.tokens=25599 at step 5, before the warmup of the "
+            r"run it branches from ends \(step 10: optim.warmup_frac=0.05 of its 200 steps\)",
+        ),
+        (
+            dict(tokens=50 * 512),
+            dict(decay_frac=0.0),
+            r"optim.decay_frac=0.0 gives the branch .* no decay step",
+        ),
+        (
+            dict(tokens=50 * 512),
+            dict(schedule="cosine"),
+            r"train.branch_from=102400 needs optim.schedule=wsd",
+        ),
+        (
+            dict(tokens=200 * 512 - 100),
+            {},
+            r"train.tokens=102300 \(200 steps\) is not below train.branch_from",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_library_refuses_a_branch_it_cannot_train_naming_the_keys(branch, optim, match):
     opt = {"schedule": "wsd", "warmup_frac": 0.05, "decay_frac": 0.2, **optim}
     with pytest.raises(ValueError, match=match):

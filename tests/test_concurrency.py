@@ -29,8 +29,14 @@ def worker(uri: str, study: str, index: int, start_at: float, parent_run_id: str
     while time.time() < start_at:
         time.sleep(0.001)
     t0 = time.perf_counter()
-    run_id = tracking.start_run(uri, study, Path(out).parent / "artifacts", run_name=f"job{index}",
-                                tags={"kind": "point", "job": str(index)}, parent_run_id=parent_run_id)  # fmt: skip
+    run_id = tracking.start_run(
+        uri,
+        study,
+        Path(out).parent / "artifacts",
+        run_name=f"job{index}",
+        tags={"kind": "point", "job": str(index)},
+        parent_run_id=parent_run_id,
+    )
     logger = mlflow_logger.MlflowLogger(uri, run_id, flush_every_s=0.01)
     logger.log_params({f"p{i}": i * index for i in range(150)})  # two log_batch calls of params
     logger.set_tags({"variant": f"v{index}"})
@@ -41,9 +47,19 @@ def worker(uri: str, study: str, index: int, start_at: float, parent_run_id: str
     Path(out).write_text(json.dumps({"run_id": run_id}))
     delivered = logger.log_artifacts([Path(out)])
     ended = tracking.end_run(uri, run_id, ok=True)
-    Path(out).write_text(json.dumps({"run_id": run_id, "delivered": delivered, "ended": ended,
-                                     "rejected": logger.rejected, "dropped": logger.dropped_metrics,
-                                     "log_s": t_logged - t0, "total_s": time.perf_counter() - t0}))  # fmt: skip
+    Path(out).write_text(
+        json.dumps(
+            {
+                "run_id": run_id,
+                "delivered": delivered,
+                "ended": ended,
+                "rejected": logger.rejected,
+                "dropped": logger.dropped_metrics,
+                "log_s": t_logged - t0,
+                "total_s": time.perf_counter() - t0,
+            }
+        )
+    )
 
 
 def run_jobs(uri: str, tmp_path: Path, parent_run_id: str = "") -> list[dict]:
@@ -51,10 +67,19 @@ def run_jobs(uri: str, tmp_path: Path, parent_run_id: str = "") -> list[dict]:
     path = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     procs = []
     for i in range(JOBS):
-        code = (f"from test_concurrency import worker; worker({uri!r}, 'conc', {i}, {start_at}, "
-                f"{parent_run_id!r}, {str(tmp_path / f'job{i}.json')!r})")  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": path},
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        code = (
+            f"from test_concurrency import worker; worker({uri!r}, 'conc', {i}, {start_at}, "
+            f"{parent_run_id!r}, {str(tmp_path / f'job{i}.json')!r})"
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env={**os.environ, "PYTHONPATH": path},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, output in zip(procs, outputs, strict=True):
         assert p.returncode == 0, output[-3000:]
@@ -83,8 +108,10 @@ def test_four_processes_on_one_sqlite_store_lose_no_metric(tmp_path):
     parent = tracking.start_run(uri, "conc", tmp_path / "artifacts", run_name="sweep", tags={"kind": "sweep"})
     results = run_jobs(uri, tmp_path, parent)
     assert_every_write_present(uri, results)
-    children = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("conc").experiment_id],
-                                             filter_string=f"tags.mlflow.parentRunId = '{parent}'")  # fmt: skip
+    children = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("conc").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+    )
     assert len(children) == JOBS
 
 
@@ -100,10 +127,18 @@ def test_four_processes_creating_a_new_sqlite_store_together_lose_nothing(tmp_pa
 @pytest.mark.slow
 def test_four_job_sweep_through_submitit_records_every_metric(shrunk, tmp_path):
     proc = run_study(
-        ["-m", *shrunk, "seed=0,1,2,3", "train.log_every=1", "tracking.flush_every_s=0.05",
-         "hydra.callbacks.study.report=false"],
-        tmp_path, env={"MOE_JOBS": "4", "MOE_THREADS": "1"}, timeout=600,
-    )  # fmt: skip
+        [
+            "-m",
+            *shrunk,
+            "seed=0,1,2,3",
+            "train.log_every=1",
+            "tracking.flush_every_s=0.05",
+            "hydra.callbacks.study.report=false",
+        ],
+        tmp_path,
+        env={"MOE_JOBS": "4", "MOE_THREADS": "1"},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study_dir = tmp_path / "outputs" / "default"
     client = MlflowClient(tracking.default_tracking_uri(study_dir))
@@ -112,6 +147,9 @@ def test_four_job_sweep_through_submitit_records_every_metric(shrunk, tmp_path):
     for run_dir in run_dirs:
         summary = json.loads((run_dir / "summary.json").read_text())
         local = read_metrics(run_dir / "metrics.jsonl")
-        remote = {(m.key, m.step): m.value for key in {k for k, _ in local}
-                  for m in client.get_metric_history(summary["mlflow_run_id"], key)}  # fmt: skip
+        remote = {
+            (m.key, m.step): m.value
+            for key in {k for k, _ in local}
+            for m in client.get_metric_history(summary["mlflow_run_id"], key)
+        }
         assert remote == local and client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"

@@ -17,10 +17,15 @@ from analysis.synthetic import SyntheticStudy, write_study
 
 MACHINE = {"machine.threads": 1, "machine.torch": "2.5.1+cpu", "machine.cpu_capability": "AVX2"}
 SPEC = SyntheticStudy(
-    name="raw", token_budgets=(20480, 40960), seeds=(0, 1, 2), noise=0.01, seed_offset=0.05, failed=1,
+    name="raw",
+    token_budgets=(20480, 40960),
+    seeds=(0, 1, 2),
+    noise=0.01,
+    seed_offset=0.05,
+    failed=1,
     learning_rates={"moe-E8-k2-G8": {1e-3: 0.8, 3e-3: 1.0}},
     params={v: MACHINE for v in ("moe-E8-k2-G1", "moe-E8-k2-G8")},
-)  # fmt: skip
+)
 TABLES = ("final_losses.csv", "savings.csv", "paired.csv", "lr_grid.csv")
 
 
@@ -146,21 +151,48 @@ def _set(col, value, row=3):
 @pytest.mark.parametrize(
     ("file", "breaks", "says"),
     [
-        ("curves.csv", _drop, r"curves\.csv: no such file \(a report folder holds curves\.csv and runs\.csv\)"),
+        (
+            "curves.csv",
+            _drop,
+            r"curves\.csv: no such file \(a report folder holds curves\.csv and runs\.csv\)",
+        ),
         ("runs.csv", _drop, r"runs\.csv: no such file"),
         ("curves.csv", _write(""), r"curves\.csv: not a readable CSV \(No columns to parse from file\)"),
-        ("runs.csv", _append("x," * 80), r"runs\.csv: not a readable CSV \(.*Expected \d+ fields in line 21, saw 81"),
+        (
+            "runs.csv",
+            _append("x," * 80),
+            r"runs\.csv: not a readable CSV \(.*Expected \d+ fields in line 21, saw 81",
+        ),
         ("curves.csv", _drop_column("step"), r"curves\.csv: missing column\(s\) \['step'\]"),
         ("curves.csv", _drop_column("val/loss"), r"curves\.csv: missing column\(s\) \['val/loss'\]"),
         ("runs.csv", _drop_column("status"), r"runs\.csv: missing column\(s\) \['status'\]"),
-        ("curves.csv", _set("val/loss", "nan-ish"), r"curves\.csv: column 'val/loss' is not a number on line\(s\) 5"),
+        (
+            "curves.csv",
+            _set("val/loss", "nan-ish"),
+            r"curves\.csv: column 'val/loss' is not a number on line\(s\) 5",
+        ),
         ("curves.csv", _set("step", "2.5"), r"curves\.csv: column 'step' is not an integer on line\(s\) 5"),
-        ("curves.csv", _set("run_key", "ghost"), r"curves\.csv: run_key\(s\) \['ghost'\] are not finished runs"),
+        (
+            "curves.csv",
+            _set("run_key", "ghost"),
+            r"curves\.csv: run_key\(s\) \['ghost'\] are not finished runs",
+        ),
         ("runs.csv", _set("run_key", "", 0), r"runs\.csv: run_key empty or repeated on line\(s\) 2"),
     ],
-    ids=["no-curves", "no-runs", "empty", "ragged", "no-step", "no-val", "no-status", "text-loss",
-         "fractional-step", "unknown-run", "empty-key"],
-)  # fmt: skip
+    ids=[
+        "no-curves",
+        "no-runs",
+        "empty",
+        "ragged",
+        "no-step",
+        "no-val",
+        "no-status",
+        "text-loss",
+        "fractional-step",
+        "unknown-run",
+        "empty-key",
+    ],
+)
 def test_bad_curve_files_are_refused_in_one_line_naming_the_file(copy, tmp_path, capsys, file, breaks, says):
     breaks(copy / file)
     rc = report_cli.main(["--from-curves", str(copy), "--study-dir", str(tmp_path / "out")])

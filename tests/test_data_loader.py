@@ -106,8 +106,14 @@ def test_check_budget_refuses_more_than_one_epoch_unless_allowed(small_corpus):
     with pytest.raises(ValueError) as err:
         check_budget(prepared, 64, too_many, allow_repeat=False)
     message = str(err.value)
-    for part in (f"train.tokens={too_many}", "3.00 epochs", f"{prepared.n_train_tokens:,}",
-                 prepared.fingerprint, "data.allow_repeat=true", "data.max_chars"):  # fmt: skip
+    for part in (
+        f"train.tokens={too_many}",
+        "3.00 epochs",
+        f"{prepared.n_train_tokens:,}",
+        prepared.fingerprint,
+        "data.allow_repeat=true",
+        "data.max_chars",
+    ):
         assert part in message, part
     assert check_budget(prepared, 64, too_many, allow_repeat=True) == pytest.approx(3.0)
     assert epochs_for(prepared.n_train_tokens, 64, too_many) == pytest.approx(3.0)

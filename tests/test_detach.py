@@ -32,11 +32,13 @@ def test_detach_flag_is_short_for_the_launch_detach_key(compose):
     [
         (["--detach"], ["Run not started: launch.detach=true (--detach) needs a sweep (-m)"]),
         (["-m", "granularity=1,2", "infra=basic", "--detach"], ["launch.detach=true", "infra=basic"]),
-        (["-m", "granularity=1,2,4", "--detach"], ["launch.detach=true with infra=local", "3 points",
-                                                   "hydra.sweeper.max_batch_size=2"]),
+        (
+            ["-m", "granularity=1,2,4", "--detach"],
+            ["launch.detach=true with infra=local", "3 points", "hydra.sweeper.max_batch_size=2"],
+        ),
     ],
     ids=["single_run", "in_process", "more_points_than_local_slots"],
-)  # fmt: skip
+)
 def test_detach_where_the_jobs_could_not_run_on_is_refused_before_anything_starts(
     shrunk, tmp_path, args, fragments
 ):
@@ -64,8 +66,14 @@ def test_a_detached_local_sweep_returns_at_once_its_jobs_finish_alone_and_finish
 ):
     db = tmp_path / "store.db"
     # 200 steps: the jobs are still training when the sweep process has returned
-    args = [*shrunk, "granularity=1,4", "tokens=102400", "train.eval_every=50", f"tracking.uri=sqlite:///{db}",
-            "--detach"]  # fmt: skip
+    args = [
+        *shrunk,
+        "granularity=1,4",
+        "tokens=102400",
+        "train.eval_every=50",
+        f"tracking.uri=sqlite:///{db}",
+        "--detach",
+    ]
     # capture_output: the call returns only once nothing holds the pipes, so the jobs must not inherit them
     launched = run_study(["-m", *args], tmp_path, env=ENV, timeout=120)
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]

@@ -25,14 +25,25 @@ from moe.train.plan import OptimConfig, TrainConfig, plan_training
 ROOT = Path(__file__).resolve().parents[1]
 # Bias balancing on: the per-step expert loads must be summed over ranks for the biases to agree.
 TINY = ModelConfig(
-    vocab_size=512, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32,
+    vocab_size=512,
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    d_ff=64,
+    seq_len=32,
     moe=MoEConfig(num_experts=4, top_k=1, granularity=2, bias_update_rate=0.01),
-)  # fmt: skip
+)
 # 4 sequences per step; micro-batches of 2 sequences: 2 accumulated on 1 rank, or 1 per rank on 2 ranks.
 FAST = TrainConfig(
-    tokens=128 * 24, batch_tokens=128, micro_batch_tokens=64, eval_every=8, eval_tokens=512, log_every=1,
-    progress_every=0, checkpoint_every=0,
-)  # fmt: skip
+    tokens=128 * 24,
+    batch_tokens=128,
+    micro_batch_tokens=64,
+    eval_every=8,
+    eval_tokens=512,
+    log_every=1,
+    progress_every=0,
+    checkpoint_every=0,
+)
 # 3 experts x G=2: 3 per EP rank of 2, which dp=2 does not divide: sharded on their width (dim 1)
 UNEVEN = dataclasses.replace(TINY, moe=dataclasses.replace(TINY.moe, num_experts=3))
 FSDP = dataclasses.asdict(ParallelConfig(mode="fsdp"))
@@ -69,17 +80,29 @@ def torchrun(tmp_path: Path, nproc: int, spec: dict, name: str = "run") -> dict[
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(ROOT / "tests" / "dist_worker.py"), str(spec_path), str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        str(ROOT / "tests" / "dist_worker.py"),
+        str(spec_path),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {r: json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)}
 
 
 def spec_of(data_cfg, train_cfg=FAST, **extra) -> dict:
-    return {"model": dataclasses.asdict(TINY), "train": dataclasses.asdict(train_cfg),
-            "data": dataclasses.asdict(data_cfg), **extra}  # fmt: skip
+    return {
+        "model": dataclasses.asdict(TINY),
+        "train": dataclasses.asdict(train_cfg),
+        "data": dataclasses.asdict(data_cfg),
+        **extra,
+    }
 
 
 def single_process(data_cfg, train_cfg=FAST) -> ListLogger:
@@ -99,9 +122,12 @@ def test_env_is_read_from_torchrun_then_slurm_variables():
 
 @pytest.mark.parametrize(
     "environ, match",
-    [({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2"), ({"RANK": "x", "WORLD_SIZE": "2"}, "integers"),
-     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "0"}, "SLURM_NTASKS=0")],
-)  # fmt: skip
+    [
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "integers"),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "0"}, "SLURM_NTASKS=0"),
+    ],
+)
 def test_bad_rank_variables_are_rejected_naming_them(environ, match):
     with pytest.raises(ValueError, match=match):
         read_env(environ)
@@ -164,8 +190,12 @@ def test_a_point_with_two_tasks_trains_data_parallel_through_submitit_and_matche
     for tasks in (1, 2):
         root = tmp_path / f"tasks{tasks}"
         env = {"MOE_JOBS": "1", "MOE_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        proc = run_study(["-m", *common, f"infra.tasks_per_node={tasks}", f"paths.root={root}"], tmp_path,
-                         env=env, timeout=600)  # fmt: skip
+        proc = run_study(
+            ["-m", *common, f"infra.tasks_per_node={tasks}", f"paths.root={root}"],
+            tmp_path,
+            env=env,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         (summary_path,) = root.glob("default/runs/*/summary.json")
         summary = json.loads(summary_path.read_text())

@@ -58,8 +58,14 @@ def token_folder(root: Path, train: np.ndarray, val: np.ndarray, vocab: int = 51
     root.mkdir(parents=True)
     train.astype(np.uint16).tofile(root / "train.bin")
     val.astype(np.uint16).tofile(root / "val.bin")
-    fields = {"version": FORMAT_VERSION, "dtype": "uint16", "vocab_size": vocab,
-              "n_train_tokens": len(train), "n_val_tokens": len(val), **meta}  # fmt: skip
+    fields = {
+        "version": FORMAT_VERSION,
+        "dtype": "uint16",
+        "vocab_size": vocab,
+        "n_train_tokens": len(train),
+        "n_val_tokens": len(val),
+        **meta,
+    }
     (root / "meta.json").write_text(json.dumps(fields))
     return root
 
@@ -84,9 +90,16 @@ CASES = [
     ("budget_below_one_batch", ["tokens=100"], ["tokens=100", "smaller than one batch"]),
     ("train_tokens_is_not_a_second_key", ["train.tokens=999"], ["train.tokens is not a key", "`tokens=...`"]),
     ("train_seed_is_not_a_second_key", ["train.seed=3"], ["train.seed is not a key", "`seed=...`"]),
-    ("preset_granularity_is_not_a_second_key", ["model.moe.granularity=3"],
-     ["model.moe.granularity is not a key", "`granularity=...`"]),
-    ("batch_not_multiple_of_seq_len", ["train.batch_tokens=500"], ["train.batch_tokens=500", "model.seq_len=32"]),
+    (
+        "preset_granularity_is_not_a_second_key",
+        ["model.moe.granularity=3"],
+        ["model.moe.granularity is not a key", "`granularity=...`"],
+    ),
+    (
+        "batch_not_multiple_of_seq_len",
+        ["train.batch_tokens=500"],
+        ["train.batch_tokens=500", "model.seq_len=32"],
+    ),
     ("eval_below_one_sequence", ["train.eval_tokens=8"], ["train.eval_tokens=8"]),
     ("unknown_study", ["study=nope"], ["study/nope"]),
     ("unknown_model_preset", ["model=huge"], ["model/huge"]),
@@ -104,13 +117,27 @@ CASES = [
     ("vocab_below_bytes", ["data.vocab_size=100"], ["data.vocab_size=100"]),
     ("val_fraction_too_large", ["data.val_fraction=0.9"], ["data.val_fraction=0.9"]),
     ("path_for_stdlib", ["data.path=/x"], ["data.path='/x'", "data.source=stdlib"]),
-    ("unreachable_tracking_server", ["tracking.uri=http://127.0.0.1:{port}"],
-     ["tracking.uri='http://127.0.0.1:{port}'", "unreachable", "/health"]),
+    (
+        "unreachable_tracking_server",
+        ["tracking.uri=http://127.0.0.1:{port}"],
+        ["tracking.uri='http://127.0.0.1:{port}'", "unreachable", "/health"],
+    ),
     ("file_store_uri", ["tracking.uri=file:{tmp}/mlruns"], ["tracking.uri='file:", "sqlite"]),
-    ("sqlite_store_under_a_file", ["tracking.uri=sqlite:///{tmp}/afile/mlflow.db"],
-     ["tracking.uri='sqlite:///", "is a file"]),
-    ("output_dir_under_a_file", ["paths.root={tmp}/afile/outputs"], ["paths.root=", "is a file, not a folder"]),
-    ("missing_data_folder", ["data=text", "data.path={tmp}/missing"], ["data.path=", "not an existing folder"]),
+    (
+        "sqlite_store_under_a_file",
+        ["tracking.uri=sqlite:///{tmp}/afile/mlflow.db"],
+        ["tracking.uri='sqlite:///", "is a file"],
+    ),
+    (
+        "output_dir_under_a_file",
+        ["paths.root={tmp}/afile/outputs"],
+        ["paths.root=", "is a file, not a folder"],
+    ),
+    (
+        "missing_data_folder",
+        ["data=text", "data.path={tmp}/missing"],
+        ["data.path=", "not an existing folder"],
+    ),
     ("empty_data_folder", ["data=text", "data.path={tmp}/empty"], ["data.path=", "empty folder"]),
     ("data_folder_without_text", ["data=text", "data.path={tmp}/images"], ["data.path=", "no .txt"]),
     ("data_path_missing_for_text", ["data=text"], ["data.path"]),
@@ -124,16 +151,33 @@ CASES = [
     ("unknown_expert_choice_scope", ["model.moe.expert_choice_scope=row"], ["expert_choice_scope", "row"]),
     # issue #14: bad input that used to start work or write outside the study
     ("unknown_tracking_scheme", ["tracking.uri=garbage://x"], ["tracking.uri='garbage://x' is not usable"]),
-    ("relative_sqlite_store", ["tracking.uri=sqlite:///relative.db"], ["tracking.uri='sqlite:///relative.db'",
-                                                                      "relative path"]),
-    ("study_name_escaping_paths_root", ["study.name=../../escaped"], ["study.name='../../escaped'", "plain folder name"]),
+    (
+        "relative_sqlite_store",
+        ["tracking.uri=sqlite:///relative.db"],
+        ["tracking.uri='sqlite:///relative.db'", "relative path"],
+    ),
+    (
+        "study_name_escaping_paths_root",
+        ["study.name=../../escaped"],
+        ["study.name='../../escaped'", "plain folder name"],
+    ),
     ("study_name_with_a_separator", ["study.name=a/b"], ["study.name='a/b'", "plain folder name"]),
     ("cuda_without_cuda", ["train.device=cuda"], ["train.device='cuda'", "no usable CUDA"]),
-    ("model_vocab_disagreeing_with_data", ["model.vocab_size=4096"], ["model.vocab_size=4096", "disagrees",
-                                                                     "data.vocab_size=512"]),
-    ("published_preset_at_the_laptop_corpus", ["model=mixtral_8x7b"], ["model.vocab_size=32000", "disagrees"]),
-    ("model_too_big_for_this_machine", ["model.d_model=4096", "model.d_ff=2000000"],
-     ["GiB", "this machine's memory"]),
+    (
+        "model_vocab_disagreeing_with_data",
+        ["model.vocab_size=4096"],
+        ["model.vocab_size=4096", "disagrees", "data.vocab_size=512"],
+    ),
+    (
+        "published_preset_at_the_laptop_corpus",
+        ["model=mixtral_8x7b"],
+        ["model.vocab_size=32000", "disagrees"],
+    ),
+    (
+        "model_too_big_for_this_machine",
+        ["model.d_model=4096", "model.d_ff=2000000"],
+        ["GiB", "this machine's memory"],
+    ),
     ("bad_optim_eps_type", ["optim.eps=tiny"], ["optim.eps", "tiny"]),
     ("negative_eval_every", ["train.eval_every=-1"], ["train.eval_every=-1"]),
     ("zero_keep_last", ["train.keep_last=0"], ["train.keep_last=0"]),
@@ -144,12 +188,19 @@ CASES = [
     ("negative_beta1", ["optim.beta1=-0.1"], ["optim.beta1=-0.1"]),
     ("infinite_grad_clip", ["optim.grad_clip=inf"], ["optim.grad_clip=inf", "finite"]),
     # issue #12: layouts refused before any job
-    ("ep_not_dividing_the_experts", ["parallel.mode=fsdp", "parallel.ep=3"], ["parallel.ep=3", "does not divide"]),
+    (
+        "ep_not_dividing_the_experts",
+        ["parallel.mode=fsdp", "parallel.ep=3"],
+        ["parallel.ep=3", "does not divide"],
+    ),
     ("mesh_not_matching_the_world", ["parallel.dp_shard=2"], ["parallel.dp_shard=2", "the world size is 1"]),
     ("ep_without_fsdp", ["parallel.ep=2"], ["parallel.ep=2", "parallel.mode='fsdp'"]),
-    ("budget_beyond_one_epoch", ["data=tokens", "data.path={tmp}/good", "tokens=65536"],
-     ["train.tokens=65536", "epochs", "data.allow_repeat=true"]),
-]  # fmt: skip
+    (
+        "budget_beyond_one_epoch",
+        ["data=tokens", "data.path={tmp}/good", "tokens=65536"],
+        ["train.tokens=65536", "epochs", "data.allow_repeat=true"],
+    ),
+]
 
 
 def make_files(tmp: Path) -> None:
@@ -187,9 +238,13 @@ def test_a_valid_sweep_passes_and_writes_nothing(shrunk, tmp_path):
     folder = token_folder(tmp_path / "tokens", train, val)
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        points = [[*shrunk, "granularity=1"], [*shrunk, "granularity=8", "model.moe.capacity_factor=1.25"],
-                  [*shrunk, "variant=dense"], [*shrunk, "data=tokens", f"data.path={folder}"],
-                  [*shrunk, "seed=1", f"tracking.uri=sqlite:///{tmp_path}/new/dir/mlflow.db"]]  # fmt: skip
+        points = [
+            [*shrunk, "granularity=1"],
+            [*shrunk, "granularity=8", "model.moe.capacity_factor=1.25"],
+            [*shrunk, "variant=dense"],
+            [*shrunk, "data=tokens", f"data.path={folder}"],
+            [*shrunk, "seed=1", f"tracking.uri=sqlite:///{tmp_path}/new/dir/mlflow.db"],
+        ]
         assert len(validate_overrides(points, cwd=tmp_path)) == 5
     nothing_written(tmp_path)
     assert not (tmp_path / "new").exists()
@@ -211,8 +266,11 @@ def test_best_lr_study_with_a_one_point_lr_grid_is_refused_before_any_job(shrunk
         points = [[*shrunk, "study.best_lr=true", f"granularity={g}", "optim.lr=0.003"] for g in (1, 8)]
         with pytest.raises(ValueError, match=r"study.best_lr=true but optim.lr has one value \(0.003\)"):
             validate_overrides(points, cwd=tmp_path)
-        grid = [[*shrunk, "study.best_lr=true", "granularity=1", f"optim.lr={lr}", f"seed={s}"]
-                for lr in (0.003, 0.01) for s in (0, 1)]  # fmt: skip
+        grid = [
+            [*shrunk, "study.best_lr=true", "granularity=1", f"optim.lr={lr}", f"seed={s}"]
+            for lr in (0.003, 0.01)
+            for s in (0, 1)
+        ]
         assert len(validate_overrides(grid, cwd=tmp_path)) == 4
     nothing_written(tmp_path)
 
@@ -221,8 +279,10 @@ def test_every_bad_point_is_listed_not_only_the_first(shrunk, tmp_path):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         with pytest.raises(ValueError) as info:
-            validate_overrides([[*shrunk, "granularity=3"], [*shrunk, "granularity=1"], [*shrunk, "optim.eps=0"]],
-                               cwd=tmp_path)  # fmt: skip
+            validate_overrides(
+                [[*shrunk, "granularity=3"], [*shrunk, "granularity=1"], [*shrunk, "optim.eps=0"]],
+                cwd=tmp_path,
+            )
     lines = str(info.value).splitlines()
     assert lines[0] == "2 of 3 sweep points are invalid:"
     assert lines[1].startswith("  granularity=3: ValueError: granularity=3 does not divide")
@@ -280,8 +340,11 @@ def test_tracking_uri_check_asks_the_server_for_health(status):
 )  # fmt: skip
 def test_cli_sweep_with_a_bad_point_exits_non_zero_before_any_job(shrunk, tmp_path, sweep, fragments):
     port = free_port()
-    proc = run_study(["-m", *shrunk, *(s.format(port=port) for s in sweep)], tmp_path,
-                     env={"MOE_JOBS": "2", "MOE_THREADS": "1"})  # fmt: skip
+    proc = run_study(
+        ["-m", *shrunk, *(s.format(port=port) for s in sweep)],
+        tmp_path,
+        env={"MOE_JOBS": "2", "MOE_THREADS": "1"},
+    )
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Sweep not started: " in proc.stderr
     for fragment in fragments:

@@ -26,9 +26,14 @@ G = 4
 
 def _base(**moe) -> ModelConfig:
     return ModelConfig(
-        vocab_size=96, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16,
+        vocab_size=96,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_ff=64,
+        seq_len=16,
         moe=MoEConfig(num_experts=4, top_k=2, **moe),
-    )  # fmt: skip
+    )
 
 
 def _coarse_grads(named_grads: dict[str, torch.Tensor], granularity: int) -> dict[str, torch.Tensor]:
@@ -151,8 +156,10 @@ def _moe_output_rms(overrides: list[str]) -> float:
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_output_norm_gives_unit_rms_at_every_granularity(preset):
-    rms = {g: _moe_output_rms([f"model={preset}", "model.moe.output_norm=true", f"granularity={g}"])
-           for g in (1, 8)}  # fmt: skip
+    rms = {
+        g: _moe_output_rms([f"model={preset}", "model.moe.output_norm=true", f"granularity={g}"])
+        for g in (1, 8)
+    }
     assert rms[1] == pytest.approx(1.0, abs=1e-3)
     assert rms[8] == pytest.approx(1.0, abs=1e-3)
     assert rms[8] / rms[1] == pytest.approx(1.0, abs=1e-3)

@@ -29,8 +29,31 @@ from moe.data.loader import TokenLoader, validation_batches
 from moe.data.prepare import load_tokenizer, prepare_data, validate_data_config
 from studies.job.config import load_run_config  # noqa: E402
 
-WORDS = np.array(["the", "expert", "router", "token", "scaling", "law", "mixture", "of", "dense", "model",
-                  "granularity", "loss", "data", "über", "naïve", "\u4e2d\u6587", "x", "y", "=", "(", ")"])  # fmt: skip
+WORDS = np.array(
+    [
+        "the",
+        "expert",
+        "router",
+        "token",
+        "scaling",
+        "law",
+        "mixture",
+        "of",
+        "dense",
+        "model",
+        "granularity",
+        "loss",
+        "data",
+        "über",
+        "naïve",
+        "\u4e2d\u6587",
+        "x",
+        "y",
+        "=",
+        "(",
+        ")",
+    ]
+)
 
 
 def documents(n: int, seed: int = 0, words: int = 60) -> list[str]:
@@ -158,8 +181,15 @@ def test_a_pretrained_tokenizer_serves_a_text_folder_too(tmp_path, tokenizer_fil
     texts = documents(200)
     for i, t in enumerate(texts):
         (tmp_path / "txt" / f"{i}.txt").write_text(t)
-    prepared = prepare_data(DataConfig(source="text", path=str(tmp_path / "txt"), vocab_size=512,
-                                       tokenizer_file=str(tokenizer_file), cache_dir=str(tmp_path / "c")))  # fmt: skip
+    prepared = prepare_data(
+        DataConfig(
+            source="text",
+            path=str(tmp_path / "txt"),
+            vocab_size=512,
+            tokenizer_file=str(tokenizer_file),
+            cache_dir=str(tmp_path / "c"),
+        )
+    )
     ours = Tokenizer.from_file(str(tokenizer_file))
     assert load_tokenizer(prepared).get_vocab() == ours.get_vocab()
     assert prepared.vocab_size == 512
@@ -168,8 +198,11 @@ def test_a_pretrained_tokenizer_serves_a_text_folder_too(tmp_path, tokenizer_fil
 def test_worker_processes_write_the_same_shards(tmp_path, tokenizer_file):
     path = write_parquet(tmp_path / "d.parquet", documents(3000))
     one = prepare_data(hf_cfg(tmp_path, path, tokenizer_file=str(tokenizer_file)))
-    two = prepare_data(hf_cfg(tmp_path, path, tokenizer_file=str(tokenizer_file), workers=2,
-                              cache_dir=str(tmp_path / "cache2")))  # fmt: skip
+    two = prepare_data(
+        hf_cfg(
+            tmp_path, path, tokenizer_file=str(tokenizer_file), workers=2, cache_dir=str(tmp_path / "cache2")
+        )
+    )
     assert one.fingerprint == two.fingerprint
     assert one.train_path.read_bytes() == two.train_path.read_bytes()
     assert one.val_path.read_bytes() == two.val_path.read_bytes()
@@ -188,8 +221,14 @@ print("RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, p.n_train_to
 
 def _build(path: Path, cache: Path, tok: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-c", BUILD, str(path), str(cache), str(tok)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", BUILD, str(path), str(cache), str(tok)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.slow

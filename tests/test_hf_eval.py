@@ -19,8 +19,12 @@ from studies.track import tracking  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-QUESTIONS = [("def f(x):\n    return", [" x", " ]]]]"], 0), ("import", [" os", " 7 7 7"], 0),
-             ("for i in", [" range(10):", " :::"], 0), ("class", [" Foo:", " ))))"], 0)]  # fmt: skip
+QUESTIONS = [
+    ("def f(x):\n    return", [" x", " ]]]]"], 0),
+    ("import", [" os", " 7 7 7"], 0),
+    ("for i in", [" range(10):", " :::"], 0),
+    ("class", [" Foo:", " ))))"], 0),
+]
 
 
 def write_task(folder: Path) -> Path:

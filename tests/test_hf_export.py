@@ -49,8 +49,10 @@ def trained_run(compose, shrunk, tmp_path: Path, overrides: list[str], done: boo
     )
     step = latest_step(run_dir / "checkpoints")
     runfiles.write_status(run_dir, "DONE" if done else "FAILED", step, None if done else "boom")
-    runfiles.write_summary(run_dir, {"run_key": point.run_key, "variant": point.variant,
-                                     "data": {"fingerprint": prepared.fingerprint}})  # fmt: skip
+    runfiles.write_summary(
+        run_dir,
+        {"run_key": point.run_key, "variant": point.variant, "data": {"fingerprint": prepared.fingerprint}},
+    )
     return run_dir
 
 
@@ -63,10 +65,14 @@ def project_model(run_dir: Path) -> tuple[Transformer, object]:
 
 @pytest.mark.parametrize(
     "overrides",
-    [["granularity=1"], ["granularity=8"], ["granularity=1", "moe=shared"],
-     ["granularity=8", "moe=shared", "model.moe.shared_gate=true"]],
+    [
+        ["granularity=1"],
+        ["granularity=8"],
+        ["granularity=1", "moe=shared"],
+        ["granularity=8", "moe=shared", "model.moe.shared_gate=true"],
+    ],
     ids=["G1", "G8", "G1-shared", "G8-shared-gated"],
-)  # fmt: skip
+)
 def test_exported_model_logits_equal_the_project_model(compose, shrunk, tmp_path, one_thread, overrides):
     run_dir = trained_run(compose, shrunk, tmp_path, overrides)
     out = tmp_path / "hf"
@@ -122,10 +128,14 @@ def test_export_refuses_a_checkpoint_older_than_the_done_step(compose, shrunk, t
 
 @pytest.mark.parametrize(
     "moe, feature",
-    [(dict(router="expert_choice"), "moe.router=expert_choice"), (dict(score="sigmoid"), "moe.score=sigmoid"),
-     (dict(output_norm=True), "moe.output_norm=true"), (dict(capacity_factor=1.25), "moe.capacity_factor=1.25"),
-     (dict(num_shared=2, shared_gate=True), "moe.shared_gate=true with moe.num_shared=2")],
-)  # fmt: skip
+    [
+        (dict(router="expert_choice"), "moe.router=expert_choice"),
+        (dict(score="sigmoid"), "moe.score=sigmoid"),
+        (dict(output_norm=True), "moe.output_norm=true"),
+        (dict(capacity_factor=1.25), "moe.capacity_factor=1.25"),
+        (dict(num_shared=2, shared_gate=True), "moe.shared_gate=true with moe.num_shared=2"),
+    ],
+)
 def test_configurations_qwen2_moe_cannot_express_are_refused_by_name(moe, feature):
     cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_ff=64, moe=MoEConfig(**moe))
     with pytest.raises(ValueError, match=f"no transformers architecture expresses.*{feature}"):

@@ -17,13 +17,30 @@ from studies.launch.sweep import compose_jobs, validate_jobs
 
 # Four widths x G in {1, 2, 4} x three budgets from one WSD run each; the widest is held out, leaving
 # three levels of N, D and G (27 points) for the fine-grained law's 7 coefficients.
-GRID = ["study=scaling_law", "model=tiny", "model.d_model=16,32,48,64", "granularity=1,2,4", "seed=0",
-        "branch_from=20480", "tokens=5120,10240,20480", "study.holdout=['model.d_model=64']", "infra=basic"]  # fmt: skip
+GRID = [
+    "study=scaling_law",
+    "model=tiny",
+    "model.d_model=16,32,48,64",
+    "granularity=1,2,4",
+    "seed=0",
+    "branch_from=20480",
+    "tokens=5120,10240,20480",
+    "study.holdout=['model.d_model=64']",
+    "infra=basic",
+]
 
 
 # A small grid for the refusals: validation composes and checks each point, so fewer points, faster tests.
-SMALL = ["study=scaling_law", "model=tiny", "model.d_model=16,32,48", "granularity=1,2", "seed=0",
-         "tokens=10240", "branch_from=null", "study.holdout=['model.d_model=48']"]  # fmt: skip
+SMALL = [
+    "study=scaling_law",
+    "model=tiny",
+    "model.d_model=16,32,48",
+    "granularity=1,2",
+    "seed=0",
+    "tokens=10240",
+    "branch_from=null",
+    "study.holdout=['model.d_model=48']",
+]
 
 
 def refusal(shrunk: list[str], tmp_path: Path, *extra: str) -> str:
@@ -84,12 +101,15 @@ def test_the_fit_set_leaves_out_unfinished_and_spiking_points_saying_why(shrunk,
         (p.run_dir / "summary.json").write_text(
             json.dumps({"status": "DONE", "final": {"val/loss_final": vals[-1]}})
         )
-        (p.run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "val/loss": v}) + "\n"
-                                                         for i, v in enumerate(vals)))  # fmt: skip
+        (p.run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i, "val/loss": v}) + "\n" for i, v in enumerate(vals))
+        )
     data, left_out = fit_rows(points)
     assert list(data["run_key"]) == [points[0].run_key] and list(data["loss"]) == [4.5]
-    assert left_out == [f"{points[1].run_key}: val loss rose 0.80 above its earlier minimum (> 0.5)",
-                        f"{points[2].run_key}: not finished"]  # fmt: skip
+    assert left_out == [
+        f"{points[1].run_key}: val loss rose 0.80 above its earlier minimum (> 0.5)",
+        f"{points[2].run_key}: not finished",
+    ]
 
 
 @pytest.mark.slow
@@ -102,8 +122,11 @@ def test_a_study_forecasts_its_held_out_points_before_they_start_and_a_rerun_kee
     study = tmp_path / "outputs" / "scaling_law"
     path = study / "report" / "forecast.json"
     forecast = json.loads(path.read_text())
-    held = {p.name for p in (study / "runs").iterdir()
-            if json.loads((p / "summary.json").read_text())["params"]["model.d_model"] == 64}  # fmt: skip
+    held = {
+        p.name
+        for p in (study / "runs").iterdir()
+        if json.loads((p / "summary.json").read_text())["params"]["model.d_model"] == 64
+    }
     assert {row["run_key"] for row in forecast["rows"]} == held and len(held) == 9
     written = datetime.fromisoformat(forecast["written_at"]).timestamp() * 1000
     client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
@@ -135,10 +158,29 @@ def test_held_out_points_without_a_forecast_never_start_and_the_sweep_exits_non_
     # one G: Chinchilla's 5 coefficients on 3 widths x 3 budgets; an earlier forecast, for another point
     grid = [*GRID[:2], "model.d_model=16,32,48,64", "granularity=1", *GRID[4:]]
     study = tmp_path / "outputs" / "scaling_law"
-    row = ForecastRow(run_key="0123456789", model="tiny", params=1e6, tokens=2e4, granularity=1.0, seed=0,
-                      predicted=4.0, lo=3.9, hi=4.1)  # fmt: skip
-    earlier = Forecast(law="chinchilla", coefficients={}, intervals={}, ci=0.9, n_bootstrap=100, rmse_log=0.01,
-                       fit_run_keys=(), flags=(), rows=(row,), written_at="2026-01-01T00:00:00+00:00")  # fmt: skip
+    row = ForecastRow(
+        run_key="0123456789",
+        model="tiny",
+        params=1e6,
+        tokens=2e4,
+        granularity=1.0,
+        seed=0,
+        predicted=4.0,
+        lo=3.9,
+        hi=4.1,
+    )
+    earlier = Forecast(
+        law="chinchilla",
+        coefficients={},
+        intervals={},
+        ci=0.9,
+        n_bootstrap=100,
+        rmse_log=0.01,
+        fit_run_keys=(),
+        flags=(),
+        rows=(row,),
+        written_at="2026-01-01T00:00:00+00:00",
+    )
     forecast_path(study).parent.mkdir(parents=True)
     assert write_forecast(forecast_path(study), earlier)
     before = forecast_path(study).read_bytes()
@@ -148,8 +190,11 @@ def test_held_out_points_without_a_forecast_never_start_and_the_sweep_exits_non_
         "Held-out points not started:" in run.stderr and "has no forecast for held-out points" in run.stderr
     )
     # held-out parents have a folder (their branches.json, written before any job) but never a status
-    started = [json.loads((p / "summary.json").read_text()) for p in (study / "runs").iterdir()
-               if (p / "status.json").exists()]  # fmt: skip
+    started = [
+        json.loads((p / "summary.json").read_text())
+        for p in (study / "runs").iterdir()
+        if (p / "status.json").exists()
+    ]
     assert sorted(r["params"]["model.d_model"] for r in started) == [16] * 3 + [32] * 3 + [48] * 3
     assert all(r["status"] == "DONE" for r in started)
     assert forecast_path(study).read_bytes() == before

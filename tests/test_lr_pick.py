@@ -22,8 +22,11 @@ EDGE = "no pick: best LR 0.01 is the highest of the grid; extend the grid upward
 
 def _per_run(losses: dict[float, list[float]], variant: str = G1) -> pd.DataFrame:
     """One run per (lr, seed): losses maps lr -> final smoothed loss of seeds 0, 1, ..."""
-    rows = [(f"{variant}-{lr:g}-{s}", "tiny", 1000, variant, s, lr, v)
-            for lr, vals in losses.items() for s, v in enumerate(vals)]  # fmt: skip
+    rows = [
+        (f"{variant}-{lr:g}-{s}", "tiny", 1000, variant, s, lr, v)
+        for lr, vals in losses.items()
+        for s, v in enumerate(vals)
+    ]
     return pd.DataFrame(rows, columns=["run_key", "model", "tokens", "variant", "seed", "lr", "final_smooth"])
 
 
@@ -35,14 +38,21 @@ def test_the_pick_is_the_lowest_mean_over_seeds_not_one_seeds_best():
     assert t.best_keys == {f"{G1}-0.006-0", f"{G1}-0.006-1"}
     (pick,) = lr_pick(t)["picks"]
     assert pick == {
-        "model": "tiny", "tokens": 1000, "variant": G1, "lr": 0.006, "refused": None, "best_on_grid": 0.006,
-        "grid": [0.003, 0.006, 0.012], "seeds": [0, 1], "n_seeds": 2,
+        "model": "tiny",
+        "tokens": 1000,
+        "variant": G1,
+        "lr": 0.006,
+        "refused": None,
+        "best_on_grid": 0.006,
+        "grid": [0.003, 0.006, 0.012],
+        "seeds": [0, 1],
+        "n_seeds": 2,
         "losses": [
             {"lr": 0.003, "mean": pytest.approx(3.20), "n_seeds": 2, "per_seed": {"0": 3.00, "1": 3.40}},
             {"lr": 0.006, "mean": pytest.approx(3.05), "n_seeds": 2, "per_seed": {"0": 3.05, "1": 3.05}},
             {"lr": 0.012, "mean": pytest.approx(3.30), "n_seeds": 2, "per_seed": {"0": 3.30, "1": 3.30}},
         ],
-    }  # fmt: skip
+    }
 
 
 def test_a_best_lr_at_either_edge_of_its_grid_is_refused_with_the_way_to_extend_it():
@@ -64,9 +74,12 @@ def test_a_best_lr_at_either_edge_of_its_grid_is_refused_with_the_way_to_extend_
 def test_report_records_the_picks_and_states_no_pick_for_an_edge_best(tmp_path):
     # G1 is best inside its grid (3e-3); G8 at its top (1e-2)
     spec = SyntheticStudy(
-        name="picks", token_budgets=(40960,), seeds=(0, 1), noise=0.002,
+        name="picks",
+        token_budgets=(40960,),
+        seeds=(0, 1),
+        noise=0.002,
         learning_rates={G1: {1e-3: 0.7, 3e-3: 1.0, 1e-2: 0.85}, G8: {1e-3: 0.6, 3e-3: 0.8, 1e-2: 1.0}},
-    )  # fmt: skip
+    )
     write_study(tmp_path / "picks", spec)
     path = write_report(tmp_path / "picks", best_lr=True, n_boot=0)
     picks = {p["variant"]: p for p in json.loads((path.parent / LR_PICK_FILE).read_text())["picks"]}

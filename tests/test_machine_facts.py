@@ -64,16 +64,28 @@ def test_a_run_records_its_machine_in_summary_mlflow_params_and_tags(finished):
 
 def _runs(**differ):
     """G1 and G8 at seeds 0 and 1, all on HERE except the four values given per param."""
-    df = pd.DataFrame({"run_key": list("abcd"), "model": "tiny", "tokens": 1000, "variant": [G1, G1, G8, G8],
-                       "granularity": [1, 1, 8, 8], "seed": [0, 1, 0, 1]})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "run_key": list("abcd"),
+            "model": "tiny",
+            "tokens": 1000,
+            "variant": [G1, G1, G8, G8],
+            "granularity": [1, 1, 8, 8],
+            "seed": [0, 1, 0, 1],
+        }
+    )
     return df.assign(**{**HERE, **differ})
 
 
 @pytest.mark.parametrize(
     ("param", "values"),
-    [("machine.threads", [1, 1, 2, 2]), ("machine.cpu_capability", ["AVX2", "AVX2", "AVX512", "AVX512"]),
-     ("machine.torch", ["2.5.1", "2.5.1", "2.5.1", "2.6.0"]), ("machine.device", ["cpu"] * 3 + ["NVIDIA H100"])],
-)  # fmt: skip
+    [
+        ("machine.threads", [1, 1, 2, 2]),
+        ("machine.cpu_capability", ["AVX2", "AVX2", "AVX512", "AVX512"]),
+        ("machine.torch", ["2.5.1", "2.5.1", "2.5.1", "2.6.0"]),
+        ("machine.device", ["cpu"] * 3 + ["NVIDIA H100"]),
+    ],
+)
 def test_arms_on_different_threads_cpu_capability_torch_or_device_are_flagged(param, values):
     c = machine_mix(_runs(**{param: values}))
     assert c.status == "flagged" and c.offenders["run_key"].tolist() == list("abcd")
@@ -105,9 +117,11 @@ def test_runs_from_stores_without_machine_facts_are_unknown_never_an_error():
 
 def test_report_flags_arms_run_on_different_machines_and_the_finding_says_so(tmp_path):
     spec = SyntheticStudy(
-        name="apart", token_budgets=(20480,), seeds=(0,),
+        name="apart",
+        token_budgets=(20480,),
+        seeds=(0,),
         params={G1: HERE, G8: {**HERE, "machine.cpu_capability": "AVX512"}},
-    )  # fmt: skip
+    )
     write_study(tmp_path / "apart", spec)
     path = write_report(tmp_path / "apart", n_boot=0)
     text = path.read_text()

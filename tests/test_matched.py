@@ -7,9 +7,14 @@ from moe.model.config import ModelConfig, MoEConfig, replace
 from moe.model.matched import derive
 
 BASE = ModelConfig(
-    vocab_size=512, d_model=128, n_layers=4, n_heads=4, d_ff=512, seq_len=64,
+    vocab_size=512,
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    d_ff=512,
+    seq_len=64,
     moe=MoEConfig(num_experts=8, top_k=2, granularity=1),
-)  # fmt: skip
+)
 SHARED = replace(BASE, first_dense_layers=1, **{"moe.num_shared": 1, "moe.shared_gate": True})
 GS = [1, 2, 4, 8, 16]
 

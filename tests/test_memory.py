@@ -216,8 +216,15 @@ def test_beyond50b_56b_has_a_feasible_h100_layout_and_none_on_fewer_nodes():
 def test_check_memory_refusal_names_the_numbers_and_a_layout_that_fits():
     cfg = preset("beyond50b_56b")
     with pytest.raises(ValueError) as err:
-        check_memory(cfg, 1, H100_80GB_BYTES, target="one H100-80GB", precision="bf16-mixed",
-                     gpus_per_node=8, max_nodes=16)  # fmt: skip
+        check_memory(
+            cfg,
+            1,
+            H100_80GB_BYTES,
+            target="one H100-80GB",
+            precision="bf16-mixed",
+            gpus_per_node=8,
+            max_nodes=16,
+        )
     msg = str(err.value)
     assert "GiB per rank exceeds" in msg and "parallel.dp_shard=1" in msg
     assert (

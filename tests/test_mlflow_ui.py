@@ -43,12 +43,19 @@ def published_study(tmp_path_factory, data_cache):
     """A real server, one finished sweep with its report, and the study view published on it:
     (tracking url, experiment id, parent run id, StudyView, tmp dir)."""
     tmp = tmp_path_factory.mktemp("ui")
-    settings = ServerSettings(f"sqlite:///{tmp}/server/mlflow.db", str(tmp / "artifacts"), port=free_port(),
-                              workers=1)  # fmt: skip
+    settings = ServerSettings(
+        f"sqlite:///{tmp}/server/mlflow.db", str(tmp / "artifacts"), port=free_port(), workers=1
+    )
     with open(tmp / "server.log", "w") as log, running_server(settings, log=log) as server:
         url = server.url
-        overrides = [*SHRINK, f"data.cache_dir={data_cache}", f"paths.root={tmp / 'outputs'}",
-                     "granularity=1,8", "infra=basic", f"tracking.uri={url}"]  # fmt: skip
+        overrides = [
+            *SHRINK,
+            f"data.cache_dir={data_cache}",
+            f"paths.root={tmp / 'outputs'}",
+            "granularity=1,8",
+            "infra=basic",
+            f"tracking.uri={url}",
+        ]
         proc = run_study(["-m", *overrides], tmp, env={"MOE_THREADS": "1"}, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         client = MlflowClient(url)
@@ -201,8 +208,12 @@ def test_savings_become_parent_metrics_and_failed_fits_are_left_out(tmp_path):
         "small,2000,moe-G2,0.3,0.3,nan\n"
     )
     assert savings_metrics(csv_path) == {
-        "savings_steps/moe-G8": 0.25, "savings_tokens/moe-G8": 0.25, "savings_flops/moe-G8": 0.2,
-        "savings_steps/moe-G2/tiny/2000": 0.1, "savings_tokens/moe-G2/tiny/2000": 0.1,
+        "savings_steps/moe-G8": 0.25,
+        "savings_tokens/moe-G8": 0.25,
+        "savings_flops/moe-G8": 0.2,
+        "savings_steps/moe-G2/tiny/2000": 0.1,
+        "savings_tokens/moe-G2/tiny/2000": 0.1,
         "savings_flops/moe-G2/tiny/2000": 0.05,
-        "savings_steps/moe-G2/small/2000": 0.3, "savings_tokens/moe-G2/small/2000": 0.3,
-    }  # fmt: skip
+        "savings_steps/moe-G2/small/2000": 0.3,
+        "savings_tokens/moe-G2/small/2000": 0.3,
+    }

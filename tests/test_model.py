@@ -8,8 +8,15 @@ from moe.model.accounting import count_params, count_params_of_module
 from moe.model.config import ModelConfig, MoEConfig, replace
 from moe.model.transformer import ModelOutput, Transformer, apply_rope, rope_tables
 
-TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=16,
-                   moe=MoEConfig(num_experts=4, top_k=2, granularity=2))  # fmt: skip
+TINY = ModelConfig(
+    vocab_size=64,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    d_ff=64,
+    seq_len=16,
+    moe=MoEConfig(num_experts=4, top_k=2, granularity=2),
+)
 DENSE = replace(TINY, moe=None)
 CONFIGS = {"dense": DENSE, "moe": TINY}
 

@@ -117,10 +117,24 @@ def test_rerunning_a_finished_sweep_starts_nothing_and_creates_no_sweep_folder_o
 
 @pytest.mark.slow
 def test_sigterm_to_the_sweep_process_preempts_its_jobs_and_leaves_no_process(shrunk, tmp_path):
-    args = ["-m", *shrunk, "granularity=1,2", "tokens=204800", "train.checkpoint_every=5", "train.eval_every=1",
-            "study.name=sigterm"]  # fmt: skip
-    sweep = start_study(args, tmp_path, env={"MOE_JOBS": "2", "MOE_THREADS": "1"}, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    args = [
+        "-m",
+        *shrunk,
+        "granularity=1,2",
+        "tokens=204800",
+        "train.checkpoint_every=5",
+        "train.eval_every=1",
+        "study.name=sigterm",
+    ]
+    sweep = start_study(
+        args,
+        tmp_path,
+        env={"MOE_JOBS": "2", "MOE_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     runs = tmp_path / "outputs" / "sigterm" / "runs"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

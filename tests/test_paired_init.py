@@ -14,9 +14,17 @@ from moe.model.transformer import Transformer, stream_seed
 
 def _coarse(activation: str = "swiglu", init: str = "normal") -> ModelConfig:
     return ModelConfig(
-        vocab_size=96, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=16, activation=activation,
-        init=init, tie_embeddings=False, moe=MoEConfig(num_experts=4, top_k=2, num_shared=1),
-    )  # fmt: skip
+        vocab_size=96,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_ff=64,
+        seq_len=16,
+        activation=activation,
+        init=init,
+        tie_embeddings=False,
+        moe=MoEConfig(num_experts=4, top_k=2, num_shared=1),
+    )
 
 
 def _build(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -43,13 +43,19 @@ from moe.train.plan import OptimConfig
 
 @pytest.mark.parametrize(
     "cfg, world, match",
-    [(dict(mode="fsdp", ep=3), 6, r"parallel.ep=3 does not divide the routed experts .* = 8"),
-     (dict(mode="fsdp", ep=2), 3, "parallel.ep=2 does not divide the world size 3"),
-     (dict(mode="fsdp", dp_shard=3), 4, r"parallel.dp_shard=3 x parallel.ep=1 = 3 ranks, but the world size is 4"),
-     (dict(mode="ddp", ep=2), 2, "parallel.ep=2 needs parallel.mode='fsdp'"),
-     (dict(mode="zero3"), 2, "parallel.mode='zero3' is not one of ddp, fsdp"),
-     (dict(ep=0), 2, "parallel.ep=0 must be an integer >= 1")],
-)  # fmt: skip
+    [
+        (dict(mode="fsdp", ep=3), 6, r"parallel.ep=3 does not divide the routed experts .* = 8"),
+        (dict(mode="fsdp", ep=2), 3, "parallel.ep=2 does not divide the world size 3"),
+        (
+            dict(mode="fsdp", dp_shard=3),
+            4,
+            r"parallel.dp_shard=3 x parallel.ep=1 = 3 ranks, but the world size is 4",
+        ),
+        (dict(mode="ddp", ep=2), 2, "parallel.ep=2 needs parallel.mode='fsdp'"),
+        (dict(mode="zero3"), 2, "parallel.mode='zero3' is not one of ddp, fsdp"),
+        (dict(ep=0), 2, "parallel.ep=0 must be an integer >= 1"),
+    ],
+)
 def test_bad_layouts_are_refused_naming_the_key(cfg, world, match):
     with pytest.raises(ValueError, match=match):
         resolve_layout(ParallelConfig(**cfg), world, TINY)
@@ -57,16 +63,28 @@ def test_bad_layouts_are_refused_naming_the_key(cfg, world, match):
 
 def test_a_layout_is_checked_before_anything_is_built(data_cfg):
     with pytest.raises(ValueError, match="parallel.ep=3 does not divide the routed experts"):
-        train(TINY, prepare_data(data_cfg), OptimConfig(), FAST, ListLogger(), progress=None,
-              parallel=ParallelConfig(mode="fsdp", ep=3))  # fmt: skip
+        train(
+            TINY,
+            prepare_data(data_cfg),
+            OptimConfig(),
+            FAST,
+            ListLogger(),
+            progress=None,
+            parallel=ParallelConfig(mode="fsdp", ep=3),
+        )
 
 
 # --- expert parallelism: the layer ----------------------------------------------------------------
 
 LAYER = ModelConfig(
-    vocab_size=64, d_model=16, n_layers=1, n_heads=2, d_ff=32, seq_len=8,
+    vocab_size=64,
+    d_model=16,
+    n_layers=1,
+    n_heads=2,
+    d_ff=32,
+    seq_len=8,
     moe=MoEConfig(num_experts=4, top_k=2, granularity=2, num_shared=1, aux_loss_coef=0.01, z_loss_coef=1e-3),
-)  # fmt: skip
+)
 LAYER_CASES = {
     "dropless_grouped": {},
     "capacity_reference": {"capacity_factor": 0.75, "backend": "reference"},
@@ -146,8 +164,12 @@ def _sharded_experts_rank(rank: int, world: int, port: int, case: str, out: str)
         cfg, ep = SHARDED_EXPERTS[case]
         torch.manual_seed(0)
         model = Transformer(cfg)
-        par = parallelize(model, resolve_layout(ParallelConfig(mode="fsdp", ep=ep), world, cfg),
-                          torch.device("cpu"), bf16=False)  # fmt: skip
+        par = parallelize(
+            model,
+            resolve_layout(ParallelConfig(mode="fsdp", ep=ep), world, cfg),
+            torch.device("cpu"),
+            bf16=False,
+        )
         opt = build_optimizer(model, OptimConfig(), par.expert_params)
         step = model(_step_inputs(cfg, rank), _step_inputs(cfg, rank))
         (step.loss + step.aux_loss).backward()
@@ -161,8 +183,11 @@ def _sharded_experts_rank(rank: int, world: int, port: int, case: str, out: str)
             return sum(t.to_local().numel() for t in tensors)
 
         params = list(experts.values())
-        numels = {"params": numel(params), "grads": numel(p.grad for p in params),
-                  **{k: numel(opt.state[p][k] for p in params) for k in ("exp_avg", "exp_avg_sq")}}  # fmt: skip
+        numels = {
+            "params": numel(params),
+            "grads": numel(p.grad for p in params),
+            **{k: numel(opt.state[p][k] for p in params) for k in ("exp_avg", "exp_avg_sq")},
+        }
         torch.save({"numels": numels, "norm": norm, "grads": grads}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -174,8 +199,12 @@ def test_sharded_experts_hold_a_quarter_of_their_states_on_each_of_four_ranks_wi
     case, tmp_path
 ):
     world = 4
-    mp.start_processes(_sharded_experts_rank, args=(world, free_port(), case, str(tmp_path)), nprocs=world,
-                       start_method="spawn")  # fmt: skip
+    mp.start_processes(
+        _sharded_experts_rank,
+        args=(world, free_port(), case, str(tmp_path)),
+        nprocs=world,
+        start_method="spawn",
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     cfg, ep = SHARDED_EXPERTS[case]
     p = count_params(cfg)
@@ -214,10 +243,13 @@ def test_fsdp_on_two_ranks_reproduces_the_single_process_loss_curve(data_cfg, tm
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(
     "parallel",
-    [FSDP, dataclasses.asdict(ParallelConfig(mode="fsdp", ep=2)),
-     dataclasses.asdict(ParallelConfig(mode="fsdp", ep=4, activation_checkpointing=True))],
+    [
+        FSDP,
+        dataclasses.asdict(ParallelConfig(mode="fsdp", ep=2)),
+        dataclasses.asdict(ParallelConfig(mode="fsdp", ep=4, activation_checkpointing=True)),
+    ],
     ids=["fsdp4", "fsdp2_x_ep2", "ep4_recompute"],
-)  # fmt: skip
+)
 def test_four_ranks_reproduce_the_single_process_loss_curve(parallel, data_cfg, tmp_path):
     cfg = dataclasses.replace(FAST, micro_batch_tokens=32)  # one sequence per rank per step
     ranks = torchrun(tmp_path, 4, spec_of(data_cfg, cfg, parallel=parallel))
@@ -227,8 +259,15 @@ def test_four_ranks_reproduce_the_single_process_loss_curve(parallel, data_cfg, 
 @pytest.mark.usefixtures("one_thread")
 def test_activation_checkpointing_leaves_the_loss_curve_unchanged(data_cfg):
     logger = ListLogger()
-    train(TINY, prepare_data(data_cfg), OptimConfig(), FAST, logger, progress=None,
-          parallel=ParallelConfig(activation_checkpointing=True))  # fmt: skip
+    train(
+        TINY,
+        prepare_data(data_cfg),
+        OptimConfig(),
+        FAST,
+        logger,
+        progress=None,
+        parallel=ParallelConfig(activation_checkpointing=True),
+    )
     assert_same_curve(logger.events, single_process(data_cfg).events, rel=1e-6)
 
 

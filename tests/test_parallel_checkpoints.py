@@ -36,8 +36,16 @@ def test_resume_of_a_checkpoint_of_another_model_is_refused_naming_the_key(data_
     data = prepare_data(data_cfg)
     cfg = dataclasses.replace(FAST, checkpoint_every=2, tokens=128 * 4)
     with pytest.raises(TrainingInterrupted):
-        train(TINY, data, OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=tmp_path,
-              stop_requested=lambda: True)  # fmt: skip
+        train(
+            TINY,
+            data,
+            OptimConfig(),
+            cfg,
+            ListLogger(),
+            progress=None,
+            checkpoint_dir=tmp_path,
+            stop_requested=lambda: True,
+        )
     other = dataclasses.replace(TINY, moe=dataclasses.replace(TINY.moe, top_k=2))
     with pytest.raises(ValueError, match="model.moe.top_k=1, this run model.moe.top_k=2"):
         train(other, data, OptimConfig(), cfg, ListLogger(), progress=None, resume=load_latest(tmp_path))
@@ -49,8 +57,16 @@ def test_resume_of_a_checkpoint_of_another_model_is_refused_naming_the_key(data_
 def _resume_in_process(data_cfg, ckpt: Path | None, cfg, model_cfg: ModelConfig = TINY) -> ListLogger:
     """Train in this process, from the latest checkpoint in `ckpt` (None: from scratch, no checkpoints)."""
     logger = ListLogger()
-    train(model_cfg, prepare_data(data_cfg), OptimConfig(), cfg, logger, progress=None, checkpoint_dir=ckpt,
-          resume=load_latest(ckpt) if ckpt else None)  # fmt: skip
+    train(
+        model_cfg,
+        prepare_data(data_cfg),
+        OptimConfig(),
+        cfg,
+        logger,
+        progress=None,
+        checkpoint_dir=ckpt,
+        resume=load_latest(ckpt) if ckpt else None,
+    )
     return logger
 
 
@@ -92,8 +108,14 @@ def test_a_fsdp_x_ep_checkpoint_of_four_ranks_resumes_in_one_process_and_on_two_
     shutil.copytree(ckpt, tmp_path / "ckpt_ep2")
     tail = [(s, m) for s, m in _resume_in_process(data_cfg, None, cfg, model_cfg).events if s > 5]
     assert_same_curve(_resume_in_process(data_cfg, ckpt, cfg, model_cfg).events, tail)
-    resumed = torchrun(tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(tmp_path / "ckpt_ep2"),
-                                            resume=True, parallel=EP2, model=model), name="ep2")  # fmt: skip
+    resumed = torchrun(
+        tmp_path,
+        2,
+        spec_of(
+            data_cfg, cfg, checkpoint_dir=str(tmp_path / "ckpt_ep2"), resume=True, parallel=EP2, model=model
+        ),
+        name="ep2",
+    )
     assert resumed[0]["result"]["resumed_from"] == 5
     assert_same_curve(resumed[0]["events"], tail)
 
@@ -105,8 +127,16 @@ def test_a_single_process_checkpoint_resumes_on_two_fsdp_ranks_on_the_same_curve
     ckpt = tmp_path / "ckpt"
     calls = iter(range(1, 100))
     with pytest.raises(TrainingInterrupted):
-        train(TINY, prepare_data(data_cfg), OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=ckpt,
-              stop_requested=lambda: next(calls) == 5)  # fmt: skip
+        train(
+            TINY,
+            prepare_data(data_cfg),
+            OptimConfig(),
+            cfg,
+            ListLogger(),
+            progress=None,
+            checkpoint_dir=ckpt,
+            stop_requested=lambda: next(calls) == 5,
+        )
     assert [p.name for _, p in list_checkpoints(ckpt)] == ["step_000000005.pt"]
     resumed = torchrun(
         tmp_path, 2, spec_of(data_cfg, cfg, checkpoint_dir=str(ckpt), resume=True, parallel=FSDP)

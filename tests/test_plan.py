@@ -106,8 +106,9 @@ def test_planning_a_56b_sweep_allocates_no_tensor_storage_and_takes_seconds():
     counter = AllocationCounter()
     t0 = time.perf_counter()
     with counter:  # ... and planning makes none, not even with the meta-device check
-        plans = plan_sweep(["granularity=1,8", "model=beyond50b_56b", *BIG_BATCH], multirun=True,
-                           check_meta=True)  # fmt: skip
+        plans = plan_sweep(
+            ["granularity=1,8", "model=beyond50b_56b", *BIG_BATCH], multirun=True, check_meta=True
+        )
     elapsed = time.perf_counter() - t0
     assert counter.bytes == 0
     assert counter.ops > 0  # the meta build did run through the dispatcher
@@ -117,8 +118,10 @@ def test_planning_a_56b_sweep_allocates_no_tensor_storage_and_takes_seconds():
 
 def test_sweep_expands_study_params_and_command_line_as_hydra_basic_sweeper():
     jobs = [job for job, _ in compose_jobs(["study=granularity", "model=small"], multirun=True)]
-    pairs = {(next(o for o in j if o.startswith("granularity=")), next(o for o in j if o.startswith("seed=")))
-             for j in jobs}  # fmt: skip
+    pairs = {
+        (next(o for o in j if o.startswith("granularity=")), next(o for o in j if o.startswith("seed=")))
+        for j in jobs
+    }
     assert len(jobs) == 20
     assert pairs == {(f"granularity={g}", f"seed={s}") for g in (1, 2, 4, 8) for s in (0, 1, 2, 3, 4)}
     assert all("model=small" in j for j in jobs)
@@ -186,8 +189,10 @@ def test_cli_reports_invalid_points_with_the_key_and_exits_nonzero(capsys):
 def test_the_56b_preset_gets_a_feasible_layout_on_h100_80gb_nodes(capsys):
     assert main(["--layout", "8", "64", "model=beyond50b_56b"]) == 0
     out = capsys.readouterr().out
-    expected = ("layout model=beyond50b_56b: 4 node(s) x 8 GPUs: parallel.mode=fsdp parallel.dp_shard=4 "
-                "parallel.ep=8 parallel.activation_checkpointing=true, micro-batch 2 seqs")  # fmt: skip
+    expected = (
+        "layout model=beyond50b_56b: 4 node(s) x 8 GPUs: parallel.mode=fsdp parallel.dp_shard=4 "
+        "parallel.ep=8 parallel.activation_checkpointing=true, micro-batch 2 seqs"
+    )
     assert expected in out, out[-2000:]
     assert "GiB per rank" in out
 

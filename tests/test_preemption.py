@@ -77,8 +77,14 @@ def test_usr2_to_a_submitit_job_checkpoints_requeues_and_the_job_resumes(
 
     args = [*overrides, "seed=0,1", "hydra.callbacks.study.report=false", "hydra.sweeper.max_batch_size=1"]
     # seed=0,1 in batches of one: the first point is the one preempted, the second shows the sweep goes on
-    proc = start_study(["-m", *args], tmp_path, env={"MOE_JOBS": "1", "MOE_THREADS": "1"},
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = start_study(
+        ["-m", *args],
+        tmp_path,
+        env={"MOE_JOBS": "1", "MOE_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run_dir = tmp_path / "outputs" / "default" / "runs" / reference.run_key
     deadline = time.monotonic() + 240
     try:

@@ -23,9 +23,13 @@ def point(tmp_path: Path, name: str, steps: int = 100) -> Tracked:
 def test_lines_mode_shows_each_points_step_losses_throughput_and_eta_from_its_files(tmp_path):
     a, b = point(tmp_path, "1"), point(tmp_path, "8")
     runfiles.write_status(a.run_dir, "RUNNING", 40)
-    runfiles.write_events(a.run_dir / runfiles.METRICS, [
-        {"step": 38, "train/loss": 5.1, "tokens_per_s": 1000.0}, {"step": 40, "val/loss": 5.25},
-    ])  # fmt: skip
+    runfiles.write_events(
+        a.run_dir / runfiles.METRICS,
+        [
+            {"step": 38, "train/loss": 5.1, "tokens_per_s": 1000.0},
+            {"step": 40, "val/loss": 5.25},
+        ],
+    )
     out = io.StringIO()
     view = ProgressView([a, b], [512, 512], "auto", stream=out, every_s=0.0)
     assert view.mode == "lines", "a stream that is not a terminal gets plain lines"

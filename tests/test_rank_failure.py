@@ -83,13 +83,23 @@ def two_task_sweep(shrunk: list[str], root: Path) -> Iterator[subprocess.Popen]:
     """A one-point sweep on 2 tasks, long enough to be mid-training at any fault; every process of its
     session is killed at the end (a stopped rank too: SIGKILL reaches it)."""
     overrides = [o for o in shrunk if not o.startswith("paths.root=")] + [
-        f"paths.root={root}", "infra.tasks_per_node=2", "tokens=5120000", "data.allow_repeat=true",
-        "train.eval_every=1000", "launch.progress=off",
-    ]  # fmt: skip
+        f"paths.root={root}",
+        "infra.tasks_per_node=2",
+        "tokens=5120000",
+        "data.allow_repeat=true",
+        "train.eval_every=1000",
+        "launch.progress=off",
+    ]
     env = {"MOE_JOBS": "1", "MOE_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with (root.parent / "sweep.log").open("w") as log:  # not a pipe: nobody reads it while the sweep runs
-        proc = start_study(["-m", *overrides], root.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
-                           start_new_session=True)  # fmt: skip
+        proc = start_study(
+            ["-m", *overrides],
+            root.parent,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:
@@ -124,8 +134,12 @@ def fault_at_step_2(proc: subprocess.Popen, root: Path, rank: int, sig: signal.S
 
 
 def assert_failed_naming_rank_1(root: Path, faulted: float) -> None:
-    status = wait_for("status.json FAILED", lambda: (s := status_of(root)).get("status") == "FAILED" and s,
-                      WITHIN_S + 30, root)  # fmt: skip
+    status = wait_for(
+        "status.json FAILED",
+        lambda: (s := status_of(root)).get("status") == "FAILED" and s,
+        WITHIN_S + 30,
+        root,
+    )
     took = time.monotonic() - faulted
     print(f"FAILED recorded {took:.1f} s after the fault: {status['reason']}")
     assert took < WITHIN_S
@@ -133,13 +147,18 @@ def assert_failed_naming_rank_1(root: Path, faulted: float) -> None:
     # summary.json follows status.json
     summary = wait_for("summary.json", lambda: runfiles.read_summary(run_dir_of(root)), 10, root)
     assert summary["status"] == "FAILED" and "rank 1 failed" in summary["error"]
-    record = wait_for("point.json FAILED", lambda: (r := job_record_of(root)).get("status") == "FAILED" and r,
-                      10, root)  # fmt: skip
+    record = wait_for(
+        "point.json FAILED", lambda: (r := job_record_of(root)).get("status") == "FAILED" and r, 10, root
+    )
     assert record["error"].startswith("PeerFailure: rank 1 failed: ")
     assert record["run_key"] == run_dir_of(root).name
     client = MlflowClient(f"sqlite:///{root / 'default' / 'mlflow.db'}")
-    run = wait_for("MLflow run FAILED",
-                   lambda: (r := client.get_run(summary["mlflow_run_id"])).info.status == "FAILED" and r, 20, root)  # fmt: skip
+    run = wait_for(
+        "MLflow run FAILED",
+        lambda: (r := client.get_run(summary["mlflow_run_id"])).info.status == "FAILED" and r,
+        20,
+        root,
+    )
     assert run.data.tags["failed_rank"] == "1"
     assert "rank 1 failed" in run.data.tags["failure_reason"]
 
@@ -223,8 +242,16 @@ def _launch_ranks(tmp_path: Path, spec: dict, world: int) -> list[subprocess.Pop
     port = free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         env.pop("TORCHELASTIC_RUN_ID", None)
         cmd = [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(out / "spec.json"), str(out)]
         procs.append(
@@ -236,8 +263,13 @@ def _launch_ranks(tmp_path: Path, spec: dict, world: int) -> list[subprocess.Pop
 @pytest.mark.slow
 @pytest.mark.parametrize("dead", [1, 0], ids=["worker_dies", "store_host_dies"])
 def test_a_rank_killed_mid_training_ends_the_others_within_a_minute_naming_it(dead, data_cfg, tmp_path):
-    spec = spec_of(data_cfg, dataclasses.replace(FAST, tokens=128 * 400), die=[dead, 4], peer_timeout_s=15.0,
-                   parallel=FSDP)  # fmt: skip
+    spec = spec_of(
+        data_cfg,
+        dataclasses.replace(FAST, tokens=128 * 400),
+        die=[dead, 4],
+        peer_timeout_s=15.0,
+        parallel=FSDP,
+    )
     procs = _launch_ranks(tmp_path, spec, 2)
     survivor = procs[1 - dead]
     try:

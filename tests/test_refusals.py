@@ -30,11 +30,13 @@ def nothing_written(root: Path) -> None:
         (["optim.weight_decay=-1"], "optim.weight_decay=-1.0 must be >= 0"),
         (["optim.beta1=1"], "optim.beta1=1.0 must be in [0, 1)"),
         pytest.param(["optim.lr=nan"], "optim.lr=nan must be a finite number", marks=pytest.mark.slow),
-        pytest.param(["tracking.uri=garbage://x"], "tracking.uri='garbage://x' is not usable", marks=pytest.mark.slow),
+        pytest.param(
+            ["tracking.uri=garbage://x"], "tracking.uri='garbage://x' is not usable", marks=pytest.mark.slow
+        ),
         pytest.param(["paths.root=/proc/x"], "paths.root='/proc/x' is not writable", marks=pytest.mark.slow),
     ],
     ids=["eps_zero", "negative_decay", "beta1_one", "lr_nan", "garbage_uri", "unwritable_root"],
-)  # fmt: skip
+)
 def test_a_single_run_is_validated_like_a_sweep_before_hydra_writes_its_folder(
     shrunk, tmp_path, bad, fragment
 ):

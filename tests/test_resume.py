@@ -38,13 +38,24 @@ from studies.job.execute import run_point
 # jitter > 0 makes the run draw from the global torch RNG every step, so a resume that forgot the RNG
 # state would diverge; bias balancing makes a buffer (not a parameter) part of the state.
 TINY = ModelConfig(
-    vocab_size=512, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32,
+    vocab_size=512,
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    d_ff=64,
+    seq_len=32,
     moe=MoEConfig(num_experts=4, top_k=2, jitter=0.1, bias_update_rate=1e-3),
-)  # fmt: skip
+)
 FAST = TrainConfig(
-    tokens=512 * 16, batch_tokens=512, eval_every=4, eval_tokens=1024, log_every=1, progress_every=0,
-    checkpoint_every=3, keep_last=2,
-)  # fmt: skip
+    tokens=512 * 16,
+    batch_tokens=512,
+    eval_every=4,
+    eval_tokens=1024,
+    log_every=1,
+    progress_every=0,
+    checkpoint_every=3,
+    keep_last=2,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,8 +102,16 @@ def test_resume_after_a_stop_logs_the_identical_history_and_final_val_loss(data,
     ref_events, ref_result = reference
     first = ListLogger()
     with pytest.raises(TrainingInterrupted) as stopped:
-        train(TINY, data, OptimConfig(lr=1e-2), FAST, first, progress=None, checkpoint_dir=tmp_path,
-              stop_requested=stop_after(7))  # fmt: skip
+        train(
+            TINY,
+            data,
+            OptimConfig(lr=1e-2),
+            FAST,
+            first,
+            progress=None,
+            checkpoint_dir=tmp_path,
+            stop_requested=stop_after(7),
+        )
     assert stopped.value.step == 7 and stopped.value.checkpoint == checkpoint_path(tmp_path, 7)
     second = ListLogger()
     state = load_latest(tmp_path)
@@ -107,8 +126,16 @@ def test_resume_from_an_older_checkpoint_repeats_the_lost_steps_identically(data
     # What a SIGKILL after step 7 leaves: checkpoints of steps 3 and 6 (every 3), nothing of step 7.
     ref_events, ref_result = reference
     with pytest.raises(TrainingInterrupted):
-        train(TINY, data, OptimConfig(lr=1e-2), FAST, ListLogger(), progress=None, checkpoint_dir=tmp_path,
-              stop_requested=stop_after(7))  # fmt: skip
+        train(
+            TINY,
+            data,
+            OptimConfig(lr=1e-2),
+            FAST,
+            ListLogger(),
+            progress=None,
+            checkpoint_dir=tmp_path,
+            stop_requested=stop_after(7),
+        )
     checkpoint_path(tmp_path, 7).unlink()
     state = load_latest(tmp_path)
     assert state["step"] == 6
@@ -120,8 +147,16 @@ def test_resume_from_an_older_checkpoint_repeats_the_lost_steps_identically(data
 
 def test_resume_refuses_a_checkpoint_of_another_plan(data, tmp_path):
     with pytest.raises(TrainingInterrupted):
-        train(TINY, data, OptimConfig(), FAST, ListLogger(), progress=None, checkpoint_dir=tmp_path,
-              stop_requested=stop_after(2))  # fmt: skip
+        train(
+            TINY,
+            data,
+            OptimConfig(),
+            FAST,
+            ListLogger(),
+            progress=None,
+            checkpoint_dir=tmp_path,
+            stop_requested=stop_after(2),
+        )
     longer = dataclasses.replace(FAST, tokens=FAST.tokens * 2)
     with pytest.raises(ValueError, match="written for plan"):
         train(TINY, data, OptimConfig(), longer, ListLogger(), progress=None, resume=load_latest(tmp_path))
@@ -132,8 +167,11 @@ def test_periodic_checkpoints_keep_only_the_last_k(data, tmp_path):
     # every 3 steps of 16 and the last one (a finished run keeps its final weights), keep_last=2
     assert [s for s, _ in list_checkpoints(tmp_path)] == [16, 15]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step_000000015.pt", "step_000000015.pt.sha256", "step_000000016.pt", "step_000000016.pt.sha256",
-    ]  # fmt: skip
+        "step_000000015.pt",
+        "step_000000015.pt.sha256",
+        "step_000000016.pt",
+        "step_000000016.pt.sha256",
+    ]
 
 
 def test_nan_loss_stops_training_with_the_step_it_first_appeared(data, tmp_path):

@@ -20,10 +20,21 @@ def point_of(compose, overrides):
 
 @pytest.mark.parametrize(
     "override",
-    ["data.cache_dir=/elsewhere", "data.workers=4", "train.device=cpu", "train.compile=true", "train.log_every=1",
-     "train.progress_every=1", "train.checkpoint_every=7", "train.keep_last=5", "paths.root=/other/root",
-     "tracking.uri=sqlite:////tmp/other.db", "infra.threads=3", "launch.retry_failed=true"],
-)  # fmt: skip
+    [
+        "data.cache_dir=/elsewhere",
+        "data.workers=4",
+        "train.device=cpu",
+        "train.compile=true",
+        "train.log_every=1",
+        "train.progress_every=1",
+        "train.checkpoint_every=7",
+        "train.keep_last=5",
+        "paths.root=/other/root",
+        "tracking.uri=sqlite:////tmp/other.db",
+        "infra.threads=3",
+        "launch.retry_failed=true",
+    ],
+)
 def test_an_infrastructure_key_does_not_change_the_run_key(override, compose):
     assert point_of(compose, [override]).run_key == point_of(compose, []).run_key
 

@@ -35,10 +35,18 @@ from studies.server import (
 
 # Headless flags from docs/tracking.md; without the last two only the page's loading skeleton is drawn.
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--window-size=1400,900", "--virtual-time-budget=20000", "--run-all-compositor-stages-before-draw",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,900",
+    "--virtual-time-budget=20000",
+    "--run-all-compositor-stages-before-draw",
+]
 
 
 # Settings and command line ----------------------------------------------------------------------
@@ -63,8 +71,9 @@ def test_relative_store_and_artifact_paths_become_absolute(tmp_path, monkeypatch
     assert settings.artifacts_destination == str(tmp_path.resolve() / "shared" / "artifacts")
     remote = validate_settings(ServerSettings("postgresql://db.cluster/mlflow", "s3://bucket/mlflow"))
     assert (remote.backend_store_uri, remote.artifacts_destination) == (
-        "postgresql://db.cluster/mlflow", "s3://bucket/mlflow",
-    )  # fmt: skip
+        "postgresql://db.cluster/mlflow",
+        "s3://bucket/mlflow",
+    )
 
 
 def test_default_server_binds_loopback_and_proxies_artifacts(tmp_path):
@@ -80,8 +89,13 @@ def test_default_server_binds_loopback_and_proxies_artifacts(tmp_path):
 
 
 def test_binding_all_interfaces_advertises_the_node_name_accepts_it_and_warns_about_auth(tmp_path):
-    settings = ServerSettings(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path), host="0.0.0.0", port=5123,
-                              allowed_hosts=("mlflow.example.org",))  # fmt: skip
+    settings = ServerSettings(
+        f"sqlite:///{tmp_path}/mlflow.db",
+        str(tmp_path),
+        host="0.0.0.0",
+        port=5123,
+        allowed_hosts=("mlflow.example.org",),
+    )
     name = socket.getfqdn()
     assert settings.url == f"http://{name}:5123"
     assert settings.local_url == "http://127.0.0.1:5123"
@@ -93,11 +107,13 @@ def test_binding_all_interfaces_advertises_the_node_name_accepts_it_and_warns_ab
 
 
 def test_filesystem_type_takes_the_deepest_mount_holding_the_path():
-    mounts = "\n".join([
-        "/dev/sda1 / ext4 rw 0 0",
-        "nas:/export /shared nfs4 rw 0 0",
-        "/dev/nvme0n1 /shared/local\\040disk xfs rw 0 0",
-    ])  # fmt: skip
+    mounts = "\n".join(
+        [
+            "/dev/sda1 / ext4 rw 0 0",
+            "nas:/export /shared nfs4 rw 0 0",
+            "/dev/nvme0n1 /shared/local\\040disk xfs rw 0 0",
+        ]
+    )
     assert filesystem_type(Path("/shared/study/mlflow.db"), mounts) == "nfs4"
     assert filesystem_type(Path("/shared/local disk/mlflow.db"), mounts) == "xfs"
     assert filesystem_type(Path("/home/me"), mounts) == "ext4"
@@ -118,10 +134,25 @@ def test_sqlite_store_on_nfs_is_warned_about_but_artifacts_on_nfs_are_not():
 def test_cli_serves_until_interrupted_then_stops_its_whole_process_group(tmp_path):
     port = free_port()
     cli = subprocess.Popen(
-        [sys.executable, "-m", "studies.server", "--backend-store-uri", f"sqlite:///{tmp_path}/db/mlflow.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--port", str(port), "--workers", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=repo_env(), cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "studies.server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/db/mlflow.db",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=repo_env(),
+        cwd=tmp_path,
+    )
     lines = []
     try:
         deadline = time.monotonic() + 180
@@ -171,9 +202,15 @@ def served_study(tmp_path_factory, data_cache):
     with tracking_server(
         f"sqlite:///{tmp}/server/mlflow.db", tmp / "shared" / "artifacts", log_path=tmp / "server.log"
     ) as url:
-        overrides = [*SHRINK, f"data.cache_dir={data_cache}", f"paths.root={tmp / 'outputs'}",
-                     "granularity=1,8", "infra=basic", "hydra.callbacks.study.report=false",
-                     f"tracking.uri={url}"]  # fmt: skip
+        overrides = [
+            *SHRINK,
+            f"data.cache_dir={data_cache}",
+            f"paths.root={tmp / 'outputs'}",
+            "granularity=1,8",
+            "infra=basic",
+            "hydra.callbacks.study.report=false",
+            f"tracking.uri={url}",
+        ]
         proc = run_study(["-m", *overrides], tmp, env={"MOE_THREADS": "1"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         experiment = MlflowClient(url).get_experiment_by_name("default")
@@ -216,8 +253,12 @@ def chromium() -> str:
 
 def chromium_run(url: str, action: str, profile: Path) -> str:
     """Run headless Chromium on `url` with one action (--dump-dom, --screenshot=...) and a fresh profile."""
-    proc = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", action, url],
-                          capture_output=True, text=True, timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", action, url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -265,8 +306,13 @@ def test_loss_chart_page_plots_train_and_val_loss_of_every_point(served_study, t
     url, _, exp_id = served_study
     children = MlflowClient(url).search_runs([exp_id], "tags.kind = 'point'")
     keys = ["train/loss", "val/loss"]
-    query = {"runs": json.dumps([c.info.run_id for c in children]), "metric": json.dumps(keys[0]),
-             "experiments": json.dumps([exp_id]), "plot_metric_keys": json.dumps(keys), "x_axis": "step"}  # fmt: skip
+    query = {
+        "runs": json.dumps([c.info.run_id for c in children]),
+        "metric": json.dumps(keys[0]),
+        "experiments": json.dumps([exp_id]),
+        "plot_metric_keys": json.dumps(keys),
+        "x_axis": "step",
+    }
     image, text = render(f"{url}/#/metric?{urllib.parse.urlencode(query)}", tmp_path / "loss")
     assert_not_blank(image)
     assert "train/loss vs val/loss" in text

@@ -22,8 +22,13 @@ def project_copy(dest: Path) -> Path:
 
 
 def git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}  # fmt: skip
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.invalid",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.invalid",
+    }
     return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True).stdout
 
 
@@ -59,8 +64,9 @@ def test_code_running_from_a_snapshot_reports_the_commit_it_was_taken_from(tmp_p
     git(tree, "commit", "-q", "--allow-empty", "-m", "after launch")  # the tree moves on
     probe = "from records.code_record import git_sha; print(git_sha())"
     env = {**os.environ, "PYTHONPATH": str(snap.dir), "PYTHONSAFEPATH": "1"}
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == snap.git_sha != git(tree, "rev-parse", "HEAD").strip()
 

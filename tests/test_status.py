@@ -23,21 +23,39 @@ def make_sweep(study: Path, name: str, points: dict[str, tuple[str | None, int]]
         run_dir.mkdir(parents=True)
         if state is not None:
             runfiles.write_status(run_dir, state, step)
-            runfiles.write_events(run_dir / runfiles.METRICS,
-                                  [{"step": s, "train/loss": 6.0 - s / 100, "tokens_per_s": 1000.0}
-                                   for s in range(2, step + 1, 2)])  # fmt: skip
-        jobs.append({"num": num, "job_id": f"9{num}", "log": str(sweep / f"{num}.out"), "label": f"granularity={num}",
-                     "variant": f"moe-G{num}", "run_dir": str(run_dir), "steps": 20, "batch_tokens": 512,
-                     "host": "elsewhere", "pid": None})  # fmt: skip
-    runfiles.write_json(sweep / "sweep.json", {"study": study.name, "executor": "local", "parent_run_id": "abc",
-                                               "detach": True, "jobs": jobs})  # fmt: skip
+            runfiles.write_events(
+                run_dir / runfiles.METRICS,
+                [
+                    {"step": s, "train/loss": 6.0 - s / 100, "tokens_per_s": 1000.0}
+                    for s in range(2, step + 1, 2)
+                ],
+            )
+        jobs.append(
+            {
+                "num": num,
+                "job_id": f"9{num}",
+                "log": str(sweep / f"{num}.out"),
+                "label": f"granularity={num}",
+                "variant": f"moe-G{num}",
+                "run_dir": str(run_dir),
+                "steps": 20,
+                "batch_tokens": 512,
+                "host": "elsewhere",
+                "pid": None,
+            }
+        )
+    runfiles.write_json(
+        sweep / "sweep.json",
+        {"study": study.name, "executor": "local", "parent_run_id": "abc", "detach": True, "jobs": jobs},
+    )
     return sweep
 
 
 def test_status_shows_each_points_state_and_step_from_its_run_folder(tmp_path, capsys):
     study = tmp_path / "outputs" / "demo"
-    sweep = make_sweep(study, "2026-01-01_00-00-00-000001",
-                       {"k0": ("DONE", 20), "k1": ("RUNNING", 8), "k2": (None, 0)})  # fmt: skip
+    sweep = make_sweep(
+        study, "2026-01-01_00-00-00-000001", {"k0": ("DONE", 20), "k1": ("RUNNING", 8), "k2": (None, 0)}
+    )
     (study / "multirun" / "2025-old").mkdir()  # a sweep from before sweep.json
     assert main([str(study)]) == 0
     out = capsys.readouterr().out
@@ -69,15 +87,25 @@ def test_status_of_a_path_that_is_no_study_or_sweep_is_one_line_naming_it_exit_2
 def test_sacct_lines_of_pending_arrays_and_requeued_jobs_give_one_state_per_job():
     table = "12_[0-2,5%2]|PENDING\n12_3|RUNNING\n12_4|COMPLETED\n12_4|REQUEUED\n13|CANCELLED by 0\n"
     ids = ["12_0", "12_2", "12_3", "12_4", "12_5", "12_6", "13"]
-    assert expand_states(table, ids) == {"12_0": "PENDING", "12_2": "PENDING", "12_3": "RUNNING",
-                                   "12_4": "COMPLETED", "12_5": "PENDING", "13": "CANCELLED"}  # fmt: skip
+    assert expand_states(table, ids) == {
+        "12_0": "PENDING",
+        "12_2": "PENDING",
+        "12_3": "RUNNING",
+        "12_4": "COMPLETED",
+        "12_5": "PENDING",
+        "13": "CANCELLED",
+    }
 
 
 def test_status_module_runs_as_a_command(tmp_path):
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "studies.status", str(tmp_path / "none")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "studies.status", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert (
         proc.returncode == 2 and proc.stderr.strip() == f"studies.status: {tmp_path / 'none'} does not exist"
     )

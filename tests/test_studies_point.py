@@ -58,8 +58,18 @@ def test_mlflow_run_has_tags_params_metric_history_and_artifacts(finished):
     assert run.info.status == "FINISHED"
     assert run.info.experiment_id == client.get_experiment_by_name("default").experiment_id
     tags = run.data.tags
-    for key, value in dict(kind="point", study="default", variant="moe-E8-k2-G2", model="tiny", granularity="2",
-                           top_k="2", experts="8", tokens="10240", seed="3", run_key=result.run_key).items():  # fmt: skip
+    for key, value in dict(
+        kind="point",
+        study="default",
+        variant="moe-E8-k2-G2",
+        model="tiny",
+        granularity="2",
+        top_k="2",
+        experts="8",
+        tokens="10240",
+        seed="3",
+        run_key=result.run_key,
+    ).items():
         assert tags[key] == value, key
     assert tags["git_sha"]
     params = run.data.params
@@ -71,8 +81,13 @@ def test_mlflow_run_has_tags_params_metric_history_and_artifacts(finished):
         params["model.d_model"] == "32" and params["moe.granularity"] == "2" and params["optim.lr"] == "0.01"
     )
     assert int(params["acct.steps"]) == 20 and int(params["acct.batch_tokens"]) == 512
-    for key in ("acct.params_total", "acct.params_active", "acct.params_non_embedding",
-                "acct.params_active_non_embedding", "acct.flops_per_token_train"):  # fmt: skip
+    for key in (
+        "acct.params_total",
+        "acct.params_active",
+        "acct.params_non_embedding",
+        "acct.params_active_non_embedding",
+        "acct.flops_per_token_train",
+    ):
         assert key in params
     history = client.get_metric_history(result.mlflow_run_id, "train/loss")
     assert [m.step for m in history] == list(range(1, 21)), "the train loss of every step"
@@ -84,8 +99,11 @@ def test_mlflow_run_has_tags_params_metric_history_and_artifacts(finished):
     assert summary["final"]["val/loss_final_se"] > 0 and "val/loss_final" in summary["final_labels"]
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"config.yaml", "metrics.jsonl", "summary.json"} <= artifacts
-    local = mlflow.artifacts.download_artifacts(run_id=result.mlflow_run_id, artifact_path="summary.json",
-                                                tracking_uri=f"sqlite:///{study_dir / 'mlflow.db'}")  # fmt: skip
+    local = mlflow.artifacts.download_artifacts(
+        run_id=result.mlflow_run_id,
+        artifact_path="summary.json",
+        tracking_uri=f"sqlite:///{study_dir / 'mlflow.db'}",
+    )
     assert json.loads(open(local).read())["mlflow_run_id"] == result.mlflow_run_id
 
 
@@ -95,8 +113,11 @@ def test_summary_and_mlflow_carry_the_final_raw_and_smoothed_val_loss_the_report
     result, study_dir = finished
     run_dir = study_dir / "runs" / result.run_key
     summary = json.loads((run_dir / "summary.json").read_text())
-    val = [(x["step"], x["val/loss"]) for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-           if "val/loss" in x]  # fmt: skip
+    val = [
+        (x["step"], x["val/loss"])
+        for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "val/loss" in x
+    ]
     expected = smooth([v for _, v in val], Smoothing(), [s for s, _ in val])[-1]
     assert summary["final"]["val/loss"] == val[-1][1]
     assert summary["final"]["val/loss_smoothed"] == pytest.approx(expected)

@@ -51,8 +51,11 @@ def test_read_metrics_keeps_the_last_value_per_key_and_step_and_ignores_a_torn_l
         '{"step": 3, "train/lo'  # killed mid-write
     )
     assert read_metrics(path) == {
-        ("train/loss", 1): 5.0, ("lr", 1): 0.1, ("train/loss", 2): 3.5, ("val/loss", 2): 4.5,
-    }  # fmt: skip
+        ("train/loss", 1): 5.0,
+        ("lr", 1): 0.1,
+        ("train/loss", 2): 3.5,
+        ("val/loss", 2): 4.5,
+    }
 
 
 def test_read_metrics_rejects_a_corrupt_line_before_the_last(tmp_path):
@@ -153,19 +156,32 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
 @pytest.mark.slow
 def test_server_killed_mid_run_training_completes_and_sync_backfills_mlflow_exactly(data_cache, tmp_path):
     store = tmp_path / "server"
-    settings = ServerSettings(f"sqlite:///{store / 'mlflow.db'}", str(store / "artifacts"), port=free_port(),
-                              workers=1)  # fmt: skip
-    overrides = [*SHRINK, f"data.cache_dir={data_cache}", f"paths.root={tmp_path / 'outputs'}", "infra=basic",
-                 "tokens=204800", "train.log_every=1", "train.eval_every=50", "tracking.flush_every_s=0.2",
-                 f"tracking.uri={settings.url}"]  # fmt: skip
+    settings = ServerSettings(
+        f"sqlite:///{store / 'mlflow.db'}", str(store / "artifacts"), port=free_port(), workers=1
+    )
+    overrides = [
+        *SHRINK,
+        f"data.cache_dir={data_cache}",
+        f"paths.root={tmp_path / 'outputs'}",
+        "infra=basic",
+        "tokens=204800",
+        "train.log_every=1",
+        "train.eval_every=50",
+        "tracking.flush_every_s=0.2",
+        f"tracking.uri={settings.url}",
+    ]
     study_dir = tmp_path / "outputs" / "default"
     log = open(tmp_path / "server.log", "w")
     with running_server(settings, log=log) as server:
-        job = start_study(overrides, tmp_path, stdout=open(tmp_path / "job.log", "w"),
-                          stderr=subprocess.STDOUT)  # fmt: skip
+        job = start_study(
+            overrides, tmp_path, stdout=open(tmp_path / "job.log", "w"), stderr=subprocess.STDOUT
+        )
         jsonl = lambda: next(iter(study_dir.glob("runs/*/metrics.jsonl")), None)  # noqa: E731
-        _wait_for(lambda: jsonl() is not None and len(jsonl().read_text().splitlines()) >= 30, 180,
-                  "30 logged steps")  # fmt: skip
+        _wait_for(
+            lambda: jsonl() is not None and len(jsonl().read_text().splitlines()) >= 30,
+            180,
+            "30 logged steps",
+        )
         client = MlflowClient(server.url)
         run_id = client.search_runs([client.get_experiment_by_name("default").experiment_id])[0].info.run_id
         _wait_for(lambda: len(client.get_metric_history(run_id, "train/loss")) >= 10, 60, "metrics in MLflow")

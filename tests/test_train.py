@@ -16,9 +16,14 @@ from moe.train.plan import OptimConfig, TrainConfig, plan_training
 from moe.train.schedule import lr_at
 
 TINY = ModelConfig(
-    vocab_size=512, d_model=32, n_layers=2, n_heads=2, d_ff=64, seq_len=32,
+    vocab_size=512,
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    d_ff=64,
+    seq_len=32,
     moe=MoEConfig(num_experts=4, top_k=2),
-)  # fmt: skip
+)
 FAST = TrainConfig(
     tokens=512 * 30, batch_tokens=512, eval_every=10, eval_tokens=1024, log_every=5, progress_every=0
 )
@@ -173,8 +178,25 @@ def test_eval_schedule_is_log_spaced_early_then_regular_and_always_the_last_step
 
     default = TrainConfig(eval_every=20)
     assert [s for s in range(1, 246) if is_eval_step(default, s, 245)] == [
-        1, 2, 4, 8, 16, 20, 40, 60, 80, 100, 120, 140, 160, 180, 200, 220, 240, 245
-    ]  # fmt: skip
+        1,
+        2,
+        4,
+        8,
+        16,
+        20,
+        40,
+        60,
+        80,
+        100,
+        120,
+        140,
+        160,
+        180,
+        200,
+        220,
+        240,
+        245,
+    ]
     regular = TrainConfig(eval_every=20, eval_early=False)
     assert [s for s in range(1, 61) if is_eval_step(regular, s, 60)] == [20, 40, 60]
     end_only = TrainConfig(eval_every=0, eval_early=False)
@@ -189,8 +211,16 @@ def test_a_checkpoint_evaluated_on_other_validation_windows_is_refused_on_resume
 
     cfg = dataclasses.replace(FAST, checkpoint_every=2, tokens=512 * 4)
     with pytest.raises(TrainingInterrupted):
-        train(TINY, data, OptimConfig(), cfg, ListLogger(), progress=None, checkpoint_dir=tmp_path,
-              stop_requested=lambda: True)  # fmt: skip
+        train(
+            TINY,
+            data,
+            OptimConfig(),
+            cfg,
+            ListLogger(),
+            progress=None,
+            checkpoint_dir=tmp_path,
+            stop_requested=lambda: True,
+        )
     state = load_latest(tmp_path)
     del state["plan"]["val_windows"]
     with pytest.raises(
