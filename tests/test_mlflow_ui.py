@@ -23,6 +23,7 @@ from studies.track.study_view import (
     VIEW_KEY,
     VIEW_NAME,
     VIEW_TAG_PREFIX,
+    experiment_url,
     publish_study_view,
     savings_metrics,
     ui_base,
@@ -69,6 +70,23 @@ def published_study(tmp_path_factory, data_cache):
         yield url, exp_id, parent.info.run_id, view, tmp
     assert not group_alive(server.process.pid), "mlflow server processes survived"
     assert processes_mentioning(str(tmp)) == []
+
+
+@pytest.mark.slow
+def test_the_experiment_url_opens_the_training_runs_not_the_genai_overview(published_study):
+    url, exp_id, _, _, tmp = published_study
+    assert (
+        MlflowClient(url).get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    )
+    page_url = experiment_url(url, exp_id)
+    png = tmp / "experiment.png"
+    chromium_run(page_url, f"--screenshot={png}", tmp / "profile-experiment-shot")
+    text = page_text(page_url, tmp / "experiment")
+    points = [r.info.run_name for r in MlflowClient(url).search_runs([exp_id], "tags.kind = 'point'")]
+    assert "matching runs" in text and all(name in text for name in points), text[:2000]
+    assert "Traces" not in text.split("matching runs")[0][-400:], "the GenAI view lists traces, not runs"
+    assert_not_blank(Image.open(png).convert("RGB"))
+    assert processes_mentioning(str(tmp / "profile")) == [], "chromium left processes behind"
 
 
 @pytest.mark.slow
@@ -194,7 +212,15 @@ def test_view_state_uses_only_what_the_installed_mlflow_ui_reads_from_a_saved_vi
 def test_view_url_points_at_the_server_or_the_local_mlflow_ui():
     assert view_url(ui_base("http://login01:5000/"), "3") == (
         "http://login01:5000/#/experiments/3/runs?viewStateShareKey=study-loss-curves&compareRunsMode=CHART"
+        "&workflowType=machine_learning"
     )
+    assert experiment_url("http://login01:5000", "3") == (
+        "http://login01:5000/#/experiments/3/runs?workflowType=machine_learning"
+    )
+    # the bundle reads both: the workflow from the URL, the kind from the experiment's tag
+    bundle = ui_bundle()
+    assert 'MACHINE_LEARNING="machine_learning"' in bundle and '"mlflow.experimentKind"' in bundle
+    assert 'CUSTOM_MODEL_DEVELOPMENT="custom_model_development"' in bundle
     assert ui_base("sqlite:////tmp/study/mlflow.db") == "http://127.0.0.1:5000"
 
 

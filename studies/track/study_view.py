@@ -131,9 +131,17 @@ def ui_base(tracking_uri: str) -> str:
     return tracking_uri.rstrip("/") if is_server(tracking_uri) else LOCAL_UI
 
 
+WORKFLOW = {"workflowType": "machine_learning"}  # the runs page, not MLflow 3's GenAI overview
+
+
 def view_url(base: str, experiment_id: str, key: str = VIEW_KEY, mode: str = "CHART") -> str:
-    query = urllib.parse.urlencode({SHARE_PARAM: key, "compareRunsMode": mode})
+    query = urllib.parse.urlencode({SHARE_PARAM: key, "compareRunsMode": mode, **WORKFLOW})
     return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs page in the training view (its plain URL opens the GenAI overview)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(WORKFLOW)}"
 
 
 def savings_metrics(savings_csv: Path) -> dict[str, float]:

@@ -86,8 +86,14 @@ def ui_command(tracking_uri: str) -> str:
     )
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless told it holds model training: by this tag
+# (the experiment's kind) and, in a URL, by the workflowType parameter (studies.track.study_view).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
-    """Get or create the study's experiment; tolerate another process creating it at the same time.
+    """Get or create the study's experiment, tagged as model training; tolerate another process creating
+    it at the same time.
 
     artifact_root None lets the tracking server choose (mlflow-artifacts: uploads over HTTP)."""
     for _ in range(5):
@@ -96,7 +102,7 @@ def experiment_id(client: MlflowClient, name: str, artifact_root: Path | None) -
             return exp.experiment_id
         try:
             location = None if artifact_root is None else Path(artifact_root).resolve().as_uri()
-            return client.create_experiment(name, artifact_location=location)
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except Exception:  # lost the race (unique name) or the db was busy: look again
             time.sleep(0.5)
     raise RuntimeError(f"could not get or create MLflow experiment {name!r}")
