@@ -114,6 +114,7 @@ CASES = [
     ("zero_capacity_factor", ["model.moe.capacity_factor=0"], ["moe.capacity_factor=0"]),
     ("negative_capacity_factor", ["model.moe.capacity_factor=-1.25"], ["moe.capacity_factor=-1.25"]),
     ("zero_threads", ["infra.threads=0"], ["infra.threads=0"]),
+    ("zero_peer_timeout", ["infra.peer_timeout_s=0"], ["infra.peer_timeout_s=0.0", "> 0"]),
     ("vocab_below_bytes", ["data.vocab_size=100"], ["data.vocab_size=100"]),
     ("val_fraction_too_large", ["data.val_fraction=0.9"], ["data.val_fraction=0.9"]),
     ("path_for_stdlib", ["data.path=/x"], ["data.path='/x'", "data.source=stdlib"]),

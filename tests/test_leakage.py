@@ -206,9 +206,7 @@ def test_cli_refuses_bad_input_in_one_line_naming_it(argv, named, tmp_path, caps
 
 
 @pytest.mark.slow
-def test_default_corpus_leaks_at_most_half_a_percent(tmp_path):
-    row = measure(
-        prepare_data(DataConfig(**{**DEFAULT, "cache_dir": str(tmp_path)})), seq_len=128, max_tokens=16384
-    )
+def test_default_corpus_leaks_at_most_half_a_percent(default_corpus):
+    row = measure(default_corpus, seq_len=128, max_tokens=16384)
     print(f"\ndefault corpus leakage: {json.dumps(row)}")
     assert row["val_leaked_fraction"] <= 0.005 and row["eval_leaked_fraction"] <= 0.005

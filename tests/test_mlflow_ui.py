@@ -9,13 +9,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SHRINK
-from helpers import run_study
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_server import assert_not_blank, chromium, chromium_run, page_text
 
-from studies.server import ServerSettings, free_port, group_alive, running_server
+from studies.server import free_port
 from studies.track import tracking
 from studies.track.study_view import (
     LOSS_KEYS,
@@ -32,6 +30,9 @@ from studies.track.study_view import (
     view_url,
 )
 
+# The tests of the served sweep (conftest.served_sweep) share one worker, which trains it once.
+pytestmark = pytest.mark.xdist_group("served_sweep")
+
 
 def processes_mentioning(text: str) -> list[str]:
     """Live processes whose command line contains `text` (the test's tmp dir: server store, browser profile)."""
@@ -40,36 +41,16 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def published_study(tmp_path_factory, data_cache):
-    """A real server, one finished sweep with its report, and the study view published on it:
+def published_study(served_sweep):
+    """The served sweep (conftest) with the study view published on it, as the sweep's end does:
     (tracking url, experiment id, parent run id, StudyView, tmp dir)."""
-    tmp = tmp_path_factory.mktemp("ui")
-    settings = ServerSettings(
-        f"sqlite:///{tmp}/server/mlflow.db", str(tmp / "artifacts"), port=free_port(), workers=1
-    )
-    with open(tmp / "server.log", "w") as log, running_server(settings, log=log) as server:
-        url = server.url
-        overrides = [
-            *SHRINK,
-            f"data.cache_dir={data_cache}",
-            f"paths.root={tmp / 'outputs'}",
-            "granularity=1,8",
-            "infra=basic",
-            f"tracking.uri={url}",
-        ]
-        proc = run_study(["-m", *overrides], tmp, env={"MOE_THREADS": "1"}, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        client = MlflowClient(url)
-        exp_id = client.get_experiment_by_name("default").experiment_id
-        (parent,) = client.search_runs([exp_id], "tags.kind = 'sweep'")
-        report = tmp / "outputs" / "default" / "report" / "report.md"
-        assert report.exists(), proc.stdout[-3000:]
-        view = publish_study_view(
-            url, parent.info.run_id, "default", Path(parent.data.tags["sweep_dir"]), report
-        )
-        yield url, exp_id, parent.info.run_id, view, tmp
-    assert not group_alive(server.process.pid), "mlflow server processes survived"
-    assert processes_mentioning(str(tmp)) == []
+    url, tmp, exp_id = served_sweep.url, served_sweep.tmp, served_sweep.experiment_id
+    (parent,) = MlflowClient(url).search_runs([exp_id], "tags.kind = 'sweep'")
+    report = tmp / "outputs" / "default" / "report" / "report.md"
+    assert report.exists()
+    view = publish_study_view(url, parent.info.run_id, "default", Path(parent.data.tags["sweep_dir"]), report)
+    yield url, exp_id, parent.info.run_id, view, tmp
+    assert processes_mentioning(str(tmp / "profile")) == [], "chromium left processes behind"
 
 
 @pytest.mark.slow

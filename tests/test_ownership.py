@@ -96,23 +96,16 @@ def test_status_json_keeps_the_step_current_and_records_the_threads(compose, shr
 
 
 @pytest.mark.slow
-def test_rerunning_a_finished_sweep_starts_nothing_and_creates_no_sweep_folder_or_parent_run(
-    shrunk, tmp_path
-):
-    env = {"MOE_JOBS": "1", "MOE_THREADS": "1"}
-    args = ["-m", *shrunk, "infra=basic", "granularity=1,2", "study.name=rerun"]
-    first = run_study(args, tmp_path, env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    study = tmp_path / "outputs" / "rerun"
+@pytest.mark.xdist_group("served_sweep")  # the worker that trained conftest.served_sweep reruns it
+def test_rerunning_a_finished_sweep_starts_nothing_and_creates_no_sweep_folder_or_parent_run(served_sweep):
+    study = served_sweep.tmp / "outputs" / "default"
     sweeps = sorted((study / "multirun").iterdir())
-    again = run_study(args, tmp_path, env=env, timeout=600)
+    again = run_study(served_sweep.args, served_sweep.tmp, env={"MOE_THREADS": "1"}, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Study 'rerun': nothing to start, 2/2 points done" in again.stdout
+    assert "Study 'default': nothing to start, 2/2 points done" in again.stdout
     assert sorted((study / "multirun").iterdir()) == sweeps
-    client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("rerun")
-    parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("kind") == "sweep"]
-    assert len(parents) == 1
+    runs = MlflowClient(served_sweep.url).search_runs([served_sweep.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("kind") == "sweep"]) == 1
 
 
 @pytest.mark.slow

@@ -89,6 +89,7 @@ def two_task_sweep(shrunk: list[str], root: Path) -> Iterator[subprocess.Popen]:
         "data.allow_repeat=true",
         "train.eval_every=1000",
         "launch.progress=off",
+        "infra.peer_timeout_s=15",  # the default 30 s would be most of each test's time
     ]
     env = {"MOE_JOBS": "1", "MOE_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with (root.parent / "sweep.log").open("w") as log:  # not a pipe: nobody reads it while the sweep runs

@@ -17,8 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import SHRINK
-from helpers import healthy, repo_env, run_study
+from helpers import healthy, repo_env
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -50,6 +49,9 @@ CHROMIUM_FLAGS = [
 
 
 # Settings and command line ----------------------------------------------------------------------
+
+# The tests of the served sweep (conftest.served_sweep) share one worker, which trains it once.
+pytestmark = pytest.mark.xdist_group("served_sweep")
 
 
 def test_invalid_settings_name_the_flag_and_value(tmp_path):
@@ -195,26 +197,10 @@ def test_startup_failure_reports_the_server_log(tmp_path):
 # A sweep against a real server, and its UI ------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def served_study(tmp_path_factory, data_cache):
+@pytest.fixture
+def served_study(served_sweep):
     """A real server with one finished `granularity=1,8` sweep logged to it: (url, tmp dir, experiment id)."""
-    tmp = tmp_path_factory.mktemp("served")
-    with tracking_server(
-        f"sqlite:///{tmp}/server/mlflow.db", tmp / "shared" / "artifacts", log_path=tmp / "server.log"
-    ) as url:
-        overrides = [
-            *SHRINK,
-            f"data.cache_dir={data_cache}",
-            f"paths.root={tmp / 'outputs'}",
-            "granularity=1,8",
-            "infra=basic",
-            "hydra.callbacks.study.report=false",
-            f"tracking.uri={url}",
-        ]
-        proc = run_study(["-m", *overrides], tmp, env={"MOE_THREADS": "1"})
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        experiment = MlflowClient(url).get_experiment_by_name("default")
-        yield url, tmp, experiment.experiment_id
+    return served_sweep.url, served_sweep.tmp, served_sweep.experiment_id
 
 
 @pytest.mark.slow

@@ -61,6 +61,12 @@ def test_preempted_checkpointable_job_is_requeued_and_resumes_from_its_checkpoin
     # pickles checkpoint()'s submission and runs `scontrol requeue` on its own job.
     subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True)
 
+    # While the job requeues, sacct can briefly report the first attempt's end (COMPLETED): submitit
+    # would then read a result that the second attempt has not written yet. Wait for the result file.
+    deadline = time.monotonic() + 120
+    while not job.paths.result_pickle.exists():
+        assert time.monotonic() < deadline, f"the requeued job never finished: {job.state}"
+        time.sleep(0.2)
     assert job.result() == sum(i * i for i in range(n))
     steps = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
     first = [i for attempt, i in steps if attempt == 0]

@@ -148,6 +148,9 @@ class InfraConfig:
     """Nodes per point; with tasks_per_node, the point's data-parallel ranks (docs/distributed.md)."""
     tasks_per_node: int = 1
     """Tasks (data-parallel ranks) per node; one GPU each on a GPU cluster."""
+    peer_timeout_s: float = 30.0
+    """Seconds a rank's heartbeat may stay silent before its peers count it failed and end the point,
+    naming it (docs/distributed.md, "Rank failures"); raise it where ranks stall that long (slow I/O)."""
 
     @property
     def world_size(self) -> int:
@@ -158,6 +161,8 @@ class InfraConfig:
         for key in ("threads", "nodes", "tasks_per_node"):
             if getattr(self, key) < 1:
                 raise ValueError(f"infra.{key}={getattr(self, key)} must be >= 1")
+        if not self.peer_timeout_s > 0:
+            raise ValueError(f"infra.peer_timeout_s={self.peer_timeout_s} must be > 0 (seconds)")
 
 
 @dataclass

@@ -88,7 +88,9 @@ def run_point(
     run = load_run_config(cfg)
     retry = run.launch.retry_failed if retry_failed is None else retry_failed
     failures = ranks.RecordPeerFailure(hydra_job_dir())
-    with ranks.point_process_group(run.train.device, on_peer_failure=failures) as env:
+    with ranks.point_process_group(
+        run.train.device, on_peer_failure=failures, peer_timeout_s=run.infra.peer_timeout_s
+    ) as env:
         if env.world_size != run.infra.world_size:
             raise ValueError(
                 f"the job has {env.world_size} tasks but infra.nodes={run.infra.nodes} x "

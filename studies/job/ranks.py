@@ -43,13 +43,16 @@ def job_tasks() -> int:
 
 @contextlib.contextmanager
 def point_process_group(
-    device: str = "auto", on_peer_failure: Callable[[PeerFailure], None] | None = None
+    device: str = "auto",
+    on_peer_failure: Callable[[PeerFailure], None] | None = None,
+    peer_timeout_s: float = 30.0,
 ) -> Iterator[DistEnv]:
     """Join the point's process group when its job has several tasks (or torchrun started it).
-    on_peer_failure: called from the heartbeat thread before a rank stuck in a collective exits."""
+    on_peer_failure: called from the heartbeat thread before a rank stuck in a collective exits;
+    peer_timeout_s: how long a silent rank's heartbeat is waited for (infra.peer_timeout_s)."""
     if "WORLD_SIZE" not in os.environ and job_tasks() > 1:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    with distributed_env(device, on_peer_failure=on_peer_failure) as env:
+    with distributed_env(device, peer_timeout_s=peer_timeout_s, on_peer_failure=on_peer_failure) as env:
         yield env
 
 
