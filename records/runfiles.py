@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,6 +34,8 @@ OWNER = "owner.json"
 RUN_ID = "mlflow_run_id"
 CHECKPOINTS = "checkpoints"
 BRANCHES = "branches.json"
+TOKENIZER = "tokenizer.json"
+"""The tokenizer the point trained with, copied at its start: an export needs no data cache or corpus."""
 
 STATUSES = ("RUNNING", "DONE", "FAILED", "PREEMPTED", "INTERRUPTED")
 RESUMABLE = ("RUNNING", "PREEMPTED", "INTERRUPTED")
@@ -58,6 +61,16 @@ def run_dirs(study_dir: Path | str) -> list[Path]:
 def write_json(path: Path | str, obj: Mapping[str, Any]) -> None:
     """Write `obj` atomically: a reader sees the old file or the new one, never half of one."""
     write_json_atomic(path, obj)
+
+
+def keep_tokenizer(run_dir: Path | str, tokenizer: Path | str | None) -> None:
+    """Copy `tokenizer` (a tokenizer.json; None: the data shipped none) into the run folder, once."""
+    dst = Path(run_dir) / TOKENIZER
+    if tokenizer is None or dst.is_file():
+        return
+    tmp = dst.with_name(f".{TOKENIZER}.{os.getpid()}.tmp")
+    shutil.copyfile(tokenizer, tmp)
+    os.replace(tmp, dst)
 
 
 def read_json(path: Path | str) -> dict[str, Any] | None:

@@ -101,8 +101,11 @@ def load_weights(fin: FinishedRun, allow_earlier_checkpoint: bool = False) -> tu
     return model_weights(state, Transformer(fin.model)), step  # a sharded (FSDP/EP) run's too
 
 
-def tokenizer_file(data: DataConfig, fingerprint: str | None) -> Path:
-    """tokenizer.json of the point's data: the cache entry of its fingerprint, rebuilt if it is gone."""
+def tokenizer_file(data: DataConfig, fingerprint: str | None, run_dir: Path | None = None) -> Path:
+    """tokenizer.json of the point: the copy in its run folder (runfiles.TOKENIZER, kept since it
+    started), else the data's (the cache entry of its fingerprint, rebuilt if it is gone)."""
+    if run_dir is not None and (run_dir / runfiles.TOKENIZER).is_file():
+        return run_dir / runfiles.TOKENIZER
     if data.source == "tokens":
         path = Path(data.path).expanduser() / "tokenizer.json"
         if not path.is_file():
@@ -122,8 +125,9 @@ def tokenizer_file(data: DataConfig, fingerprint: str | None) -> Path:
     return prepared.tokenizer_path
 
 
-def save_tokenizer(path: Path, out_dir: Path) -> int | None:
-    """Write the transformers tokenizer files of tokenizer.json `path`; returns the EOD id (or None)."""
+def save_tokenizer(path: Path, out_dir: Path, context: int) -> int | None:
+    """Write the transformers tokenizer files of tokenizer.json `path` (model_max_length: the training
+    context); returns the EOD id (or None)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -131,7 +135,9 @@ def save_tokenizer(path: Path, out_dir: Path) -> int | None:
     special = (
         {"eos_token": EOD_TOKEN, "bos_token": EOD_TOKEN, "pad_token": EOD_TOKEN} if eod is not None else {}
     )
-    PreTrainedTokenizerFast(tokenizer_file=str(path), **special).save_pretrained(str(out_dir))
+    PreTrainedTokenizerFast(tokenizer_file=str(path), model_max_length=context, **special).save_pretrained(
+        str(out_dir)
+    )
     return eod
 
 
@@ -162,13 +168,13 @@ def export_run(
     check_exportable(fin.model)  # before loading anything big
     state, step = load_weights(fin, allow_earlier_checkpoint)
     state = {k: v.float() for k, v in state.items()}
-    tok_path = tokenizer_file(fin.run.data, (fin.summary.get("data") or {}).get("fingerprint"))
+    tok_path = tokenizer_file(fin.run.data, (fin.summary.get("data") or {}).get("fingerprint"), fin.run_dir)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        eod = save_tokenizer(tok_path, tmp)
+        eod = save_tokenizer(tok_path, tmp, fin.model.seq_len)
         to_transformers(fin.model, state, eos_token_id=eod).save_pretrained(str(tmp), safe_serialization=True)
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
         diff = max_logit_diff(fin.model, state, reloaded, check_tokens(fin.model))

@@ -105,6 +105,26 @@ def test_exported_tokenizer_encodes_like_the_project_tokenizer(compose, shrunk, 
     assert theirs.eos_token_id == ours.token_to_id("<|endoftext|>")
 
 
+def test_export_carries_pad_id_router_loss_weights_and_context_and_needs_no_data_cache(
+    compose, shrunk, tmp_path, one_thread
+):
+    run_dir = trained_run(compose, shrunk, tmp_path, ["granularity=2", "model.moe.aux_loss_coef=0.02"])
+    fin = read_finished_run(run_dir)
+    runfiles.keep_tokenizer(run_dir, prepare_data(fin.run.data).tokenizer_path)  # as the job does
+    # the data cache is gone (a file where it was): only the run folder's tokenizer can be read
+    config = OmegaConf.load(run_dir / runfiles.CONFIG)
+    config.data.cache_dir = str(tmp_path / "not-a-cache")
+    (tmp_path / "not-a-cache").write_text("")
+    OmegaConf.save(config, run_dir / runfiles.CONFIG)
+    export_run(run_dir, tmp_path / "hf")
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    eod = AutoTokenizer.from_pretrained(str(tmp_path / "hf")).eos_token_id
+    assert hf["pad_token_id"] == hf["eos_token_id"] == eod is not None
+    assert hf["router_aux_loss_coef"] == 0.02 and hf["router_z_loss_coef"] == fin.model.moe.z_loss_coef
+    tokenizer = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tokenizer["model_max_length"] == fin.model.seq_len == 32
+
+
 def test_export_of_a_run_that_is_not_done_names_the_key_and_writes_nothing(
     compose, shrunk, tmp_path, one_thread
 ):

@@ -42,6 +42,8 @@ def test_run_dir_holds_config_metrics_summary_and_status(finished):
     assert summary["final"]["val/loss"] == pytest.approx(result.val_loss)
     assert summary["final"]["val/loss"] < summary["data"]["unigram_entropy"] + 1.0
     assert summary["params"]["acct.params_total"] == result.params_total
+    # the tokenizer it trained with, so that an export needs neither the data cache nor the corpus
+    assert json.loads((run_dir / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     status = json.loads((run_dir / "status.json").read_text())
     assert {k: status[k] for k in ("status", "step", "reason")} == {
         "status": "DONE",

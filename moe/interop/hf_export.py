@@ -108,6 +108,11 @@ def qwen2_moe_config(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
         "attention_dropout": 0.0,
         "eos_token_id": eos_token_id,
         "bos_token_id": eos_token_id,
+        "pad_token_id": eos_token_id,  # training never pads; EOD is the tokenizer's pad_token too
+        # the router losses' weights; Qwen2-MoE applies the first when output_router_logits is set and
+        # has no z-loss, so router_z_loss_coef is carried for the record only
+        "router_aux_loss_coef": m.aux_loss_coef if m is not None else 0.0,
+        "router_z_loss_coef": m.z_loss_coef if m is not None else 0.0,
         "architectures": [ARCHITECTURE],
     }
 

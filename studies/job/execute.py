@@ -233,6 +233,7 @@ def _decide_and_train(
             + (f" (resuming after step {start})" if start else ""),
             flush=True,
         )
+        runfiles.keep_tokenizer(run_dir, prepared.tokenizer_path)
         failures.watch(point, record)
         tell(("train", start))
         try:
