@@ -98,3 +98,23 @@ def test_moe_jobs_that_is_not_a_positive_integer_is_named(value, monkeypatch):
     monkeypatch.setenv("MOE_JOBS", value)
     with pytest.raises(ValueError, match=rf"MOE_JOBS='{value}' must be a positive integer"):
         concurrent_jobs()
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_start_fails_unexpectedly_exits_1_with_one_sentence_and_launches_nothing(
+    compose, shrunk, tmp_path
+):
+    from studies.job.config import load_run_config
+    from studies.job.point import build_point
+
+    # a DONE point's status.json cut mid-write: the start hook cannot decide it (Hydra alone would turn
+    # the error into a warning, launch the jobs and exit 0)
+    point = build_point(load_run_config(compose([*shrunk, "granularity=2"])), cwd=tmp_path)
+    point.run_dir.mkdir(parents=True)
+    (point.run_dir / "status.json").write_text('{"status": "DO')
+    proc = run_study(["-m", *shrunk, "granularity=2", "infra=basic"], tmp_path, env=ENV)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("Sweep not started: RunFileError: ") and "status.json is not valid JSON" in line
+    assert not (tmp_path / "outputs" / "default" / "multirun").exists()
+    assert not (tmp_path / "outputs" / "default" / "mlflow.db").exists()

@@ -126,6 +126,14 @@ class StudyCallback(Callback):
         branches.register([point])
 
     def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        try:
+            self._start(config)
+        except Exception as exc:  # noqa: BLE001 - Hydra would make it a warning, launch, and exit 0
+            if self.parent_run_id:  # created before the error: not left RUNNING
+                tracking.end_run(tracking_uri(config), self.parent_run_id, ok=False)
+            refuse(f"Sweep not started: {type(exc).__name__}: {exc}")
+
+    def _start(self, config: DictConfig) -> None:
         jobs = jobs_of(config)
         if config.launch.detach:
             detach_refusal(config, len(jobs))
@@ -240,6 +248,15 @@ class StudyCallback(Callback):
         raise SystemExit(0)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._end(config)
+        except Exception as exc:  # noqa: BLE001 - Hydra would make it a warning and exit 0
+            refuse(
+                f"The sweep's jobs ended but finishing it failed: {type(exc).__name__}: {exc}; fix that and "
+                f"run  python -m studies.launch.finish {Path(config.hydra.sweep.dir).resolve()}"
+            )
+
+    def _end(self, config: DictConfig) -> None:
         os.environ.pop(PARENT_ENV, None)
         snapshot.restore_env(self._env_before)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
