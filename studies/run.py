@@ -107,7 +107,14 @@ def point_identity(cfg: DictConfig) -> dict:
 
 def cli(argv: list[str]) -> None:
     sys.argv[1:] = [FLAGS.get(a, a) for a in argv]
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside the launcher's own handling (studies.launch.launcher): one line
+        print(
+            "Interrupted (Ctrl-C); points stopped part-way resume when the same command runs again",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

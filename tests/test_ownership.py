@@ -109,7 +109,10 @@ def test_rerunning_a_finished_sweep_starts_nothing_and_creates_no_sweep_folder_o
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_sweep_process_preempts_its_jobs_and_leaves_no_process(shrunk, tmp_path):
+@pytest.mark.parametrize("how", ["sigterm", "ctrl_c"])
+def test_sigterm_or_ctrl_c_preempts_the_jobs_ends_the_parent_killed_in_one_line_and_leaves_no_process(
+    shrunk, tmp_path, how
+):
     args = [
         "-m",
         *shrunk,
@@ -138,9 +141,18 @@ def test_sigterm_to_the_sweep_process_preempts_its_jobs_and_leaves_no_process(sh
     else:
         sweep.kill()
         pytest.fail("the jobs did not start training")
-    sweep.send_signal(signal.SIGTERM)
+    if how == "sigterm":
+        sweep.send_signal(signal.SIGTERM)
+    else:  # a terminal's Ctrl-C: SIGINT to the whole foreground group (jobs and their controllers too)
+        os.killpg(sweep.pid, signal.SIGINT)
     out, _ = sweep.communicate(timeout=200)
-    assert sweep.returncode != 0
+    assert sweep.returncode == (143 if how == "sigterm" else 130), out[-3000:]
+    name = "SIGTERM" if how == "sigterm" else "Ctrl-C"
+    assert f"{name}: stopping the sweep's jobs (each checkpoints and records PREEMPTED)" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'sigterm' / 'mlflow.db'}")
+    tracked = client.search_runs([client.get_experiment_by_name("sigterm").experiment_id])
+    assert {r.data.tags["kind"]: r.info.status for r in tracked} == {"sweep": "KILLED", "point": "KILLED"}
     statuses = {read_status(d)["status"] for d in runs.iterdir()}
     assert statuses == {"PREEMPTED"}, (statuses, out[-3000:])
     left = subprocess.run(["pgrep", "-g", str(sweep.pid)], capture_output=True, text=True)

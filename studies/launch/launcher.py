@@ -48,7 +48,10 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
+from records import runfiles
+from records.sweep_record import SWEEP_RECORD
 from studies.job.preemption import preemption
+from studies.track import tracking
 
 log = logging.getLogger(__name__)
 JOB_STOP_WAIT_S = 120.0  # how long a terminated sweep waits for its local jobs to checkpoint and end
@@ -143,15 +146,23 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
         quiet = (
             _detached_local(sweep_dir) if detach and self._EXECUTOR == "local" else contextlib.nullcontext()
         )
-        with quiet:
-            jobs = executor.map_array(
-                self,
-                [list(o) for o in job_overrides],
-                ["hydra.sweep.dir"] * len(nums),
-                nums,
-                [f"job_id_for_{n}" for n in nums],
-                [state] * len(nums),
-            )
+        # The jobs and their controllers ignore SIGINT (inherited across exec): Ctrl-C reaches the whole
+        # terminal group, and this process alone must handle it (_stop_jobs_on_signal), in one line.
+        no_sigint = self._EXECUTOR == "local" and not detach
+        previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if no_sigint else None
+        try:
+            with quiet:
+                jobs = executor.map_array(
+                    self,
+                    [list(o) for o in job_overrides],
+                    ["hydra.sweep.dir"] * len(nums),
+                    nums,
+                    [f"job_id_for_{n}" for n in nums],
+                    [state] * len(nums),
+                )
+        finally:
+            if no_sigint:
+                signal.signal(signal.SIGINT, previous_int)
         for job, num in zip(jobs, nums, strict=True):
             print(f"job #{num}: {job.job_id}, log {job.paths.stdout}", flush=True)
         tracked, batch_tokens = self._tracked(jobs, job_overrides)
@@ -160,7 +171,7 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
             if self._EXECUTOR == "slurm":
                 self._submit_finish(sweep_dir, jobs)
             return [_detached_return(list(o), job) for job, o in zip(jobs, job_overrides, strict=True)]
-        with self._terminate_jobs_on_sigterm(jobs):
+        with self._stop_jobs_on_signal(jobs, sweep_dir):
             self._show_progress(jobs, tracked, batch_tokens)
             return [
                 self._collect(job, list(o), n) for job, o, n in zip(jobs, job_overrides, nums, strict=True)
@@ -259,14 +270,23 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
         watch(view, lambda: [str(job.state) for job in jobs], lambda: all(job.done() for job in jobs))
 
     @contextlib.contextmanager
-    def _terminate_jobs_on_sigterm(self, jobs: list[Any]) -> Iterator[None]:
-        """While waiting for local jobs: SIGTERM stops them the way a preemption does, then this process."""
+    def _stop_jobs_on_signal(self, jobs: list[Any], sweep_dir: Path) -> Iterator[None]:
+        """While waiting for local jobs: SIGTERM or Ctrl-C (SIGINT) stops them the way a preemption does
+        (each checkpoints and records PREEMPTED; the same command resumes them), ends the sweep's MLflow
+        parent run KILLED, then this process, with one line and no traceback."""
         if self._EXECUTOR != "local":
             yield
             return
 
         def stop(signum: int, frame: Any) -> None:
-            print("SIGTERM: stopping the sweep's jobs (each checkpoints and records PREEMPTED)", flush=True)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean stop short
+            name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(
+                f"{name}: stopping the sweep's jobs (each checkpoints and records PREEMPTED); "
+                "re-run the same command to resume them",
+                file=sys.stderr,
+                flush=True,
+            )
             processes = [p for p in (getattr(job, "_process", None) for job in jobs) if p is not None]
             for process in processes:
                 if process.poll() is None:
@@ -277,13 +297,17 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
                     process.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except Exception:  # noqa: BLE001 - a job that ignores the grace is killed
                     process.kill()
-            raise SystemExit(143)  # 128 + SIGTERM, as if the default handler had run
+            record = runfiles.read_json(sweep_dir / SWEEP_RECORD) or {}
+            if record.get("parent_run_id"):
+                tracking.end_run(record["tracking_uri"], record["parent_run_id"], ok=False, killed=True)
+            raise SystemExit(128 + signum)  # as if the default handler had run
 
-        previous = signal.signal(signal.SIGTERM, stop)
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _collect(self, job: Any, overrides: list[str], num: int) -> JobReturn:
         """The job's JobReturn; a failed job becomes a COMPLETED return holding its failure record."""

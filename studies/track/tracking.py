@@ -125,12 +125,14 @@ def start_run(
     return client.create_run(exp, run_name=run_name, tags=all_tags).info.run_id
 
 
-def end_run(tracking_uri: str, run_id: str | None, ok: bool) -> bool:
-    """Mark the run FINISHED or FAILED; False (with a warning) if MLflow is unreachable or the point has
-    no run: the run's status.json holds the outcome and `python -m studies.sync` sets it later."""
+def end_run(tracking_uri: str, run_id: str | None, ok: bool, *, killed: bool = False) -> bool:
+    """Mark the run FINISHED or FAILED (KILLED: stopped by a signal); False (with a warning) if MLflow is
+    unreachable or the point has no run: the run's status.json holds the outcome and
+    `python -m studies.sync` sets it later."""
     if run_id is None:
         return False
-    status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+    ended = RunStatus.KILLED if killed else RunStatus.FINISHED if ok else RunStatus.FAILED
+    status = RunStatus.to_string(ended)
     try:
         open_client(tracking_uri).set_terminated(run_id, status=status)
         return True
