@@ -110,6 +110,9 @@ def cli(argv: list[str]) -> None:
     try:
         main()
     except KeyboardInterrupt:  # outside the launcher's own handling (studies.launch.launcher): one line
+        from studies.launch.callbacks import end_open_parent_killed
+
+        end_open_parent_killed()
         print(
             "Interrupted (Ctrl-C); points stopped part-way resume when the same command runs again",
             file=sys.stderr,

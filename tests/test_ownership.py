@@ -178,3 +178,27 @@ def test_resuming_on_another_thread_count_warns_that_the_curve_is_not_bitwise(
     assert run_point(cfg, cwd=tmp_path).action == "resume"
     out = capsys.readouterr().out
     assert f"trained on 7 torch threads before and resumes on {torch.get_num_threads()}" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_an_in_process_sweep_records_the_point_interrupted_and_the_parent_killed_in_one_line(
+    shrunk, tmp_path
+):
+    args = ["-m", *shrunk, "infra=basic", "tokens=204800", "train.eval_every=1", "study.name=ctrl_c"]
+    sweep = start_study(
+        args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    runs = tmp_path / "outputs" / "ctrl_c" / "runs"
+    deadline = time.monotonic() + 300
+    while not list(runs.glob("*/metrics.jsonl")) or not list(runs.glob("*/metrics.jsonl"))[0].stat().st_size:
+        assert time.monotonic() < deadline and sweep.poll() is None, "the point did not start training"
+        time.sleep(0.5)
+    os.killpg(sweep.pid, signal.SIGINT)
+    _, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("Interrupted (Ctrl-C); points stopped part-way resume")
+    (run_dir,) = runs.iterdir()
+    assert read_status(run_dir)["status"] == "INTERRUPTED"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'ctrl_c' / 'mlflow.db'}")
+    tracked = client.search_runs([client.get_experiment_by_name("ctrl_c").experiment_id])
+    assert {r.data.tags["kind"]: r.info.status for r in tracked} == {"sweep": "KILLED", "point": "KILLED"}

@@ -37,6 +37,14 @@ from studies.launch.sweep import jobs_of, validate_jobs, varying
 from studies.track import tracking
 
 PARENT_ENV = "MOE_PARENT_RUN_ID"  # inherited by submitit's local jobs and exported to SLURM jobs
+PARENT_URI_ENV = "MOE_PARENT_TRACKING_URI"  # where that parent run lives
+
+
+def end_open_parent_killed() -> None:
+    """End this process's open sweep parent run KILLED (a Ctrl-C that ended the sweep early)."""
+    run_id, uri = os.environ.get(PARENT_ENV), os.environ.get(PARENT_URI_ENV)
+    if run_id and uri:
+        tracking.end_run(uri, run_id, ok=False, killed=True)
 
 
 def study_dir(config: DictConfig, cwd: Path | None = None) -> Path:
@@ -190,7 +198,7 @@ class StudyCallback(Callback):
                 **code.tags(),
             },
         )
-        os.environ[PARENT_ENV] = self.parent_run_id
+        os.environ[PARENT_ENV], os.environ[PARENT_URI_ENV] = self.parent_run_id, uri
         update_sweep_record(
             sweep_dir,
             study=config.study.name,
@@ -258,6 +266,7 @@ class StudyCallback(Callback):
 
     def _end(self, config: DictConfig) -> None:
         os.environ.pop(PARENT_ENV, None)
+        os.environ.pop(PARENT_URI_ENV, None)
         snapshot.restore_env(self._env_before)
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         if config.launch.detach:
