@@ -33,6 +33,7 @@ from studies.job.execute import complete_done_record
 from studies.job.point import Point
 from studies.launch import branches, holdout, snapshot
 from studies.launch.finish import failure_message, finish_sweep, format_table, write_study_report
+from studies.launch.stale import close_stale_parents, launcher_identity
 from studies.launch.sweep import jobs_of, validate_jobs, varying
 from studies.track import tracking
 
@@ -168,6 +169,8 @@ class StudyCallback(Callback):
                 )
             if config.launch.dry_run:
                 refuse(f"Dry run: {len(points)} points validated; nothing launched.", code=0)
+            for line in close_stale_parents(tracking_uri(config), config.study.name):
+                print(line, flush=True)
             actions = [lifecycle.lifecycle(p.run_dir, retry).action for p in points]
             if not any(a in ("start", "resume", "retry") for a in actions):
                 self._nothing_to_start(config, points, actions)
@@ -211,6 +214,7 @@ class StudyCallback(Callback):
             best_lr=config.study.get("best_lr"),
             points=len(jobs),
             detach=bool(config.launch.detach),
+            launcher=launcher_identity(),
             infra=config.infra.name,
             code={"dir": str(code.dir), "git_sha": code.git_sha, "dirty": code.dirty},
         )
