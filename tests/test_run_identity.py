@@ -32,6 +32,7 @@ def point_of(compose, overrides):
         "paths.root=/other/root",
         "tracking.uri=sqlite:////tmp/other.db",
         "infra.threads=3",
+        "infra.peer_timeout_s=5",
         "launch.retry_failed=true",
     ],
 )
