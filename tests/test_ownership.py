@@ -16,7 +16,7 @@ import torch
 from helpers import run_study, start_study
 from mlflow.tracking import MlflowClient
 
-from records.runfiles import read_status
+from records.runfiles import read_status, write_status
 from studies.job import lifecycle, record
 from studies.job.execute import run_point
 
@@ -71,6 +71,23 @@ def test_a_done_point_whose_mlflow_run_was_left_running_is_completed_when_skippe
     assert again.action == "skip"
     assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(first.mlflow_run_id)} >= {"summary.json", "metrics.jsonl"}
+
+
+def test_a_point_killed_after_its_final_metrics_but_before_done_writes_them_once_when_resumed(
+    compose, shrunk, tmp_path
+):
+    cfg = compose([*shrunk, "granularity=2"])
+    first = run_point(cfg, cwd=tmp_path)
+    run_dir = tmp_path / "outputs" / "default" / "runs" / first.run_key
+    # What a kill between the final/* line and DONE leaves: status RUNNING at the last step
+    write_status(run_dir, "RUNNING", 20)
+    again = run_point(cfg, cwd=tmp_path)
+    assert again.action == "resume" and again.status == "DONE"
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum("final/val_loss_raw" in e for e in events) == 1
+    assert sum("final/val_loss_smoothed" in e for e in events) == 1
+    history = MlflowClient(uri_of(tmp_path)).get_metric_history(first.mlflow_run_id, "final/val_loss_raw")
+    assert len(history) == 1
 
 
 def test_status_json_keeps_the_step_current_and_records_the_threads(compose, shrunk, tmp_path, monkeypatch):
@@ -165,7 +182,6 @@ def test_resuming_on_another_thread_count_warns_that_the_curve_is_not_bitwise(
     compose, shrunk, tmp_path, capsys
 ):
     from moe.train.outcome import TrainingInterrupted
-    from records.runfiles import write_status
 
     cfg = compose([*shrunk, "granularity=2", "train.checkpoint_every=2"])
     calls = iter(range(1, 1000))

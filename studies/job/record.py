@@ -217,10 +217,13 @@ class PointRecord:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if exc is None and self.result is not None:
             final, labels = self.finals(self.result)
-            # through the run's logger, so metrics.jsonl holds them too and `studies.sync` backfills them
-            self.logger.log_metrics(
-                {FINAL_METRICS[k]: v for k, v in final.items() if k in FINAL_METRICS}, self.result.steps
-            )
+            # through the run's logger, so metrics.jsonl holds them too and `studies.sync` backfills them;
+            # once: a run killed after writing them but before DONE resumes at its last step with them kept
+            steps = self.result.steps
+            kept = {k for e in self.metrics.kept if e["step"] == steps for k in e}
+            finals = {FINAL_METRICS[k]: v for k, v in final.items() if k in FINAL_METRICS}
+            if finals := {k: v for k, v in finals.items() if k not in kept}:
+                self.logger.log_metrics(finals, steps)
         self.metrics.close()
         mlf, run_id = self.opened.mlflow, self.opened.run_id
         if exc is None:
