@@ -17,6 +17,7 @@ from helpers import run_study, start_study
 from mlflow.tracking import MlflowClient
 
 from records.runfiles import read_status, write_status
+from records.sweep_record import update_sweep_record
 from studies.job import lifecycle, record
 from studies.job.execute import run_point
 
@@ -218,3 +219,31 @@ def test_ctrl_c_of_an_in_process_sweep_records_the_point_interrupted_and_the_par
     client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'ctrl_c' / 'mlflow.db'}")
     tracked = client.search_runs([client.get_experiment_by_name("ctrl_c").experiment_id])
     assert {r.data.tags["kind"]: r.info.status for r in tracked} == {"sweep": "KILLED", "point": "KILLED"}
+
+
+def test_finish_rebuilds_a_done_points_missing_job_record_and_completes_its_mlflow_run(
+    compose, shrunk, tmp_path, capsys
+):
+    from studies.launch.finish import finish_sweep
+
+    cfg = compose([*shrunk, "granularity=2"])
+    first = run_point(cfg, cwd=tmp_path)
+    run_dir = tmp_path / "outputs" / "default" / "runs" / first.run_key
+    client = MlflowClient(uri_of(tmp_path))
+    # a job killed after DONE: no point.json, its MLflow run left RUNNING
+    client.update_run(first.mlflow_run_id, status="RUNNING")
+    sweep_dir = tmp_path / "outputs" / "default" / "multirun" / "killed"
+    sweep_dir.mkdir(parents=True)
+    update_sweep_record(
+        sweep_dir,
+        study="default",
+        study_dir=str(run_dir.parents[1]),
+        tracking_uri=uri_of(tmp_path),
+        report=False,
+        executor="local",
+        jobs=[{"num": 0, "job_id": "7", "variant": first.variant, "run_dir": str(run_dir), "host": "gone"}],
+    )
+    result = finish_sweep(sweep_dir)
+    assert result.done == 1 and result.failed == []
+    assert f"point {first.run_key} is DONE; its MLflow run was completed" in capsys.readouterr().out
+    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"

@@ -181,6 +181,7 @@ def sweep_records(sweep_dir: Path, record: dict[str, Any]) -> list[dict[str, Any
         found = runfiles.read_json(sweep_dir / str(job["num"]) / runfiles.JOB_RECORD)
         out.append(
             found
+            or rebuilt_done_record(job, record)
             or {
                 "job": str(job["num"]),
                 "variant": job.get("variant"),
@@ -189,6 +190,48 @@ def sweep_records(sweep_dir: Path, record: dict[str, Any]) -> list[dict[str, Any
             }
         )
     return out
+
+
+def rebuilt_done_record(job: dict[str, Any], record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a job killed after its point was DONE but before it wrote point.json, rebuilt from
+    the point's summary.json; its MLflow run, left RUNNING by the kill, is completed from the run folder
+    (studies.sync). None when the point is not DONE."""
+    run_dir = Path(job.get("run_dir") or "")
+    status = runfiles.read_status(run_dir) if job.get("run_dir") and run_dir.is_dir() else None
+    summary = runfiles.read_summary(run_dir) if status and status.get("status") == "DONE" else None
+    if not summary:
+        return None
+    from studies import sync  # here: the CLI's --help needs no MLflow
+
+    try:
+        client = tracking.open_client(record["tracking_uri"])
+        run_id = summary.get("mlflow_run_id")
+        if not run_id or client.get_run(run_id).info.status != "FINISHED":
+            sync.sync_run(client, record["tracking_uri"], run_dir, record["study"], Path(record["study_dir"]))
+            print(
+                f"job #{job['num']}: point {run_dir.name} is DONE; its MLflow run was completed", flush=True
+            )
+    except Exception as exc:  # noqa: BLE001 - the files hold the result; studies.sync can finish later
+        print(
+            f"job #{job['num']}: point {run_dir.name} is DONE but its MLflow run was not completed "
+            f"({type(exc).__name__}: {str(exc)[:200]}); run `python -m studies.sync {record['study_dir']}`",
+            flush=True,
+        )
+    params = summary.get("params") or {}
+    return {
+        "job": str(job["num"]),
+        "run_key": summary.get("run_key"),
+        "variant": summary.get("variant"),
+        "status": "DONE",
+        "tags": summary.get("tags", {}),
+        "params_total": params.get("acct.params_total"),
+        "params_active": params.get("acct.params_active"),
+        "tokens": summary.get("tokens"),
+        "val_loss": (summary.get("final") or {}).get("val/loss"),
+        "mlflow_run_id": summary.get("mlflow_run_id"),
+        "run_dir": str(run_dir),
+        "error": None,
+    }
 
 
 @dataclass(frozen=True)
