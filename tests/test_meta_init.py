@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import start_ranks
 from test_distributed import TINY, free_port
 
 from moe.model.config import ModelConfig
@@ -146,9 +147,7 @@ def _single_process(cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], torch.Te
 )
 def test_a_sharded_build_starts_from_the_single_process_weights_holding_only_its_shards(case, tmp_path):
     cfg, world, _ = CASES[case]
-    mp.start_processes(
-        _rank, args=(world, free_port(), case, str(tmp_path)), nprocs=world, start_method="spawn"
-    )
+    start_ranks(_rank, (world, free_port(), case, str(tmp_path)), world)
     ref, ref_rng = _single_process(cfg)
     n_params = sum(p.numel() for p in Transformer(cfg).parameters())
     for r in range(world):

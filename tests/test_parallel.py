@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from dist_worker import ListLogger
+from helpers import start_ranks
 from test_distributed import (
     EP2,
     FAST,
@@ -125,9 +125,7 @@ def _ep_rank(rank: int, world: int, port: int, case: str, out: str) -> None:
 @pytest.mark.parametrize("case", list(LAYER_CASES))
 def test_expert_parallel_layer_equals_the_single_process_layer_output_and_gradients(case, tmp_path):
     world = 2
-    mp.start_processes(
-        _ep_rank, args=(world, free_port(), case, str(tmp_path)), nprocs=world, start_method="spawn"
-    )
+    start_ranks(_ep_rank, (world, free_port(), case, str(tmp_path)), world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     layer, _, _ = _layer_inputs(case, 0)
     for r in range(world):  # one process, each rank's micro-batch in turn (grads accumulate)
@@ -199,12 +197,7 @@ def test_sharded_experts_hold_a_quarter_of_their_states_on_each_of_four_ranks_wi
     case, tmp_path
 ):
     world = 4
-    mp.start_processes(
-        _sharded_experts_rank,
-        args=(world, free_port(), case, str(tmp_path)),
-        nprocs=world,
-        start_method="spawn",
-    )
+    start_ranks(_sharded_experts_rank, (world, free_port(), case, str(tmp_path)), world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     cfg, ep = SHARDED_EXPERTS[case]
     p = count_params(cfg)
