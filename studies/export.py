@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from moe.data.config import DataConfig, default_cache_dir
+from moe.data.config import DataConfig, cache_root
 from moe.data.corpus import EOD_TOKEN
 from moe.data.prepare import prepare_data
 from moe.model.config import ModelConfig
@@ -113,7 +113,7 @@ def tokenizer_file(data: DataConfig, fingerprint: str | None, run_dir: Path | No
                 f"data.path={data.path!r} ships no tokenizer.json: the export would have no tokenizer"
             )
         return path
-    cache = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
+    cache = cache_root(data.cache_dir)
     if fingerprint and (cache / fingerprint / "tokenizer.json").is_file():
         return cache / fingerprint / "tokenizer.json"
     prepared = prepare_data(data)  # same config -> same shards and tokenizer (the cache key is the content)

@@ -130,6 +130,12 @@ CASES = [
         ["tracking.uri='sqlite:///", "is a file"],
     ),
     (
+        "data_cache_under_a_file",
+        ["data.cache_dir={tmp}/afile/cache"],
+        ["data.cache_dir=", "is a file, not a folder"],
+    ),
+    ("data_cache_unwritable", ["data.cache_dir=/proc/x"], ["data.cache_dir='/proc/x' is not writable"]),
+    (
         "output_dir_under_a_file",
         ["paths.root={tmp}/afile/outputs"],
         ["paths.root=", "is a file, not a folder"],

@@ -160,6 +160,20 @@ def test_missing_path_empty_dataset_and_blank_texts_are_refused_by_key(tmp_path)
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name.startswith("hf-")]
 
 
+@pytest.mark.parametrize(
+    "name, content",
+    [("c.parquet", b"PAR1 not really parquet PAR1"), ("c.jsonl", b'{"text": "a"}\n{"text": \n')],
+    ids=["corrupt_parquet", "corrupt_jsonl"],
+)
+def test_a_corrupt_dataset_file_is_refused_in_one_sentence_naming_data_path(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        validate_data_config(hf_cfg(tmp_path, tmp_path / name))
+    message = str(info.value)
+    assert message.startswith(f"data.path={str(tmp_path / name)!r} cannot be read as a dataset (")
+    assert "\n" not in message
+
+
 def test_tokenizer_file_whose_ids_do_not_fit_vocab_size_is_refused(tmp_path, tokenizer_file):
     path = write_parquet(tmp_path / "d.parquet", documents(100))
     cfg = DataConfig(source="hf", path=str(path), vocab_size=300, tokenizer_file=str(tokenizer_file))

@@ -66,5 +66,8 @@ class PreparedData:
     """Shard dtype name: uint16 or uint32."""
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MOE_CACHE_DIR") or Path.home() / ".cache" / "moe-scaling")
+def cache_root(cache_dir: str | None) -> Path:
+    """The data cache folder: data.cache_dir (`~` expanded), else $MOE_CACHE_DIR, else ~/.cache/moe-scaling."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("MOE_CACHE_DIR") or Path.home() / ".cache" / "moe-scaling").expanduser()

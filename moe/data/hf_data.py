@@ -111,8 +111,17 @@ def _open(cfg, skip: int = 0):
 
 
 def check_source(cfg) -> None:
-    """Cheap checks of an hf source (reads the first batch only): path, format, column, not empty."""
-    batch = next(iter(_open(cfg)), None)
+    """Cheap checks of an hf source (reads the first batch only): path, format, column, not empty; a file
+    the readers cannot parse is named in one sentence (pyarrow and json raise their own errors)."""
+    try:
+        batch = next(iter(_open(cfg)), None)
+    except Exception as exc:  # noqa: BLE001 - ArrowInvalid, JSON decode errors, ... (ours start "data.")
+        if isinstance(exc, ValueError) and str(exc).startswith("data."):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"data.path={cfg.path!r} cannot be read as a dataset ({type(exc).__name__}: {first})"
+        ) from None
     if batch is None or not batch.get(cfg.text_column):
         raise ValueError(f"data.path={cfg.path!r} is an empty dataset (no rows; data.source=hf)")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from moe.data import build as data_build
-from moe.data.config import MAX_VOCAB, MIN_VOCAB, SOURCES, DataConfig, PreparedData, default_cache_dir
+from moe.data.config import MAX_VOCAB, MIN_VOCAB, SOURCES, DataConfig, PreparedData, cache_root
 from moe.data.corpus import (
     DTYPES,
     FORMAT_VERSION,
@@ -190,7 +190,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     _check_fields(cfg)
     if cfg.source == "tokens":
         return _prepared_from_folder(_existing_folder(cfg), None)
-    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    cache = cache_root(cfg.cache_dir)
     if cfg.source == "hf":
         return _prepare_hf(cfg, cache)
     train, val = _load_split(cfg)

@@ -10,6 +10,7 @@ validation, the one path every mode takes before any job starts (`studies.run` w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.tuning import lr_grid_errors
-from moe.data.config import PreparedData
+from moe.data.config import PreparedData, cache_root
 from moe.data.loader import check_budget
 from moe.data.prepare import prepare_data
 from moe.model.accounting import count_params_of_module
@@ -166,6 +167,9 @@ def validate_point(run: RunConfig, launcher: dict, seen: Validation) -> Point:
     checks.check_nodes(run.infra.nodes, str(launcher.get("_target_", "")))
     point = build_point(run, cwd=seen.cwd)  # derivation and memory errors before any data work
     checks.check_point_memory(point, launcher)
+    cache = cache_root(run.data.cache_dir)  # its lock files and shards are written there
+    key = "data.cache_dir" if run.data.cache_dir or "MOE_CACHE_DIR" not in os.environ else "MOE_CACHE_DIR"
+    checks.check_writable(key, str(run.data.cache_dir or cache), cache)
     prepared = seen.prepared(run)
     point = build_point(run, cwd=seen.cwd, vocab_size=prepared.vocab_size)
     check_budget(prepared, point.model.seq_len, point.train.tokens, run.data.allow_repeat)
