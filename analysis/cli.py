@@ -40,3 +40,24 @@ def fail(prog: str, error: Exception | str) -> int:
     text = " ".join(str(error).split())
     print(f"{prog}: error: {text}", file=sys.stderr)
     return BAD_INPUT
+
+
+COMMANDS = {
+    "analysis.report": "a study's report: load, derive, fit, figures and report.md",
+    "analysis.fit": "fit a scaling law to a CSV and print its coefficients",
+    "analysis.branch_check": "cooldown branches against cosine runs of their length",
+    "analysis.bench": "benchmark of the scaling-law fits",
+    "analysis.synthetic": "write a synthetic study, as training writes one",
+}
+"""The analysis commands (each answers `python -m <name> --help`)."""
+
+
+def main(argv: list[str]) -> int:
+    """`python -m analysis.cli`: this module is no command itself; it says which ones there are."""
+    lines = [f"  python -m {name:<22} {what}" for name, what in COMMANDS.items()]
+    print("analysis.cli holds what the analysis commands share; the commands are:\n" + "\n".join(lines))
+    return 0 if {"-h", "--help"} & set(argv) else BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -3,6 +3,7 @@ exit code 2, no traceback; a torn last line of metrics.jsonl is dropped and repo
 listed in docs/analysis.md ("Bad input: analysis")."""
 
 import http.server
+import importlib.util
 import shutil
 import socket
 import subprocess
@@ -242,3 +243,13 @@ def test_fit_on_a_missing_empty_or_non_numeric_csv_names_the_file(tmp_path, csv,
 def test_report_with_an_unsupported_tracking_uri_scheme_names_it(study, capsys):
     line = _error(report_cli.main, ["--study-dir", str(study), "--tracking-uri", "foo://x"], capsys)
     assert "tracking URI 'foo://x': " in line and "unsupported URI 'foo://x'" in line
+
+
+def test_analysis_cli_is_no_command_and_says_which_commands_there_are(capsys):
+    from analysis import cli
+
+    assert cli.main(["--help"]) == 0 and cli.main([]) == cli.BAD_INPUT
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert f"python -m {name} " in out
+        assert importlib.util.find_spec(name) is not None  # each is a module that exists
