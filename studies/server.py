@@ -3,9 +3,7 @@
 The server owns the backend store (sqlite on the server node's local disk, or a database URI) and proxies
 artifacts (`--serve-artifacts`) to `--artifacts-destination` on shared storage, so jobs on any node only
 need `tracking.uri=http://<host>:<port>`. `mlflow server` forks worker processes: it runs in its own
-process group (its own session) and the whole group is stopped on exit, Ctrl-C or SIGTERM.
-Reference: docs/tracking.md.
-"""
+process group (its own session), stopped on exit, Ctrl-C, SIGTERM or SIGKILL (docs/tracking.md)."""
 
 from __future__ import annotations
 
@@ -248,6 +246,13 @@ def running_server(
         env=env,
         start_new_session=True,
     )
+    watchdog = subprocess.Popen(  # ends the group if this process dies without the finally below
+        [sys.executable, "-m", "studies.track.watchdog", str(os.getpid()), str(process.pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + startup_timeout_s
         while not _healthy(settings.local_url):
@@ -264,6 +269,8 @@ def running_server(
         yield RunningServer(settings.url, settings.local_url, process)
     finally:
         stop_group(process)
+        watchdog.kill()
+        watchdog.wait()
 
 
 def _log_tail(log: IO | None, chars: int = 3000) -> str:
