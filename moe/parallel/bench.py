@@ -108,7 +108,11 @@ def step_seconds(
     }
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rates.json")
-        mp.start_processes(_rank, args=(nproc, _free_port(), spec, out), nprocs=nproc, start_method="spawn")
+        # ranks fork from a server that imported torch and this module once: no re-import per rank and layout
+        mp.set_forkserver_preload(["torch", "torch.distributed", __name__])
+        mp.start_processes(
+            _rank, args=(nproc, _free_port(), spec, out), nprocs=nproc, start_method="forkserver"
+        )
         rates = json.loads(Path(out).read_text())
     return [batch_tokens / r for r in rates[1:]]
 
