@@ -48,10 +48,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-from records import runfiles
-from records.sweep_record import SWEEP_RECORD
 from studies.job.preemption import preemption
-from studies.track import tracking
 
 log = logging.getLogger(__name__)
 JOB_STOP_WAIT_S = 120.0  # how long a terminated sweep waits for its local jobs to checkpoint and end
@@ -171,7 +168,7 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
             if self._EXECUTOR == "slurm":
                 self._submit_finish(sweep_dir, jobs)
             return [_detached_return(list(o), job) for job, o in zip(jobs, job_overrides, strict=True)]
-        with self._stop_jobs_on_signal(jobs, sweep_dir):
+        with self._stop_jobs_on_signal(jobs):
             self._show_progress(jobs, tracked, batch_tokens)
             return [
                 self._collect(job, list(o), n) for job, o, n in zip(jobs, job_overrides, nums, strict=True)
@@ -270,7 +267,7 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
         watch(view, lambda: [str(job.state) for job in jobs], lambda: all(job.done() for job in jobs))
 
     @contextlib.contextmanager
-    def _stop_jobs_on_signal(self, jobs: list[Any], sweep_dir: Path) -> Iterator[None]:
+    def _stop_jobs_on_signal(self, jobs: list[Any]) -> Iterator[None]:
         """While waiting for local jobs: SIGTERM or Ctrl-C (SIGINT) stops them the way a preemption does
         (each checkpoints and records PREEMPTED; the same command resumes them), ends the sweep's MLflow
         parent run KILLED, then this process, with one line and no traceback."""
@@ -297,9 +294,9 @@ class DurableSubmititLauncher(BaseSubmititLauncher):
                     process.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except Exception:  # noqa: BLE001 - a job that ignores the grace is killed
                     process.kill()
-            record = runfiles.read_json(sweep_dir / SWEEP_RECORD) or {}
-            if record.get("parent_run_id"):
-                tracking.end_run(record["tracking_uri"], record["parent_run_id"], ok=False, killed=True)
+            from studies.launch.callbacks import end_open_parent_killed  # the sweep process has it loaded
+
+            end_open_parent_killed()
             raise SystemExit(128 + signum)  # as if the default handler had run
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
