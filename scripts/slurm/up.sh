@@ -95,13 +95,16 @@ start_munge() {
 }
 
 start_mariadb() {
-    local data="$STATE/mysql/data"
+    local data="$STATE/mysql/data" tmp="$STATE/mysql/tmp"
+    # a tmpdir of its own: in the shared /tmp a stale #sql-temptable-<pid>-... of an earlier server with
+    # the same pid made the install fail ("Could not remove temporary table")
+    mkdir -p "$tmp"
     if [ ! -d "$data/mysql" ]; then
-        mariadb-install-db --no-defaults --datadir="$data" --user=root --skip-test-db \
+        mariadb-install-db --no-defaults --datadir="$data" --tmpdir="$tmp" --user=root --skip-test-db \
             --auth-root-authentication-method=socket >"$STATE/log/mariadb-install.log" 2>&1
     fi
     if ! alive "$MARIADB_PID"; then
-        setsid mariadbd --no-defaults --datadir="$data" --user=root --socket="$MYSQL_SOCKET" \
+        setsid mariadbd --no-defaults --datadir="$data" --tmpdir="$tmp" --user=root --socket="$MYSQL_SOCKET" \
             --port="$DB_PORT" --bind-address=127.0.0.1 --skip-name-resolve --pid-file="$MARIADB_PID" \
             --log-error="$STATE/log/mariadb.log" --innodb-buffer-pool-size=128M \
             --innodb-lock-wait-timeout=900 </dev/null >/dev/null 2>&1 &
