@@ -144,6 +144,16 @@ def _create_run(client: MlflowClient, uri: str, study: str, study_dir: Path, run
     return run_id
 
 
+def complete_run(uri: str, run_dir: Path, study: str, study_dir: Path) -> RunSync | None:
+    """Bring a DONE point's MLflow run up to date unless it is FINISHED already (a kill between DONE and
+    the MLflow close leaves it RUNNING); None when there was nothing to do."""
+    client = tracking.open_client(uri)
+    run_id = (runfiles.read_summary(run_dir) or {}).get("mlflow_run_id")
+    if run_id and client.get_run(run_id).info.status == "FINISHED":
+        return None
+    return sync_run(client, uri, run_dir, study, study_dir)
+
+
 def sync_run(client: MlflowClient, uri: str, run_dir: Path, study: str, study_dir: Path) -> RunSync:
     """Bring one point's MLflow run up to date with its folder (see the module docstring)."""
     key = run_dir.name

@@ -37,7 +37,6 @@ from studies.job.point import Point, build_point
 from studies.job.preemption import preemption
 from studies.job.record import PointRecord, machine_facts
 from studies.launch import branches
-from studies.track import tracking
 from studies.track.mlflow_logger import FanOut
 
 log = logging.getLogger(__name__)
@@ -285,14 +284,10 @@ def _warn_if_threads_changed(point: Point, previous_status: str | None) -> None:
 
 def complete_done_record(point: Point) -> None:
     """A DONE point whose MLflow run is not FINISHED (killed between the two) is synced now."""
-    uri = point.tracking_uri
-    summary = runfiles.read_summary(point.run_dir) or {}
     try:
-        client = tracking.open_client(uri)
-        run_id = summary.get("mlflow_run_id")
-        if run_id and client.get_run(run_id).info.status == "FINISHED":
+        result = sync.complete_run(point.tracking_uri, point.run_dir, point.run.study.name, point.study_dir)
+        if result is None:
             return
-        result = sync.sync_run(client, uri, point.run_dir, point.run.study.name, point.study_dir)
         print(
             f"[{point.variant}] MLflow record completed: {sync.format_results([result]).splitlines()[-1].strip()}",
             flush=True,

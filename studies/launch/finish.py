@@ -204,10 +204,7 @@ def rebuilt_done_record(job: dict[str, Any], record: dict[str, Any]) -> dict[str
     from studies import sync  # here: the CLI's --help needs no MLflow
 
     try:
-        client = tracking.open_client(record["tracking_uri"])
-        run_id = summary.get("mlflow_run_id")
-        if not run_id or client.get_run(run_id).info.status != "FINISHED":
-            sync.sync_run(client, record["tracking_uri"], run_dir, record["study"], Path(record["study_dir"]))
+        if sync.complete_run(record["tracking_uri"], run_dir, record["study"], Path(record["study_dir"])):
             print(
                 f"job #{job['num']}: point {run_dir.name} is DONE; its MLflow run was completed", flush=True
             )
